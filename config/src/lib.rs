@@ -1,0 +1,13 @@
+//! Configuration of the spike system: the TOML files of the node and the
+//! balancer, the validated types they parse into, and the logging every
+//! binary sets up from them.
+//!
+//! Problems in a file are reported with its path, line and column, all of
+//! them at once (see [`source`]).
+
+pub mod logging;
+pub mod node;
+pub mod source;
+
+pub use node::NodeConfig;
+pub use source::{ConfigError, Problem, Source};
