@@ -1,0 +1,262 @@
+//! The node's HTTP interface: routing, the buyer id, and JSON replies.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `GET`/`POST /buy/ticket[?user=ID]` | 200 order, 409 sold out, 503 store unavailable, 400 bad buyer id |
+//! | `GET /health` | 200 while the node serves; the body says whether Redis answers |
+//! | `GET /stats` | 200, the node's counters |
+//! | anything else | 404, or 405 with `Allow` |
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::sale::{Purchase, Sale, Unavailable};
+
+/// The header that carries a buyer id, as an alternative to `?user=`.
+pub const BUYER_HEADER: &str = "x-user-id";
+const MAX_BUYER_LEN: usize = 128;
+/// Seconds a client should wait before retrying when Redis is unavailable.
+const RETRY_AFTER_SECS: &str = "1";
+
+pub type Body = Full<Bytes>;
+
+/// The node's request handler, shared by every connection.
+#[derive(Debug)]
+pub struct Handler {
+    sale: Arc<Sale>,
+    /// Replies that never change, rendered once: the sold-out reply is the
+    /// hot path once a sale is over.
+    sold_out: Bytes,
+    unavailable: Bytes,
+    no_sale: Bytes,
+}
+
+#[derive(Serialize)]
+struct Order<'a> {
+    order_id: &'a str,
+    node: &'a str,
+    buyer: Option<&'a str>,
+    /// True when the buyer already held this order and nothing was sold.
+    existing: bool,
+}
+
+#[derive(Serialize)]
+struct Failure<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Health<'a> {
+    status: &'static str,
+    node: &'a str,
+    redis: &'static str,
+}
+
+impl Handler {
+    pub fn new(sale: Arc<Sale>) -> Self {
+        let failure = |error| {
+            let node = Some(sale.name());
+            json_bytes(&Failure {
+                error,
+                node,
+                detail: None,
+            })
+        };
+        Self {
+            sold_out: failure("sold_out"),
+            unavailable: failure("store_unavailable"),
+            no_sale: failure("no_sale"),
+            sale,
+        }
+    }
+
+    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Body>, Infallible> {
+        let method = req.method();
+        let reply = match req.uri().path() {
+            "/buy/ticket" => match *method {
+                Method::GET | Method::POST => self.buy(&req).await,
+                _ => method_not_allowed("GET, POST"),
+            },
+            "/health" => match *method {
+                Method::GET | Method::HEAD => self.health(),
+                _ => method_not_allowed("GET, HEAD"),
+            },
+            "/stats" => match *method {
+                Method::GET | Method::HEAD => json(StatusCode::OK, json_bytes(&self.sale.stats())),
+                _ => method_not_allowed("GET, HEAD"),
+            },
+            _ => failure(StatusCode::NOT_FOUND, "not_found", None),
+        };
+        Ok(reply)
+    }
+
+    async fn buy<B>(&self, req: &Request<B>) -> Response<Body> {
+        let sale = &self.sale;
+        let buyer = match buyer(req) {
+            Ok(buyer) => buyer,
+            Err(detail) => {
+                sale.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                return failure(StatusCode::BAD_REQUEST, "bad_buyer_id", Some(detail));
+            }
+        };
+        let purchase = sale.buy(buyer.clone()).await;
+        let buyer = buyer.as_deref();
+        match purchase {
+            Purchase::Sold { order_id } => order(sale, &order_id, buyer, false),
+            Purchase::AlreadyBought { order_id } => order(sale, &order_id, buyer, true),
+            Purchase::SoldOut => json(StatusCode::CONFLICT, self.sold_out.clone()),
+            Purchase::Unavailable(why) => {
+                let body = match why {
+                    Unavailable::Store => self.unavailable.clone(),
+                    Unavailable::NoSale => self.no_sale.clone(),
+                };
+                let mut reply = json(StatusCode::SERVICE_UNAVAILABLE, body);
+                reply
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+                reply
+            }
+        }
+    }
+
+    fn health(&self) -> Response<Body> {
+        let redis = if self.sale.redis_up() { "up" } else { "down" };
+        let health = Health {
+            status: "serving",
+            node: self.sale.name(),
+            redis,
+        };
+        json(StatusCode::OK, json_bytes(&health))
+    }
+}
+
+/// The buyer id from `?user=ID` or the `X-User-Id` header; both may be given
+/// only if they agree. `None` for an anonymous purchase.
+fn buyer<B>(req: &Request<B>) -> Result<Option<String>, &'static str> {
+    let from_query = req.uri().query().and_then(|query| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == "user")
+            .map(|(_, value)| value.into_owned())
+    });
+    let from_header = match req.headers().get(BUYER_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| "the X-User-Id header is not plain text")?
+                .to_owned(),
+        ),
+    };
+    let buyer = match (from_query, from_header) {
+        (Some(query), Some(header)) if query != header => {
+            return Err("?user= and X-User-Id name different buyers");
+        }
+        (query, header) => query.or(header),
+    };
+    match buyer {
+        Some(id) if !valid_buyer(&id) => {
+            Err("a buyer id is 1 to 128 characters of letters, digits and . _ - @ : +")
+        }
+        buyer => Ok(buyer),
+    }
+}
+
+fn valid_buyer(id: &str) -> bool {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"._-@:+".contains(&b);
+    !id.is_empty() && id.len() <= MAX_BUYER_LEN && id.bytes().all(allowed)
+}
+
+fn order(sale: &Sale, order_id: &str, buyer: Option<&str>, existing: bool) -> Response<Body> {
+    let order = Order {
+        order_id,
+        node: sale.name(),
+        buyer,
+        existing,
+    };
+    json(StatusCode::OK, json_bytes(&order))
+}
+
+fn failure(status: StatusCode, error: &str, detail: Option<&str>) -> Response<Body> {
+    json(
+        status,
+        json_bytes(&Failure {
+            error,
+            node: None,
+            detail,
+        }),
+    )
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut reply = failure(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None);
+    reply
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    reply
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut reply = Response::new(Full::new(body));
+    *reply.status_mut() = status;
+    reply
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    reply
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Bytes {
+    let mut body = serde_json::to_vec(value).expect("replies serialize");
+    body.push(b'\n');
+    Bytes::from(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, header: Option<&str>) -> Request<()> {
+        let mut req = Request::builder().uri(uri);
+        if let Some(value) = header {
+            req = req.header(BUYER_HEADER, value);
+        }
+        req.body(()).unwrap()
+    }
+
+    #[test]
+    fn the_buyer_comes_from_the_query_or_the_header() {
+        assert_eq!(buyer(&request("/buy/ticket", None)), Ok(None));
+        assert_eq!(
+            buyer(&request("/buy/ticket?user=alice", None)),
+            Ok(Some("alice".into()))
+        );
+        assert_eq!(
+            buyer(&request("/buy/ticket", Some("bob@example.com"))),
+            Ok(Some("bob@example.com".into()))
+        );
+        assert_eq!(
+            buyer(&request("/buy/ticket?x=1&user=u%2B1", Some("u+1"))),
+            Ok(Some("u+1".into()))
+        );
+    }
+
+    #[test]
+    fn bad_or_conflicting_buyers_are_refused() {
+        assert!(buyer(&request("/buy/ticket?user=a", Some("b"))).is_err());
+        assert!(buyer(&request("/buy/ticket?user=", None)).is_err());
+        assert!(buyer(&request("/buy/ticket?user=a%20b", None)).is_err());
+        assert!(buyer(&request("/buy/ticket?user=%0a", None)).is_err());
+        let long = format!("/buy/ticket?user={}", "x".repeat(129));
+        assert!(buyer(&request(&long, None)).is_err());
+    }
+}
