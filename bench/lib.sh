@@ -1,0 +1,97 @@
+# Helpers shared by the benchmark scripts: installing the tools, free ports,
+# readiness, per-process CPU from /proc, and wrk runs reduced to medians.
+# Sourced, not run.
+
+# Installs a Debian package when its command is missing.
+need() {
+  local command=$1 package=${2:-$1}
+  if ! command -v "$command" >/dev/null 2>&1; then
+    if [ -z "${APT_UPDATED:-}" ]; then
+      apt-get update -qq
+      APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
+  fi
+}
+
+# Prints a loopback TCP port that nothing listens on.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits until something accepts connections on 127.0.0.1:$1.
+wait_port() {
+  local port=$1 i
+  for i in $(seq 1 500); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.02
+  done
+  echo "nothing listens on port $port after 10s" >&2
+  return 1
+}
+
+# Prints the CPU time (user + system) of the given pids, in clock ticks.
+cpu_ticks() {
+  local total=0 pid fields
+  for pid in "$@"; do
+    read -r -a fields <"/proc/$pid/stat"
+    # Fields 14 and 15 (utime, stime), counted after the parenthesised name.
+    total=$((total + fields[13] + fields[14]))
+  done
+  echo "$total"
+}
+
+# A pid and its children (nginx and haproxy keep their workers as children).
+with_children() {
+  local pid=$1
+  echo "$pid" $(pgrep -P "$pid" || true)
+}
+
+# wrk_once URL PIDS...: one wrk run of $DURATION seconds at $CONNECTIONS
+# connections; prints "requests_per_sec p50_ms p99_ms cpu_us_per_request",
+# the CPU being that of PIDS during the run.
+wrk_once() {
+  local url=$1
+  shift
+  local before after out requests rps p50 p99 hz
+  hz=$(getconf CLK_TCK)
+  before=$(cpu_ticks "$@")
+  out=$(wrk -t "${THREADS:-1}" -c "$CONNECTIONS" -d "${DURATION}s" --latency "$url")
+  after=$(cpu_ticks "$@")
+  requests=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
+  p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+  p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')"
+}
+
+# wrk's latencies carry a unit (us, ms, s); prints milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+  }'
+}
+
+# wrk_median URL PIDS...: $RUNS runs of wrk_once; prints the median of
+# each column.
+wrk_median() {
+  local runs=() i
+  for i in $(seq 1 "$RUNS"); do
+    runs+=("$(wrk_once "$@")")
+  done
+  printf '%s\n' "${runs[@]}" | python3 -c '
+import statistics, sys
+rows = [list(map(float, line.split())) for line in sys.stdin if line.strip()]
+print(" ".join(f"{statistics.median(col):.3f}" for col in zip(*rows)))'
+}
+
+# Prints a description of the machine.
+machine() {
+  local model
+  model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+  echo "$(nproc) cores (${model:-unknown CPU}), $(awk '/^MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
+}

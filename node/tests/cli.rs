@@ -1,0 +1,124 @@
+//! The `node` command line: its subcommands against a real `redis-server`,
+//! and how it refuses bad input.
+
+use spike_tests::process::run;
+use spike_tests::redis::{RedisServer, free_port, sale_in_redis};
+
+fn node(args: &[&str]) -> (bool, String, String) {
+    let (status, stdout, stderr) = run("node", args);
+    (status.success(), stdout, stderr)
+}
+
+#[test]
+fn reset_starts_the_sale_over_and_status_reports_it() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut conn = redis.conn();
+    // A sale in progress: 7 of 10 sold, with buyers and orders.
+    redis::cmd("HSET")
+        .arg("spike:{ticket}:stock")
+        .arg(&["total", "10", "sold", "7"])
+        .exec(&mut conn)
+        .unwrap();
+    redis::cmd("HSET")
+        .arg("spike:{ticket}:buyers")
+        .arg(&["alice", "1-0"])
+        .exec(&mut conn)
+        .unwrap();
+    redis::cmd("XADD")
+        .arg("spike:{ticket}:orders")
+        .arg(&["*", "ticket", "1"])
+        .exec(&mut conn)
+        .unwrap();
+
+    let (ok, stdout, stderr) = node(&["status", "--redis", &url]);
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        status,
+        serde_json::json!({"event": "ticket", "total": 10, "sold": 7, "remaining": 3, "orders": 1})
+    );
+
+    let (ok, _, stderr) = node(&["reset", "--redis", &url, "--total", "25"]);
+    assert!(ok, "{stderr}");
+    let truth = sale_in_redis(&mut conn, "ticket");
+    assert_eq!(truth.total, Some(25));
+    assert_eq!((truth.sold, truth.orders, truth.buyers), (0, 0, 0));
+
+    let (ok, stdout, _) = node(&["status", "--redis", &url]);
+    assert!(ok);
+    assert!(
+        stdout.contains(r#""total":25,"sold":0,"remaining":25,"orders":0"#),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn reset_takes_its_total_from_the_config_file() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "event = \"g7\"\ntotal_stock = 42\n").unwrap();
+
+    let (ok, _, stderr) = node(&[
+        "reset",
+        "--config",
+        config.to_str().unwrap(),
+        "--redis",
+        &redis.url(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(sale_in_redis(&mut redis.conn(), "g7").total, Some(42));
+}
+
+#[test]
+fn status_of_a_missing_sale_says_so() {
+    let redis = RedisServer::start();
+    let (ok, _, stderr) = node(&["status", "--redis", &redis.url(), "--event", "nothing"]);
+    assert!(!ok);
+    assert!(stderr.contains("no sale `nothing`"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_redis_is_a_clear_error() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    for args in [
+        &["status", "--redis", &url][..],
+        &["reset", "--redis", &url],
+    ] {
+        let (ok, stdout, stderr) = node(args);
+        assert!(!ok, "{args:?} succeeded: {stdout}");
+        assert!(
+            stderr.contains(&format!("cannot reach Redis at {url}")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_config_names_file_line_and_column_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nlocal_stok = 5\n").unwrap();
+    let path = config.to_str().unwrap();
+
+    let (ok, stdout, stderr) = node(&["--config", path]);
+    assert!(!ok);
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("{path}:2:1: unknown field `local_stok`")),
+        "{stderr}"
+    );
+
+    std::fs::write(&config, "total_stock = 100\nlocal_stock = -3\n").unwrap();
+    let (ok, _, stderr) = node(&["--config", path]);
+    assert!(!ok);
+    assert!(stderr.contains(&format!("{path}:2:15:")), "{stderr}");
+}
+
+#[test]
+fn a_bad_flag_is_refused() {
+    let (ok, _, stderr) = node(&["--name", "two words", "--listen", "127.0.0.1:0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--name `two words`"), "{stderr}");
+}

@@ -1,0 +1,201 @@
+//! A real `redis-server`, owned by one test.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+/// A `redis-server` child process on an ephemeral loopback port, with its
+/// own working directory. Killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+    durable: bool,
+}
+
+impl RedisServer {
+    /// A server that keeps nothing on disk (`--save "" --appendonly no`).
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A server that logs every write to its append-only file before
+    /// answering (`appendfsync always`), so that [`RedisServer::restart`]
+    /// after [`RedisServer::kill`] comes back with every acknowledged write.
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // Another process may take the port between our probe and Redis's
+        // bind; try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = spawn(port, dir.path(), durable) {
+                return Self {
+                    child: Some(child),
+                    port,
+                    dir,
+                    durable,
+                };
+            }
+        }
+        panic!("redis-server did not start on any of 5 ephemeral ports");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A fresh synchronous connection, for a test's own checks.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
+            .expect("connect to the test's redis-server")
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered.
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        signal::kill(Pid::from_raw(child.id() as i32), signal).expect("signal redis-server");
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(self.port, self.dir.path(), self.durable);
+        assert!(
+            self.child.is_some(),
+            "redis-server could not start again on port {}",
+            self.port
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `redis-server` and waits until it answers PING; `None` if it
+/// exited first (its port was taken).
+fn spawn(port: u16, dir: &Path, durable: bool) -> Option<Child> {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if durable {
+        command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        command.args(["--appendonly", "no"]);
+    }
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed: the tests need a real one \
+             (Debian: `apt-get install -y redis-server`)"
+        ),
+        Err(err) => panic!("cannot start redis-server: {err}"),
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        if ping(&url) {
+            return Some(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("redis-server on port {port} did not answer PING within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ping(url: &str) -> bool {
+    redis::Client::open(url)
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(200)))
+        .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn))
+        .is_ok()
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// The sale's fields and collection sizes, read straight from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaleInRedis {
+    pub total: Option<u64>,
+    pub sold: u64,
+    pub orders: u64,
+    pub buyers: u64,
+}
+
+/// Reads a sale's truth from Redis, bypassing the node.
+pub fn sale_in_redis(conn: &mut redis::Connection, event: &str) -> SaleInRedis {
+    let (total, sold): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+        .arg(format!("spike:{{{event}}}:stock"))
+        .arg("total")
+        .arg("sold")
+        .query(conn)
+        .expect("HMGET stock");
+    let orders: u64 = redis::cmd("XLEN")
+        .arg(format!("spike:{{{event}}}:orders"))
+        .query(conn)
+        .expect("XLEN orders");
+    let buyers: u64 = redis::cmd("HLEN")
+        .arg(format!("spike:{{{event}}}:buyers"))
+        .query(conn)
+        .expect("HLEN buyers");
+    SaleInRedis {
+        total,
+        sold: sold.unwrap_or(0),
+        orders,
+        buyers,
+    }
+}

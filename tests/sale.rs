@@ -1,0 +1,392 @@
+//! The sale end to end: real `node` processes sharing a real `redis-server`.
+//! Every count is checked where the truth is, in Redis, as well as in the
+//! nodes' answers.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::StatusCode;
+use spike_tests::ab::ab;
+use spike_tests::client::{Client, Reply};
+use spike_tests::process::Process;
+use spike_tests::redis::{RedisServer, sale_in_redis};
+use spike_tests::wait_until_async;
+use tempfile::TempDir;
+
+const EVENT: &str = "ticket";
+const READY: Duration = Duration::from_secs(10);
+
+/// A node config for a test sale, in `dir`.
+fn node_config(dir: &TempDir, redis: &RedisServer, total: u64, local: u64) -> PathBuf {
+    let path = dir.path().join("node.toml");
+    let text = format!(
+        "redis_url = \"{}\"\nevent = \"{EVENT}\"\ntotal_stock = {total}\nlocal_stock = {local}\n\
+         stat_log = \"{}\"\nredis_timeout = \"200ms\"\nsync_interval = \"50ms\"\n",
+        redis.url(),
+        dir.path().join("stat.log").display(),
+    );
+    std::fs::write(&path, text).expect("write node.toml");
+    path
+}
+
+fn start_node(config: &Path, name: &str) -> Process {
+    let config = config.to_str().unwrap();
+    Process::start(
+        "node",
+        &[
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            name,
+        ],
+        1,
+    )
+}
+
+/// A test sale: nodes sharing one Redis, each ready to sell.
+struct Cluster {
+    redis: RedisServer,
+    dir: TempDir,
+    nodes: Vec<Process>,
+}
+
+impl Cluster {
+    /// Starts `count` nodes selling `total` tickets, `local` at most each,
+    /// and waits until each has reached Redis.
+    async fn start(redis: RedisServer, total: u64, local: u64, count: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = node_config(&dir, &redis, total, local);
+        let nodes: Vec<_> = (1..=count)
+            .map(|i| start_node(&config, &format!("node-{i}")))
+            .collect();
+        for node in &nodes {
+            wait_for_redis(node, "up").await;
+        }
+        Self { redis, dir, nodes }
+    }
+}
+
+async fn wait_for_redis(node: &Process, state: &str) {
+    let client = Client::new();
+    let url = node.url("/health");
+    wait_until_async(&format!("{url} to report redis {state}"), READY, || {
+        let (client, url) = (client.clone(), url.clone());
+        async move { client.get(&url).await.json()["redis"] == state }
+    })
+    .await;
+}
+
+async fn stats(node: &Process) -> serde_json::Value {
+    Client::new().get(&node.url("/stats")).await.json()
+}
+
+/// Sends `count` purchases from `concurrency` clients, spread over `nodes`
+/// in turn; buyer `i` is `buyer(i)`. Returns (node index, reply) pairs.
+async fn buy_many(
+    nodes: &[Process],
+    count: usize,
+    concurrency: usize,
+    buyer: impl Fn(usize) -> Option<String>,
+) -> Vec<(usize, Reply)> {
+    let client = Client::new();
+    let urls: Vec<_> = (0..count)
+        .map(|i| {
+            let node = i % nodes.len();
+            let url = match buyer(i) {
+                Some(id) => nodes[node].url(&format!("/buy/ticket?user={id}")),
+                None => nodes[node].url("/buy/ticket"),
+            };
+            (node, url)
+        })
+        .collect();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(urls.into_iter()));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, queue) = (client.clone(), queue.clone());
+        workers.spawn(async move {
+            let mut replies = Vec::new();
+            loop {
+                let next = queue.lock().unwrap().next();
+                let Some((node, url)) = next else { break };
+                replies.push((node, client.get(&url).await));
+            }
+            replies
+        });
+    }
+    workers.join_all().await.into_iter().flatten().collect()
+}
+
+/// The distinct order ids of 200 replies.
+fn order_ids<'a>(replies: impl IntoIterator<Item = &'a (usize, Reply)>) -> HashSet<String> {
+    replies
+        .into_iter()
+        .filter(|(_, r)| r.status == StatusCode::OK)
+        .map(|(_, r)| r.json()["order_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn count_status(replies: &[(usize, Reply)], status: StatusCode) -> usize {
+    replies.iter().filter(|(_, r)| r.status == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_sell_exactly_the_total() {
+    let Cluster {
+        redis,
+        dir: _dir,
+        nodes,
+    } = Cluster::start(RedisServer::start(), 1_000, 300, 4).await;
+
+    let replies = buy_many(&nodes, 2_000, 64, |i| Some(format!("buyer-{i}"))).await;
+
+    let sold: Vec<_> = replies
+        .iter()
+        .filter(|(_, r)| r.status == StatusCode::OK)
+        .collect();
+    assert_eq!(sold.len(), 1_000, "purchases answered 200");
+    assert_eq!(
+        count_status(&replies, StatusCode::CONFLICT),
+        1_000,
+        "the rest are sold out"
+    );
+    assert_eq!(
+        order_ids(sold.iter().copied()).len(),
+        1_000,
+        "every order id is distinct"
+    );
+
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!(truth.total, Some(1_000));
+    assert_eq!(
+        (truth.sold, truth.orders, truth.buyers),
+        (1_000, 1_000, 1_000)
+    );
+
+    let mut granted_total = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        let answered_200 = sold.iter().filter(|(n, _)| *n == i).count() as u64;
+        let granted = stats(node).await["granted"].as_u64().unwrap();
+        assert_eq!(
+            granted, answered_200,
+            "node {i}'s count agrees with its replies"
+        );
+        assert!(
+            granted <= 300,
+            "node {i} sold {granted}, more than its local stock"
+        );
+        granted_total += granted;
+    }
+    assert_eq!(granted_total, 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_gets_one_ticket_however_often_and_wherever_they_ask() {
+    let Cluster {
+        redis,
+        dir: _dir,
+        nodes,
+    } = Cluster::start(RedisServer::start(), 100, 30, 4).await;
+
+    let replies = buy_many(&nodes, 200, 40, |_| Some("alice".to_owned())).await;
+
+    assert_eq!(
+        count_status(&replies, StatusCode::OK),
+        200,
+        "every ask answers with the order"
+    );
+    let orders = order_ids(&replies);
+    assert_eq!(orders.len(), 1, "one order id for all: {orders:?}");
+    let new_sales = replies
+        .iter()
+        .filter(|(_, r)| r.json()["existing"] == false)
+        .count();
+    assert_eq!(new_sales, 1);
+
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!((truth.sold, truth.orders, truth.buyers), (1, 1, 1));
+    // Repeated asks give their local unit back: the nodes together hold all
+    // their stock but the one ticket sold.
+    let mut remaining = 0;
+    for node in &nodes {
+        remaining += stats(node).await["local_remaining"].as_u64().unwrap();
+    }
+    assert_eq!(remaining, 4 * 30 - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_crash_oversells_nothing_and_strands_no_stock() {
+    let Cluster {
+        mut redis,
+        dir: _dir,
+        nodes,
+    } = Cluster::start(RedisServer::start_durable(), 200, 150, 2).await;
+
+    let before = buy_many(&nodes, 50, 8, |i| Some(format!("early-{i}"))).await;
+    assert_eq!(count_status(&before, StatusCode::OK), 50);
+
+    redis.kill();
+    let during = buy_many(&nodes, 40, 8, |i| Some(format!("during-{i}"))).await;
+    assert_eq!(count_status(&during, StatusCode::SERVICE_UNAVAILABLE), 40);
+    for (_, reply) in &during {
+        assert_eq!(reply.headers["retry-after"], "1");
+        assert_eq!(reply.json()["error"], "store_unavailable");
+    }
+    for node in &nodes {
+        let stats = stats(node).await;
+        let sold = stats["granted"].as_u64().unwrap();
+        assert_eq!(
+            stats["local_remaining"].as_u64().unwrap(),
+            150 - sold,
+            "failed purchases gave their local stock back"
+        );
+    }
+
+    redis.restart();
+    for node in &nodes {
+        wait_for_redis(node, "up").await;
+    }
+    let after = buy_many(&nodes, 400, 16, |i| Some(format!("late-{i}"))).await;
+    assert_eq!(
+        count_status(&after, StatusCode::OK),
+        150,
+        "the rest of the sale, no more"
+    );
+
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!((truth.sold, truth.orders, truth.buyers), (200, 200, 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purchases_whose_outcome_is_unknown_never_oversell() {
+    let Cluster {
+        redis,
+        dir: _dir,
+        nodes,
+    } = Cluster::start(RedisServer::start(), 100, 120, 1).await;
+    // One sale first, so the script is loaded before Redis freezes.
+    assert_eq!(
+        count_status(&buy_many(&nodes, 1, 1, |_| None).await, StatusCode::OK),
+        1
+    );
+
+    // A frozen Redis receives the scripts but answers none within the
+    // node's timeout; once thawed it runs them all. The node answered 503
+    // and gave the units back, yet those tickets are sold.
+    redis.pause();
+    let frozen = buy_many(&nodes, 30, 30, |i| Some(format!("frozen-{i}"))).await;
+    redis.resume();
+    assert_eq!(count_status(&frozen, StatusCode::SERVICE_UNAVAILABLE), 30);
+
+    wait_for_redis(&nodes[0], "up").await;
+    let after = buy_many(&nodes, 300, 16, |i| Some(format!("after-{i}"))).await;
+
+    let mut conn = redis.conn();
+    let truth = sale_in_redis(&mut conn, EVENT);
+    assert_eq!((truth.sold, truth.orders), (100, 100), "exactly the total");
+    let buyers: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("spike:{{{EVENT}}}:buyers"))
+        .query(&mut conn)
+        .unwrap();
+    let frozen_sold = buyers.iter().filter(|b| b.starts_with("frozen-")).count();
+    assert!(
+        frozen_sold > 0,
+        "Redis ran purchases the node had given up on"
+    );
+    let answered = count_status(&after, StatusCode::OK);
+    assert_eq!(1 + frozen_sold + answered, 100, "every ticket sold once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_answers_503_then_recovers() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(&dir, &redis, 10, 10);
+    let node = start_node(&config, "early");
+
+    let client = Client::new();
+    let reply = client.get(&node.url("/buy/ticket")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers["retry-after"], "1");
+    let health = client.get(&node.url("/health")).await;
+    assert_eq!(
+        health.status,
+        StatusCode::OK,
+        "the node serves without Redis"
+    );
+    assert_eq!(health.json()["redis"], "down");
+
+    redis.restart();
+    wait_for_redis(&node, "up").await;
+    let reply = client.get(&node.url("/buy/ticket")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(sale_in_redis(&mut redis.conn(), EVENT).sold, 1);
+    assert!(
+        node.log().contains("redis is unreachable"),
+        "{}",
+        node.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_sells_exactly_the_stock() {
+    let Cluster {
+        redis,
+        dir: _dir,
+        nodes,
+    } = Cluster::start(RedisServer::start(), 500, 600, 1).await;
+
+    let report = tokio::task::spawn_blocking({
+        let url = nodes[0].url("/buy/ticket");
+        move || ab(&["-q", "-k", "-l", "-n", "2000", "-c", "20"], &url)
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(report.complete, 2_000);
+    assert_eq!(report.failed, 0);
+    assert_eq!(report.non_2xx, 1_500, "all but the stock are sold out");
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!((truth.sold, truth.orders), (500, 500));
+    assert_eq!(stats(&nodes[0]).await["granted"], 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_purchase_writes_a_stat_line() {
+    let Cluster {
+        redis: _redis,
+        dir,
+        mut nodes,
+    } = Cluster::start(RedisServer::start(), 3, 5, 1).await;
+
+    let replies = buy_many(&nodes, 8, 2, |_| None).await;
+    assert_eq!(count_status(&replies, StatusCode::OK), 3);
+
+    // SIGTERM: the node drains and flushes its stat log before exiting.
+    let status = nodes[0].terminate(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(dir.path().join("stat.log")).unwrap();
+    let mut results: HashMap<String, usize> = HashMap::new();
+    for line in log.lines() {
+        assert!(line.contains("node=node-1"), "{line}");
+        let result = line
+            .split("result=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        *results
+            .entry(result.trim_matches('"').to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(results.get("sold"), Some(&3), "{log}");
+    assert_eq!(results.get("sold_out"), Some(&5), "{log}");
+    assert!(
+        log.lines().last().unwrap().contains("local_sales=3"),
+        "{log}"
+    );
+}
