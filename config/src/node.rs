@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::server::{RawServer, ServerSettings};
 use crate::source::{self, ConfigError, Source, Validator};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3001";
@@ -45,6 +46,7 @@ pub struct NodeConfig {
     pub stat_log: Option<PathBuf>,
     pub redis_timeout: Duration,
     pub sync_interval: Duration,
+    pub server: ServerSettings,
 }
 
 impl Default for NodeConfig {
@@ -59,6 +61,7 @@ impl Default for NodeConfig {
             stat_log: None,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             sync_interval: DEFAULT_SYNC_INTERVAL,
+            server: ServerSettings::default(),
         }
     }
 }
@@ -76,6 +79,7 @@ struct RawNodeConfig {
     stat_log: Option<Spanned<String>>,
     redis_timeout: Option<Spanned<String>>,
     sync_interval: Option<Spanned<String>>,
+    server: Option<RawServer>,
 }
 
 impl NodeConfig {
@@ -101,6 +105,7 @@ impl NodeConfig {
             }),
             redis_timeout: v.field(raw.redis_timeout, defaults.redis_timeout, source::duration),
             sync_interval: v.field(raw.sync_interval, defaults.sync_interval, source::duration),
+            server: ServerSettings::validate(raw.server, &mut v),
         };
         v.finish(config)
     }
@@ -164,6 +169,10 @@ mod tests {
             stat_log = "log/stat.log"
             redis_timeout = "250ms"
             sync_interval = "2s"
+
+            [server]
+            header_timeout = "3s"
+            shutdown_grace = "1s"
             "#,
         )
         .unwrap();
@@ -175,6 +184,8 @@ mod tests {
         assert_eq!(config.stat_log, Some(PathBuf::from("log/stat.log")));
         assert_eq!(config.redis_timeout, Duration::from_millis(250));
         assert_eq!(config.sync_interval, Duration::from_secs(2));
+        assert_eq!(config.server.header_timeout, Duration::from_secs(3));
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(1));
     }
 
     #[test]
