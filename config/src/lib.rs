@@ -6,10 +6,12 @@
 //! Problems in a file are reported with its path, line and column, all of
 //! them at once (see [`source`]).
 
+pub mod balancer;
 pub mod logging;
 pub mod node;
 pub mod server;
 pub mod source;
 
+pub use balancer::BalancerConfig;
 pub use node::NodeConfig;
 pub use source::{ConfigError, Problem, Source};

@@ -173,6 +173,7 @@ mod tests {
             [server]
             header_timeout = "3s"
             shutdown_grace = "1s"
+            workers = 3
             "#,
         )
         .unwrap();
@@ -186,6 +187,7 @@ mod tests {
         assert_eq!(config.sync_interval, Duration::from_secs(2));
         assert_eq!(config.server.header_timeout, Duration::from_secs(3));
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(1));
+        assert_eq!(config.server.workers, Some(3));
     }
 
     #[test]

@@ -36,6 +36,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct ServerSettings {
     pub header_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Worker threads of the runtime; `None` (the default) means one per
+    /// core, like nginx's `worker_processes auto`.
+    pub workers: Option<usize>,
 }
 
 impl Default for ServerSettings {
@@ -43,6 +46,7 @@ impl Default for ServerSettings {
         Self {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            workers: None,
         }
     }
 }
@@ -53,6 +57,7 @@ impl Default for ServerSettings {
 pub(crate) struct RawServer {
     header_timeout: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
+    workers: Option<Spanned<u64>>,
 }
 
 impl ServerSettings {
@@ -70,7 +75,19 @@ impl ServerSettings {
                 defaults.shutdown_grace,
                 source::duration,
             ),
+            workers: v.field(raw.workers, defaults.workers, |n| {
+                source::at_least(1)(n).map(|n| Some(n as usize))
+            }),
         }
+    }
+
+    /// The multi-threaded runtime these settings ask for.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(workers) = self.workers {
+            builder.worker_threads(workers);
+        }
+        builder.enable_all().build()
     }
 }
 
@@ -130,4 +147,22 @@ pub async fn serve<F, S>(
             );
         }
     }
+}
+
+/// A token cancelled on the first SIGTERM or Ctrl-C (SIGINT): the shutdown
+/// signal of a binary.
+pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(token)
 }

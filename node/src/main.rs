@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use node::store::Store;
 use spike_config::NodeConfig;
 use spike_config::logging::{self, RequestLog};
+use spike_config::server;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// A ticket node of the spike flash sale: sells from a local stock first and
 /// the global stock in Redis second.
@@ -84,7 +84,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.name =
             Some(spike_config::node::name_like("--name", name).map_err(anyhow::Error::msg)?);
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    let runtime = config
+        .server
+        .runtime()
+        .context("cannot start the runtime")?;
     match cli.command {
         None => runtime.block_on(serve(config)),
         Some(Command::Status) => runtime.block_on(status(&config)),
@@ -107,26 +110,9 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     // read the address from it.
     println!("listening on {}", listener.local_addr()?);
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown_signal().await;
-            shutdown.cancel();
-        }
-    });
+    let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
     node::run(listener, &config, shutdown).await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
 }
 
 fn store(config: &NodeConfig) -> anyhow::Result<Store> {

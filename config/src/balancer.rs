@@ -1,0 +1,386 @@
+//! `balancer.toml`: the settings of the load balancer.
+//!
+//! `listen`, `admin` and at least one `[[upstream]]` are required; every
+//! section has defaults, so a file holding only those is complete:
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! admin = "127.0.0.1:8088"
+//!
+//! [[upstream]]
+//! addr = "127.0.0.1:3001"
+//! weight = 1
+//! ```
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::server::{RawServer, ServerSettings};
+use crate::source::{self, ConfigError, Source, Validator};
+
+/// An upstream's weight when the file gives none, as in nginx.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// The largest weight accepted; weights are relative, and this keeps every
+/// sum of them far from overflowing.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// How long connecting to an upstream may take before the client gets 502.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an upstream may take to answer with its response head before
+/// the client gets 504.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle keep-alive connection to an upstream stays in the pool.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most idle keep-alive connections kept per upstream.
+pub const DEFAULT_MAX_IDLE_PER_UPSTREAM: usize = 1024;
+
+/// The validated settings of the balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerConfig {
+    /// The proxy's address, where clients send requests.
+    pub listen: SocketAddr,
+    /// The admin listener's address (`/stats`, `/metrics`); never the proxy's.
+    pub admin: SocketAddr,
+    /// In file order, which is the order of nginx's peers: it decides ties.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub proxy: ProxySettings,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+}
+
+/// One `[[upstream]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub addr: SocketAddr,
+    /// 0 means drained: the upstream gets no new requests.
+    pub weight: u32,
+}
+
+/// `[proxy]`: how the balancer talks to upstreams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_upstream: usize,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            max_idle_per_upstream: DEFAULT_MAX_IDLE_PER_UPSTREAM,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogSettings {
+    /// One line per proxied request (method, path, status, upstream,
+    /// duration); `None` (the default, or `""`) turns it off.
+    pub access_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBalancerConfig {
+    listen: Spanned<String>,
+    admin: Spanned<String>,
+    upstream: Option<Spanned<Vec<RawUpstream>>>,
+    proxy: Option<RawProxy>,
+    server: Option<RawServer>,
+    log: Option<RawLog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    addr: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_idle_per_upstream: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    access_log: Option<Spanned<String>>,
+}
+
+impl BalancerConfig {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_source(&Source::read(path)?)
+    }
+
+    /// Validates an already read file.
+    pub fn from_source(source: &Source) -> Result<Self, ConfigError> {
+        let raw: RawBalancerConfig = source.parse()?;
+        let mut v = Validator::new(source);
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+
+        let listen_span = raw.listen.span();
+        let listen = v.field(Some(raw.listen), unspecified, source::socket_addr);
+        let admin_span = raw.admin.span();
+        let admin = v.field(Some(raw.admin), unspecified, source::socket_addr);
+        if listen == admin && listen.port() != 0 {
+            v.report(
+                admin_span,
+                format!("admin must differ from listen ({listen})"),
+            );
+        }
+
+        let upstreams = match raw.upstream {
+            Some(list) if !list.get_ref().is_empty() => {
+                validate_upstreams(list.into_inner(), &mut v)
+            }
+            Some(list) => {
+                v.report(list.span(), "at least one [[upstream]] is required");
+                Vec::new()
+            }
+            None => {
+                v.report(listen_span, "at least one [[upstream]] is required");
+                Vec::new()
+            }
+        };
+
+        let proxy = validate_proxy(raw.proxy.unwrap_or_default(), &mut v);
+        let server = ServerSettings::validate(raw.server, &mut v);
+        let log = LogSettings {
+            access_log: v.field(raw.log.unwrap_or_default().access_log, None, |path| {
+                Ok((!path.is_empty()).then(|| PathBuf::from(path)))
+            }),
+        };
+        v.finish(Self {
+            listen,
+            admin,
+            upstreams,
+            proxy,
+            server,
+            log,
+        })
+    }
+}
+
+fn validate_upstreams(raw: Vec<RawUpstream>, v: &mut Validator<'_>) -> Vec<UpstreamConfig> {
+    let mut first_seen: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut upstreams = Vec::with_capacity(raw.len());
+    for upstream in raw {
+        let addr_span = upstream.addr.span();
+        let Some(addr) = v.field(Some(upstream.addr), None, |a| {
+            source::socket_addr(a).map(Some)
+        }) else {
+            continue;
+        };
+        let weight = v.field(upstream.weight, DEFAULT_WEIGHT, weight);
+        if let Some(first) = first_seen.get(&addr) {
+            v.report(
+                addr_span,
+                format!(
+                    "duplicate upstream {addr} (first listed as upstream #{})",
+                    first + 1
+                ),
+            );
+            continue;
+        }
+        first_seen.insert(addr, upstreams.len());
+        upstreams.push(UpstreamConfig { addr, weight });
+    }
+    upstreams
+}
+
+fn validate_proxy(raw: RawProxy, v: &mut Validator<'_>) -> ProxySettings {
+    let defaults = ProxySettings::default();
+    ProxySettings {
+        connect_timeout: v.field(
+            raw.connect_timeout,
+            defaults.connect_timeout,
+            source::duration,
+        ),
+        response_timeout: v.field(
+            raw.response_timeout,
+            defaults.response_timeout,
+            source::duration,
+        ),
+        idle_timeout: v.field(raw.idle_timeout, defaults.idle_timeout, source::duration),
+        max_idle_per_upstream: v.field(
+            raw.max_idle_per_upstream,
+            defaults.max_idle_per_upstream,
+            |n| usize::try_from(n).map_err(|_| format!("{n} is too large")),
+        ),
+    }
+}
+
+/// A weight is an integer from 0 to [`MAX_WEIGHT`].
+pub fn weight(raw: i64) -> Result<u32, String> {
+    match u32::try_from(raw) {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ => Err(format!(
+            "weight must be an integer from 0 to {MAX_WEIGHT}, got {raw}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<BalancerConfig, ConfigError> {
+        BalancerConfig::from_source(&Source::new("balancer.toml", text))
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const MINIMAL: &str = r#"
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:8088"
+
+[[upstream]]
+addr = "127.0.0.1:3001"
+weight = 1
+
+[[upstream]]
+addr = "127.0.0.1:3002"
+"#;
+
+    #[test]
+    fn listen_admin_and_upstreams_make_a_complete_file() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin, "127.0.0.1:8088".parse().unwrap());
+        let upstreams: Vec<_> = config
+            .upstreams
+            .iter()
+            .map(|u| (u.addr.port(), u.weight))
+            .collect();
+        assert_eq!(upstreams, [(3001, 1), (3002, DEFAULT_WEIGHT)]);
+        assert_eq!(config.proxy, ProxySettings::default());
+        assert_eq!(config.server, ServerSettings::default());
+        assert_eq!(config.log, LogSettings::default());
+    }
+
+    #[test]
+    fn the_shipped_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("balancer.toml");
+        let config = BalancerConfig::load(&path).unwrap();
+        let weights: Vec<_> = config
+            .upstreams
+            .iter()
+            .map(|u| (u.addr.port(), u.weight))
+            .collect();
+        assert_eq!(weights, [(3001, 1), (3002, 2), (3003, 3), (3004, 4)]);
+    }
+
+    #[test]
+    fn sections_are_read() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[proxy]\nconnect_timeout = \"250ms\"\nresponse_timeout = \"3s\"\n\
+             idle_timeout = \"5s\"\nmax_idle_per_upstream = 8\n\n[log]\naccess_log = \"a.log\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.proxy.connect_timeout, Duration::from_millis(250));
+        assert_eq!(config.proxy.response_timeout, Duration::from_secs(3));
+        assert_eq!(config.proxy.idle_timeout, Duration::from_secs(5));
+        assert_eq!(config.proxy.max_idle_per_upstream, 8);
+        assert_eq!(config.log.access_log, Some(PathBuf::from("a.log")));
+    }
+
+    #[test]
+    fn a_weight_must_be_a_non_negative_integer() {
+        let file = |w: &str| {
+            format!(
+                "listen = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n[[upstream]]\naddr = \"127.0.0.1:3\"\nweight = {w}\n"
+            )
+        };
+        assert_eq!(parse(&file("0")).unwrap().upstreams[0].weight, 0);
+        for bad in ["-1", "1.5", "\"2\"", "10001"] {
+            let problems = messages(&file(bad));
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(
+                problems[0].starts_with("balancer.toml:5:10:"),
+                "{bad}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_located() {
+        let problems = messages(&MINIMAL.replace("weight = 1", "wieght = 1"));
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("balancer.toml:7:1: unknown field `wieght`"),
+            "{problems:?}"
+        );
+        let problems = messages(&format!("{MINIMAL}\n[proxy]\ntimeout = \"1s\"\n"));
+        assert!(
+            problems[0].starts_with("balancer.toml:13:1: unknown field `timeout`"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn duplicates_and_bad_addresses_are_all_reported() {
+        let problems = messages(&format!(
+            "{MINIMAL}\n[[upstream]]\naddr = \"127.0.0.1:3001\"\n\n[[upstream]]\naddr = \"localhost\"\n"
+        ));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("balancer.toml:13:8: duplicate upstream 127.0.0.1:3001"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("balancer.toml:16:8: `localhost` is not a socket address"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn at_least_one_upstream_is_required() {
+        let problems = messages("listen = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n");
+        assert!(
+            problems[0].contains("at least one [[upstream]] is required"),
+            "{problems:?}"
+        );
+        let problems =
+            messages("listen = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\nupstream = []\n");
+        assert!(
+            problems[0].starts_with("balancer.toml:3:12: at least one"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn listen_and_admin_are_required_and_distinct() {
+        let err =
+            parse("admin = \"127.0.0.1:2\"\n[[upstream]]\naddr = \"127.0.0.1:3\"\n").unwrap_err();
+        assert!(err.to_string().contains("missing field `listen`"), "{err}");
+        let problems = messages(
+            "listen = \"127.0.0.1:8\"\nadmin = \"127.0.0.1:8\"\n[[upstream]]\naddr = \"127.0.0.1:3\"\n",
+        );
+        assert!(
+            problems[0].starts_with("balancer.toml:2:9: admin must differ"),
+            "{problems:?}"
+        );
+    }
+}
