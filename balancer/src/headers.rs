@@ -1,0 +1,186 @@
+//! The header rewriting of a proxy.
+//!
+//! Hop-by-hop headers describe one connection, not the message, so a proxy
+//! must not forward them (RFC 9110, section 7.6.1): `Connection` and every
+//! header it names, plus `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//! `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization` and
+//! `Proxy-Authenticate`. hyper frames each message itself, so dropping
+//! `Transfer-Encoding` loses nothing. They are removed in both directions.
+//!
+//! A proxy adds itself to `Via` (RFC 9110, section 7.6.3), and the client's
+//! address to `X-Forwarded-For`, appended to any chain already there.
+
+use std::net::SocketAddr;
+
+use http::Version;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers that are not named by `Connection`.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes every hop-by-hop header.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds what to remove; most messages carry
+    // at most `Connection: keep-alive`, and this runs twice per request.
+    let mut present: Vec<HeaderName> = Vec::new();
+    let mut named_by_connection = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            named_by_connection = true;
+        } else if HOP_BY_HOP.contains(name) {
+            present.push(name.clone());
+        }
+    }
+    if named_by_connection {
+        for list in headers.get_all(header::CONNECTION) {
+            let Ok(list) = list.to_str() else { continue };
+            for token in list.split(',').map(str::trim) {
+                // The usual tokens name no header of their own (`close`) or
+                // one removed anyway (`keep-alive`).
+                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    present.push(name);
+                }
+            }
+        }
+        present.push(header::CONNECTION);
+    }
+    for name in present {
+        headers.remove(name);
+    }
+}
+
+/// Appends this proxy, named `spike`, to `Via`, as received over `version`.
+pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    let value = match version {
+        Version::HTTP_10 => const { HeaderValue::from_static("1.0 spike") },
+        _ => const { HeaderValue::from_static("1.1 spike") },
+    };
+    headers.append(header::VIA, value);
+}
+
+/// A client's address, with its text for `X-Forwarded-For` written once
+/// per connection rather than once per request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> Self {
+        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Self {
+            addr,
+            forwarded_for,
+        }
+    }
+}
+
+/// Appends the client's address to `X-Forwarded-For`, joining any values
+/// already there into one comma-separated chain.
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientAddr) {
+    let mut existing = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if existing.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR, client.forwarded_for.clone());
+        return;
+    }
+    let mut chain = Vec::new();
+    for value in existing {
+        chain.extend_from_slice(value.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(client.forwarded_for.as_bytes());
+    let value = HeaderValue::from_bytes(&chain).expect("joined header values are a valid value");
+    headers.insert(X_FORWARDED_FOR, value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "x-other"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-authenticate", "Basic"),
+            ("x-kept", "3"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        let mut left: Vec<_> = map.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_is_removed() {
+        let mut map = headers(&[("connection", "Keep-Alive"), ("host", "x")]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(
+            map.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["host"]
+        );
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_the_chain() {
+        let mut map = HeaderMap::new();
+        append_forwarded_for(&mut map, &ClientAddr::new("10.0.0.1:5000".parse().unwrap()));
+        assert_eq!(map["x-forwarded-for"], "10.0.0.1");
+
+        let mut map = headers(&[
+            ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
+            ("x-forwarded-for", "3.3.3.3"),
+        ]);
+        append_forwarded_for(&mut map, &ClientAddr::new("[::1]:5000".parse().unwrap()));
+        assert_eq!(map["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3, ::1");
+        assert_eq!(map.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn via_names_the_protocol_received() {
+        let mut map = headers(&[("via", "1.1 edge")]);
+        add_via(&mut map, Version::HTTP_10);
+        let via: Vec<_> = map.get_all("via").iter().collect();
+        assert_eq!(via, ["1.1 edge", "1.0 spike"]);
+    }
+}
