@@ -14,6 +14,14 @@ need() {
   fi
 }
 
+# Sets $work to a new temporary directory and $pids to an empty list; on
+# exit, every process in $pids is killed and $work removed.
+make_workdir() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}
+
 # Prints a loopback TCP port that nothing listens on.
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -76,17 +84,29 @@ to_ms() {
   }'
 }
 
-# wrk_median URL PIDS...: $RUNS runs of wrk_once; prints the median of
-# each column.
-wrk_median() {
-  local runs=() i
-  for i in $(seq 1 "$RUNS"); do
-    runs+=("$(wrk_once "$@")")
+# compare TARGET...: each TARGET is "name|url|pid pid ...". Runs wrk on
+# every target in turn, $RUNS rounds (interleaved, so that a noisy moment
+# of a shared machine does not fall on one target only), and fills the
+# associative array MEDIANS: name -> "requests_per_sec p50_ms p99_ms
+# cpu_us_per_request", each the median over the rounds.
+declare -A MEDIANS
+compare() {
+  local -A rows=()
+  local round target name url pids
+  for round in $(seq 1 "$RUNS"); do
+    for target in "$@"; do
+      IFS='|' read -r name url pids <<<"$target"
+      # shellcheck disable=SC2086 # pids is a list
+      rows[$name]+="$(wrk_once "$url" $pids)"$'\n'
+    done
   done
-  printf '%s\n' "${runs[@]}" | python3 -c '
+  for target in "$@"; do
+    name=${target%%|*}
+    MEDIANS[$name]=$(printf '%s' "${rows[$name]}" | python3 -c '
 import statistics, sys
 rows = [list(map(float, line.split())) for line in sys.stdin if line.strip()]
-print(" ".join(f"{statistics.median(col):.3f}" for col in zip(*rows)))'
+print(" ".join(f"{statistics.median(col):.3f}" for col in zip(*rows)))')
+  done
 }
 
 # Prints a description of the machine.

@@ -30,14 +30,7 @@ need redis-server
 need python3
 cargo build --release --quiet --bin node
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_workdir
 
 # Redis, for the node.
 redis_port=$(free_port)
@@ -107,25 +100,27 @@ start_node open 1000000000
 selling_port=$node_port selling_pid=$node_pid
 
 echo "Machine: $(machine)"
-echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, median of $RUNS runs"
+echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, median of $RUNS interleaved runs"
 echo
 printf '| %-22s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
 printf '|%s|%s|%s|%s|%s|\n' ------------------------ ------------ ---------- ---------- ----------------
 
-read -r n_rps n_p50 n_p99 n_cpu < <(wrk_median "http://127.0.0.1:$nginx_port/" $(with_children "$nginx_pid"))
-printf '| %-22s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "nginx static 200" "$n_rps" "$n_p50" "$n_p99" "$n_cpu"
-
-read -r o_rps o_p50 o_p99 o_cpu < <(wrk_median "http://127.0.0.1:$sold_out_port/buy/ticket" "$sold_out_pid")
-printf '| %-22s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "node, sold-out path" "$o_rps" "$o_p50" "$o_p99" "$o_cpu"
-
 redis_before=$(cpu_ticks "$redis_pid")
-read -r s_rps s_p50 s_p99 s_cpu < <(wrk_median "http://127.0.0.1:$selling_port/buy/ticket" "$selling_pid")
+sold_before=$(redis-cli -p "$redis_port" hget 'spike:{open}:stock' sold)
+compare "nginx static 200|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_pid")" \
+  "node, sold-out path|http://127.0.0.1:$sold_out_port/buy/ticket|$sold_out_pid" \
+  "node, selling path|http://127.0.0.1:$selling_port/buy/ticket|$selling_pid"
 redis_after=$(cpu_ticks "$redis_pid")
-sold=$(redis-cli -p "$redis_port" hget 'spike:{open}:stock' sold)
+sold=$(( $(redis-cli -p "$redis_port" hget 'spike:{open}:stock' sold) - ${sold_before:-0} ))
+for name in "nginx static 200" "node, sold-out path" "node, selling path"; do
+  read -r rps p50 p99 cpu <<<"${MEDIANS[$name]}"
+  printf '| %-22s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+done
 redis_cpu=$(awk -v t=$((redis_after - redis_before)) -v hz="$(getconf CLK_TCK)" -v n="$sold" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-printf '| %-22s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "node, selling path" "$s_rps" "$s_p50" "$s_p99" "$s_cpu"
 echo
 echo "Selling path: $sold tickets sold; Redis used $redis_cpu us of CPU per sale."
+read -r n_rps _ _ n_cpu <<<"${MEDIANS[nginx static 200]}"
+read -r o_rps _ _ o_cpu <<<"${MEDIANS[node, sold-out path]}"
 awk -v o="$o_cpu" -v n="$n_cpu" -v or="$o_rps" -v nr="$n_rps" 'BEGIN {
   printf "Node sold-out path / nginx static: CPU per request %.2fx (target <= 1.30), throughput %.2fx\n", o / n, or / nr
 }'

@@ -1,6 +1,7 @@
 //! What the end-to-end tests share: a real `redis-server` on an ephemeral
-//! port, the workspace's built binaries started as processes, an HTTP client,
-//! and ApacheBench.
+//! port, the workspace's built binaries started as processes, in-process
+//! HTTP backends that record what reaches them, an HTTP client, and
+//! ApacheBench.
 //!
 //! Every helper that starts something stops it on drop, so a failing test
 //! leaves no process behind. Readiness is waited for by polling the real
@@ -8,8 +9,11 @@
 //! fixed sleep.
 
 pub mod ab;
+pub mod backend;
+pub mod balancer;
 pub mod client;
 pub mod process;
+pub mod raw;
 pub mod redis;
 
 use std::time::{Duration, Instant};

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The balancer beside nginx and HAProxy as weighted round-robin proxies, in
+# one run on one machine, over the same four static backends.
+#
+#   bash bench/proxy.sh           # DURATION=10 CONNECTIONS=64 RUNS=3 WORKERS=2
+#
+# - backends: one nginx (1 worker) answering a fixed 200 on four ports;
+# - direct: wrk straight at one backend, the ceiling;
+# - spike: this balancer, weights 1-4, WORKERS runtime threads;
+# - nginx: `upstream` with weight=1..4, WORKERS worker processes, keepalive
+#   to the backends;
+# - haproxy: `balance roundrobin`, weight 1..4, WORKERS threads, connection
+#   reuse to the backends.
+# No proxy writes an access log. Prints the medians over RUNS of requests/s,
+# p50 and p99 latency and the proxy's CPU microseconds per request (user +
+# system, all its processes, from /proc), then this balancer's ratios to
+# nginx and HAProxy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-64}
+RUNS=${RUNS:-3}
+WORKERS=${WORKERS:-2}
+
+need wrk
+need nginx
+need haproxy
+need python3
+cargo build --release --quiet --bin balancer
+
+make_workdir
+
+backend_ports=()
+for _ in 1 2 3 4; do backend_ports+=("$(free_port)"); done
+{
+  echo "worker_processes 1; daemon off; pid $work/backends.pid; error_log $work/backends-error.log;"
+  echo "events { worker_connections 4096; }"
+  echo "http { access_log off; keepalive_requests 100000000;"
+  for port in "${backend_ports[@]}"; do
+    echo "  server { listen 127.0.0.1:$port; location / { return 200 'ok'; } }"
+  done
+  echo "}"
+} >"$work/backends.conf"
+nginx -c "$work/backends.conf" -e "$work/backends-error.log" &
+pids+=($!)
+for port in "${backend_ports[@]}"; do wait_port "$port"; done
+
+# This balancer.
+spike_port=$(free_port)
+{
+  echo "listen = \"127.0.0.1:$spike_port\""
+  echo "admin = \"127.0.0.1:$(free_port)\""
+  weight=1
+  for port in "${backend_ports[@]}"; do
+    printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$port" "$weight"
+    weight=$((weight + 1))
+  done
+  printf '\n[server]\nworkers = %s\n' "$WORKERS"
+} >"$work/balancer.toml"
+RUST_LOG=warn target/release/balancer --config "$work/balancer.toml" >/dev/null &
+spike_pid=$!
+pids+=("$spike_pid")
+wait_port "$spike_port"
+
+# nginx as a proxy.
+nginx_port=$(free_port)
+{
+  echo "worker_processes $WORKERS; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
+  echo "events { worker_connections 4096; }"
+  echo "http { access_log off; keepalive_requests 100000000;"
+  echo "  upstream nodes {"
+  weight=1
+  for port in "${backend_ports[@]}"; do
+    echo "    server 127.0.0.1:$port weight=$weight;"
+    weight=$((weight + 1))
+  done
+  echo "    keepalive 256;"
+  echo "  }"
+  echo "  server { listen 127.0.0.1:$nginx_port;"
+  echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+  echo "  }"
+  echo "}"
+} >"$work/nginx.conf"
+nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" &
+nginx_pid=$!
+pids+=("$nginx_pid")
+wait_port "$nginx_port"
+
+# HAProxy.
+haproxy_port=$(free_port)
+{
+  echo "global"
+  echo "  nbthread $WORKERS"
+  echo "  maxconn 4096"
+  echo "defaults"
+  echo "  mode http"
+  echo "  timeout connect 1s"
+  echo "  timeout client 30s"
+  echo "  timeout server 30s"
+  echo "  http-reuse always"
+  echo "frontend proxy"
+  echo "  bind 127.0.0.1:$haproxy_port"
+  echo "  default_backend nodes"
+  echo "backend nodes"
+  echo "  balance roundrobin"
+  weight=1
+  for port in "${backend_ports[@]}"; do
+    echo "  server s$weight 127.0.0.1:$port weight $weight"
+    weight=$((weight + 1))
+  done
+} >"$work/haproxy.cfg"
+haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+haproxy_pid=$!
+pids+=("$haproxy_pid")
+wait_port "$haproxy_port"
+
+echo "Machine: $(machine)"
+echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3)"
+echo "wrk -t${THREADS:-1} -c$CONNECTIONS -d${DURATION}s, median of $RUNS interleaved runs; $WORKERS workers per proxy"
+echo
+printf '| %-16s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
+printf '|%s|%s|%s|%s|%s|\n' ------------------ ------------ ---------- ---------- ----------------
+
+compare "direct|http://127.0.0.1:${backend_ports[0]}/|${pids[0]}" \
+  "spike|http://127.0.0.1:$spike_port/|$spike_pid" \
+  "nginx|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_pid")" \
+  "haproxy|http://127.0.0.1:$haproxy_port/|$haproxy_pid"
+for name in direct spike nginx haproxy; do
+  read -r rps p50 p99 cpu <<<"${MEDIANS[$name]}"
+  [ "$name" = direct ] && cpu=-
+  printf '| %-16s | %10.0f | %8.2f | %8.2f | %14s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+done
+echo
+read -r s_rps _ s_p99 s_cpu <<<"${MEDIANS[spike]}"
+for name in nginx haproxy; do
+  read -r rps _ p99 cpu <<<"${MEDIANS[$name]}"
+  awk -v name="$name" -v sc="$s_cpu" -v oc="$cpu" -v sr="$s_rps" -v or="$rps" -v sp="$s_p99" -v op="$p99" 'BEGIN {
+    printf "spike / %-7s: CPU per request %.2fx, throughput %.2fx, p99 %.2fx\n", name, sc / oc, sr / or, sp / op
+  }'
+done

@@ -1,0 +1,342 @@
+//! The balancer as a transparent reverse proxy: what reaches the backend,
+//! what comes back, how messages are framed, and what the client gets when
+//! an upstream fails.
+
+use std::time::Duration;
+
+use http::Method;
+use spike_tests::ab::ab;
+use spike_tests::backend::{Backend, Reply};
+use spike_tests::balancer::Balancer;
+use spike_tests::client::Client;
+use spike_tests::raw::RawConnection;
+use spike_tests::redis::free_port;
+use spike_tests::wait_until_async;
+
+async fn upstream_stats(balancer: &Balancer) -> serde_json::Value {
+    let stats = Client::new()
+        .get(&balancer.admin_url("/stats"))
+        .await
+        .json();
+    stats["upstreams"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_go_and_forwarding_headers_come() {
+    let backend = Backend::start(|_| {
+        Reply::ok("done")
+            .header("connection", "x-upstream-secret")
+            .header("x-upstream-secret", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic")
+            .header("x-kept", "yes")
+            .header("via", "1.1 backend")
+    })
+    .await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+
+    let req = Client::request(
+        Method::GET,
+        &balancer.url("/buy/ticket?user=alice"),
+        &[
+            ("connection", "x-client-secret"),
+            ("x-client-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-custom", "kept"),
+        ],
+        b"",
+    );
+    let reply = Client::new().send(req).await.unwrap();
+
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.uri, "/buy/ticket?user=alice");
+    for gone in [
+        "connection",
+        "x-client-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+    ] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the backend"
+        );
+    }
+    assert_eq!(seen.headers["x-custom"], "kept");
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen.headers["via"], "1.1 spike");
+    assert_eq!(
+        seen.headers["host"],
+        balancer.proxy().to_string(),
+        "Host passes through"
+    );
+
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "done");
+    for gone in ["x-upstream-secret", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            !reply.headers.contains_key(gone),
+            "{gone} reached the client"
+        );
+    }
+    assert_eq!(reply.headers["x-kept"], "yes");
+    let via: Vec<_> = reply.headers.get_all("via").iter().collect();
+    assert_eq!(via, ["1.1 backend", "1.1 spike"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through_intact_both_ways() {
+    // The backend answers with the body it received.
+    let backend = Backend::start(|req| Reply::ok(req.body.clone())).await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+    let body: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+
+    let req = Client::request(Method::POST, &balancer.url("/upload"), &[], &body);
+    let reply = Client::new().send(req).await.unwrap();
+
+    assert_eq!(reply.status, 200);
+    assert_eq!(backend.requests()[0].body.len(), body.len());
+    assert!(
+        backend.requests()[0].body == body,
+        "the backend got the body intact"
+    );
+    assert!(reply.body == body, "the client got the body intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_are_reframed_intact_both_ways() {
+    let backend = Backend::start(|req| Reply::ok(req.body.clone()).chunked(3)).await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+
+    let mut conn = RawConnection::connect(balancer.proxy()).await;
+    conn.send(
+        b"POST /chunked HTTP/1.1\r\nHost: spike\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n",
+    )
+    .await;
+    let response = conn.response(false).await.unwrap();
+
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.body, "hello, world");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(response.body, b"hello, world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_204_and_304_are_framed_without_a_body() {
+    let backend = Backend::start(|req| match req.uri.path() {
+        "/no-content" => Reply::status(204),
+        "/not-modified" => Reply::status(304).header("etag", "\"v1\""),
+        _ => Reply::ok("hello"),
+    })
+    .await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+
+    // One keep-alive connection: a body sent where none belongs would be
+    // read as the start of the next response.
+    let mut conn = RawConnection::connect(balancer.proxy()).await;
+    conn.send(b"HEAD /page HTTP/1.1\r\nHost: spike\r\n\r\n")
+        .await;
+    let head = conn.response(true).await.unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("5"));
+
+    conn.send(b"GET /no-content HTTP/1.1\r\nHost: spike\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.unwrap().status, 204);
+
+    conn.send(b"GET /not-modified HTTP/1.1\r\nHost: spike\r\n\r\n")
+        .await;
+    let not_modified = conn.response(false).await.unwrap();
+    assert_eq!(not_modified.status, 304);
+    assert_eq!(not_modified.header("etag"), Some("\"v1\""));
+
+    conn.send(b"GET /page HTTP/1.1\r\nHost: spike\r\n\r\n")
+        .await;
+    let page = conn.response(false).await.unwrap();
+    assert_eq!((page.status, page.body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(backend.hits(), 4);
+    assert_eq!(backend.requests()[0].method, Method::HEAD);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_clients_are_served_and_upstreams_get_keep_alive() {
+    let backend = Backend::named("a").await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+
+    let mut conn = RawConnection::connect(balancer.proxy()).await;
+    conn.send(b"GET /buy/ticket HTTP/1.0\r\n\r\n").await;
+    let response = conn.response(false).await.unwrap();
+    assert_eq!(
+        (response.status, response.body.as_slice()),
+        (200, &b"a"[..])
+    );
+    assert!(conn.is_closed().await, "HTTP/1.0 without keep-alive closes");
+
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.headers["via"], "1.0 spike");
+    assert!(
+        seen.headers.contains_key("host"),
+        "the upstream request has a Host"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_with_and_without_keep_alive() {
+    let backend = Backend::named("a").await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+    let url = balancer.url("/buy/ticket");
+
+    let report = tokio::task::spawn_blocking(move || {
+        let plain = ab(&["-q", "-n", "300", "-c", "10"], &url);
+        let keep_alive = ab(&["-q", "-k", "-n", "300", "-c", "10"], &url);
+        (plain, keep_alive)
+    })
+    .await
+    .unwrap();
+
+    for report in [report.0, report.1] {
+        assert_eq!(
+            (report.complete, report.failed, report.non_2xx),
+            (300, 0, 0)
+        );
+    }
+    assert_eq!(backend.hits(), 600);
+    // 600 requests from ab reused a handful of upstream connections.
+    assert!(
+        backend.open_connections() <= 10,
+        "{}",
+        backend.open_connections()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_gets_502() {
+    let dead = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let balancer = Balancer::start(&[(dead, 1)], "");
+
+    let reply = Client::new().get(&balancer.url("/buy/ticket")).await;
+
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.json()["error"], "upstream_unreachable");
+    let stats = upstream_stats(&balancer).await;
+    assert_eq!(
+        (stats["requests"].as_u64(), stats["failures"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(stats["in_flight"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_gets_504_and_leaves_nothing_behind() {
+    let backend = Backend::start(|_| Reply::ok("late").delayed(Duration::from_secs(30))).await;
+    let balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        "[proxy]\nresponse_timeout = \"300ms\"\n",
+    );
+
+    let started = std::time::Instant::now();
+    let reply = Client::new().get(&balancer.url("/slow")).await;
+
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["error"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.hits(), 1);
+    // The balancer dropped the exchange: its connection to the backend is
+    // closed and nothing counts as in flight.
+    wait_until_async(
+        "the upstream connection to close",
+        Duration::from_secs(5),
+        || async { backend.open_connections() == 0 },
+    )
+    .await;
+    let stats = upstream_stats(&balancer).await;
+    assert_eq!(
+        (stats["failures"].as_u64(), stats["in_flight"].as_i64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_stats_and_metrics_and_the_proxy_does_not() {
+    let backend = Backend::named("a").await;
+    let balancer = Balancer::start(&[(backend.addr(), 3)], "");
+    let client = Client::new();
+    for _ in 0..5 {
+        client.get(&balancer.url("/")).await;
+    }
+
+    let stats = upstream_stats(&balancer).await;
+    assert_eq!(stats["addr"], backend.addr().to_string());
+    assert_eq!(stats["weight"], 3);
+    assert_eq!(stats["healthy"], true);
+    assert_eq!(stats["requests"], 5);
+
+    let metrics = client.get(&balancer.admin_url("/metrics")).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    let upstream = format!("upstream=\"{}\"", backend.addr());
+    assert!(
+        text.contains(&format!(
+            "spike_balancer_upstream_requests_total{{{upstream}}} 5"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("spike_balancer_upstream_weight{{{upstream}}} 3")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "spike_balancer_upstream_request_duration_seconds_count{{{upstream}}} 5"
+        )),
+        "{text}"
+    );
+
+    // On the proxy's port, /stats and /metrics are ordinary paths, proxied.
+    let proxied = client.get(&balancer.url("/metrics")).await;
+    assert_eq!(proxied.body, "a");
+    assert_eq!(backend.hits(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request() {
+    let backend = Backend::named("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let mut balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        &format!("[log]\naccess_log = \"{}\"\n", log.display()),
+    );
+    let client = Client::new();
+    client.get(&balancer.url("/buy/ticket?user=x")).await;
+    client.get(&balancer.url("/health")).await;
+
+    let status = balancer.process.terminate(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let upstream = format!("upstream={}", backend.addr());
+    for (line, path) in lines.iter().zip(["/buy/ticket", "/health"]) {
+        assert!(line.contains("method=GET"), "{line}");
+        assert!(line.contains(&format!("path=\"{path}\"")), "{line}");
+        assert!(line.contains("status=200"), "{line}");
+        assert!(line.contains(&upstream), "{line}");
+        assert!(line.contains("duration_ms="), "{line}");
+    }
+}
