@@ -12,6 +12,7 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use crate::balance::Router;
+use crate::health::now_ms;
 
 /// The admin interface shared by every admin connection.
 #[derive(Debug)]
@@ -22,6 +23,8 @@ pub struct Admin {
 /// `/stats`.
 #[derive(Debug, Serialize)]
 pub struct Stats {
+    /// Attempts on another upstream after a request could not be sent.
+    pub retries: u64,
     pub upstreams: Vec<UpstreamStats>,
 }
 
@@ -30,9 +33,23 @@ pub struct Stats {
 pub struct UpstreamStats {
     pub addr: SocketAddr,
     pub weight: u32,
+    pub backup: bool,
+    /// `up`, `ramping`, `down` or `unknown`, from the active checks.
+    pub state: &'static str,
+    /// Whether the round-robin may pick it now (up and not resting after
+    /// failures of live traffic).
     pub healthy: bool,
+    /// Consecutive good and failed active checks (one of them is 0).
+    pub check_successes: u32,
+    pub check_failures: u32,
+    pub last_error: Option<String>,
+    pub seconds_since_state_change: f64,
+    /// Failures of live traffic counted against it (nginx's `fails`).
+    pub passive_fails: u32,
     pub requests: u64,
     pub failures: u64,
+    /// Requests that could not be sent to it and went to another upstream.
+    pub failovers: u64,
     pub in_flight: i64,
     /// Keep-alive connections to the upstream waiting in its pool.
     pub idle_connections: usize,
@@ -49,11 +66,16 @@ impl Admin {
                 let body = serde_json::to_vec(&self.stats()).expect("stats serialize");
                 reply(StatusCode::OK, "application/json", body.into())
             }
-            (&Method::GET | &Method::HEAD, "/metrics") => reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                self.router.registry().metrics().encode().into(),
-            ),
+            (&Method::GET | &Method::HEAD, "/metrics") => {
+                for peer in &self.router.table().peers {
+                    peer.upstream.refresh_metrics();
+                }
+                reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.router.registry().metrics().encode().into(),
+                )
+            }
             (_, "/stats" | "/metrics") => {
                 let mut reply = reply(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -76,23 +98,38 @@ impl Admin {
 
     pub fn stats(&self) -> Stats {
         let table = self.router.table();
+        let now = now_ms();
         let upstreams = table
             .peers
             .iter()
             .map(|peer| {
-                let stats = &peer.upstream.stats;
+                let upstream = &peer.upstream;
+                let (stats, health) = (&upstream.stats, &upstream.health);
+                let settings = upstream.health_settings();
+                let checks = health.checks();
                 UpstreamStats {
-                    addr: peer.upstream.addr(),
+                    addr: upstream.addr(),
                     weight: peer.weight,
-                    healthy: true,
+                    backup: peer.backup,
+                    state: upstream.state_name(&settings, now),
+                    healthy: health.available(&settings, now),
+                    check_successes: checks.successes,
+                    check_failures: checks.failures,
+                    last_error: checks.last_error,
+                    seconds_since_state_change: now.saturating_sub(checks.changed_at) as f64 / 1e3,
+                    passive_fails: health.passive_fails(),
                     requests: stats.requests.get(),
                     failures: stats.failures.get(),
+                    failovers: stats.failovers_total(),
                     in_flight: stats.in_flight.get(),
-                    idle_connections: peer.upstream.pool.idle_count(),
+                    idle_connections: upstream.pool.idle_count(),
                 }
             })
             .collect();
-        Stats { upstreams }
+        Stats {
+            retries: self.router.registry().metrics().retries.get(),
+            upstreams,
+        }
     }
 }
 

@@ -11,13 +11,20 @@
 //!
 //! There is one pick state for the whole process, not one per worker thread:
 //! picks take a short lock, so the windows hold across all threads.
+//!
+//! Only upstreams that may take requests count ([`crate::health`]): one
+//! that is down, resting after failures, or already tried for this request
+//! is skipped, and the others share its requests by their weights. Backup
+//! upstreams are picked only when no other can be (nginx's `backup`).
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use spike_config::balancer::UpstreamConfig;
 
+use crate::health::{State, now_ms};
 use crate::upstream::{Registry, Upstream};
 
 /// An upstream as one routing table sees it.
@@ -26,6 +33,7 @@ pub struct Peer {
     pub upstream: Arc<Upstream>,
     /// The configured weight; 0 takes the peer out of rotation.
     pub weight: u32,
+    pub backup: bool,
 }
 
 /// One immutable routing table: the peers in file order.
@@ -48,7 +56,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(upstreams: &[UpstreamConfig], registry: Registry) -> Self {
-        let table = build_table(upstreams, &registry);
+        let table = build_table(upstreams, &registry, State::Up);
         Self {
             table: ArcSwap::from_pointee(table),
             pick_lock: Mutex::new(()),
@@ -65,39 +73,58 @@ impl Router {
         &self.registry
     }
 
-    /// The next upstream of the smooth round-robin among those with a
-    /// weight, or `None` when every weight is 0.
-    pub fn pick(&self) -> Option<Arc<Upstream>> {
+    /// The next upstream of the smooth round-robin among those that may
+    /// take requests and are not in `tried`: a primary if any can, else a
+    /// backup. `None` when none can.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Peer> {
         let table = self.table.load();
+        let now = now_ms();
         let _picking = self.pick_lock.lock().expect("pick lock");
-        pick(&table.peers).map(|peer| Arc::clone(&peer.upstream))
+        let peer = pick(&table.peers, false, tried, now)
+            .or_else(|| pick(&table.peers, true, tried, now))?;
+        let upstream = &peer.upstream;
+        upstream.health.picked(|| upstream.health_settings(), now);
+        Some(peer.clone())
     }
 }
 
-fn build_table(upstreams: &[UpstreamConfig], registry: &Registry) -> Table {
+fn build_table(upstreams: &[UpstreamConfig], registry: &Registry, initial: State) -> Table {
     let peers = upstreams
         .iter()
         .map(|config| {
-            let upstream = registry.get_or_create(config.addr, config.weight);
-            registry
-                .metrics()
-                .set_state(config.addr, config.weight, true);
+            let upstream =
+                registry.get_or_create(config.addr, config.weight, &config.health, initial);
+            registry.metrics().set_weight(config.addr, config.weight);
+            upstream.refresh_metrics();
             Peer {
                 upstream,
                 weight: config.weight,
+                backup: config.backup,
             }
         })
         .collect();
     Table { peers }
 }
 
-/// nginx's pick, over the peers with a weight. Must run under the pick lock.
-fn pick(peers: &[Peer]) -> Option<&Peer> {
+/// nginx's pick, over the peers of the kind `backup` that may take the
+/// request at `now` and are not in `tried`. Must run under the pick lock.
+fn pick<'a>(peers: &'a [Peer], backup: bool, tried: &[SocketAddr], now: u64) -> Option<&'a Peer> {
     let mut best: Option<(&Peer, i64)> = None;
     let mut total = 0;
-    for peer in peers.iter().filter(|peer| peer.weight > 0) {
+    let candidates = peers.iter().filter(|peer| {
+        peer.backup == backup && peer.weight > 0 && !tried.contains(&peer.upstream.addr())
+    });
+    for peer in candidates {
         let upstream = &peer.upstream;
-        let weight = i64::from(peer.weight);
+        // Down, resting, or ramping up after coming back.
+        let Some(weight) =
+            upstream
+                .health
+                .weight_now(peer.weight, || upstream.health_settings(), now)
+        else {
+            continue;
+        };
+        let weight = i64::from(weight);
         // A weight lowered by a new table also bounds the effective weight.
         let effective = upstream
             .effective_weight
@@ -129,8 +156,9 @@ fn pick(peers: &[Peer]) -> Option<&Peer> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::net::SocketAddr;
     use std::time::Duration;
+
+    use spike_config::health::HealthSettings;
 
     use super::*;
     use crate::metrics::Metrics;
@@ -143,6 +171,8 @@ mod tests {
             .map(|(i, &weight)| UpstreamConfig {
                 addr: SocketAddr::from(([127, 0, 0, 1], 3001 + i as u16)),
                 weight,
+                backup: false,
+                health: HealthSettings::default(),
             })
             .collect();
         let pool = PoolSettings {
@@ -150,14 +180,17 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             max_idle: 1,
         };
-        Router::new(&upstreams, Registry::new(Arc::new(Metrics::new()), pool))
+        Router::new(
+            &upstreams,
+            Registry::new(Arc::new(Metrics::new()), pool, None),
+        )
     }
 
     /// The letter of each pick: `a` for the first upstream, `b` for the next...
     fn picks(router: &Router, count: usize) -> String {
         (0..count)
             .map(|_| {
-                let port = router.pick().unwrap().addr().port();
+                let port = router.pick(&[]).unwrap().upstream.addr().port();
                 char::from(b'a' + (port - 3001) as u8)
             })
             .collect()
@@ -188,7 +221,7 @@ mod tests {
     fn a_zero_weight_takes_no_requests() {
         let router = router(&[0, 1, 0]);
         assert_eq!(picks(&router, 5), "bbbbb");
-        assert!(self::router(&[0, 0]).pick().is_none());
+        assert!(self::router(&[0, 0]).pick(&[]).is_none());
     }
 
     #[test]
@@ -199,7 +232,7 @@ mod tests {
                 let router = Arc::clone(&router);
                 std::thread::spawn(move || {
                     (0..2_500)
-                        .map(|_| router.pick().unwrap().addr().port())
+                        .map(|_| router.pick(&[]).unwrap().upstream.addr().port())
                         .collect::<Vec<_>>()
                 })
             })

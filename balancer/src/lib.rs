@@ -13,6 +13,7 @@ pub mod balance;
 pub mod body;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::balance::Router;
 use crate::headers::ClientAddr;
+use crate::health::Checker;
 use crate::metrics::Metrics;
 use crate::pool::PoolSettings;
 use crate::proxy::Proxy;
@@ -51,12 +53,10 @@ pub async fn run(listeners: Listeners, config: &BalancerConfig, shutdown: Cancel
         idle_timeout: config.proxy.idle_timeout,
         max_idle: config.proxy.max_idle_per_upstream,
     };
-    let registry = upstream::Registry::new(Arc::new(Metrics::new()), pool);
+    let checker = Checker::new(shutdown.clone());
+    let registry = upstream::Registry::new(Arc::new(Metrics::new()), pool, Some(checker));
     let router = Arc::new(Router::new(&config.upstreams, registry));
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(&router),
-        config.proxy.response_timeout,
-    ));
+    let proxy = Arc::new(Proxy::new(Arc::clone(&router), &config.proxy));
     tokio::spawn(evict_idle_connections(
         Arc::clone(&router),
         pool.idle_timeout,

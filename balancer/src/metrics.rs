@@ -13,13 +13,25 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::upstream::UpstreamStats;
+use crate::health::CheckRecord;
+use crate::upstream::{FailoverReason, UpstreamStats};
 
 /// The label set of per-upstream series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabel {
     pub upstream: String,
 }
+
+/// An upstream and one value of a per-upstream enumeration (a state, a
+/// failover reason).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamKindLabel {
+    pub upstream: String,
+    pub kind: &'static str,
+}
+
+/// The states an upstream's `upstream_state` series enumerate.
+pub const STATES: [&str; 4] = ["up", "ramping", "down", "unknown"];
 
 /// Every metric the balancer exports.
 #[derive(Debug)]
@@ -31,6 +43,13 @@ pub struct Metrics {
     duration: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
     weight: Family<UpstreamLabel, Gauge>,
     healthy: Family<UpstreamLabel, Gauge>,
+    state: Family<UpstreamKindLabel, Gauge>,
+    check_successes: Family<UpstreamLabel, Gauge>,
+    check_failures: Family<UpstreamLabel, Gauge>,
+    since_change: Family<UpstreamLabel, Gauge>,
+    failovers: Family<UpstreamKindLabel, Counter>,
+    /// Attempts on another upstream after a request could not be sent.
+    pub retries: Counter,
 }
 
 /// Request durations from 100 µs to about 13 s.
@@ -53,6 +72,12 @@ impl Metrics {
         let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
         let weight = Family::default();
         let healthy = Family::default();
+        let state = Family::default();
+        let check_successes = Family::default();
+        let check_failures = Family::default();
+        let since_change = Family::default();
+        let failovers = Family::default();
+        let retries = Counter::default();
         registry.register(
             "upstream_requests",
             "Requests routed to an upstream",
@@ -80,8 +105,38 @@ impl Metrics {
         );
         registry.register(
             "upstream_healthy",
-            "1 if an upstream may take requests, else 0",
+            "1 if an upstream's active checks say it is up, else 0",
             healthy.clone(),
+        );
+        registry.register(
+            "upstream_state",
+            "1 for an upstream's current state (kind: up, ramping, down, unknown), 0 for the others",
+            state.clone(),
+        );
+        registry.register(
+            "upstream_check_successes",
+            "Consecutive successful active checks of an upstream",
+            check_successes.clone(),
+        );
+        registry.register(
+            "upstream_check_failures",
+            "Consecutive failed active checks of an upstream",
+            check_failures.clone(),
+        );
+        registry.register(
+            "upstream_seconds_since_state_change",
+            "Seconds since an upstream's state last changed",
+            since_change.clone(),
+        );
+        registry.register(
+            "upstream_failovers",
+            "Requests that could not be sent to an upstream and went to another, by reason (kind)",
+            failovers.clone(),
+        );
+        registry.register(
+            "retries",
+            "Attempts on another upstream after a request could not be sent",
+            retries.clone(),
         );
         Self {
             registry,
@@ -91,6 +146,12 @@ impl Metrics {
             duration,
             weight,
             healthy,
+            state,
+            check_successes,
+            check_failures,
+            since_change,
+            failovers,
+            retries,
         }
     }
 
@@ -102,15 +163,52 @@ impl Metrics {
             failures: self.failures.get_or_create_owned(&label),
             in_flight: self.in_flight.get_or_create_owned(&label),
             duration: self.duration.get_or_create_owned(&label),
+            failovers: FailoverReason::ALL.map(|reason| {
+                self.failovers.get_or_create_owned(&UpstreamKindLabel {
+                    upstream: label.upstream.clone(),
+                    kind: reason.as_str(),
+                })
+            }),
         }
     }
 
-    /// Records an upstream's configured weight and whether it may take
-    /// requests.
-    pub fn set_state(&self, addr: SocketAddr, weight: u32, healthy: bool) {
+    /// Records an upstream's configured weight.
+    pub fn set_weight(&self, addr: SocketAddr, weight: u32) {
+        self.weight
+            .get_or_create(&label(addr))
+            .set(i64::from(weight));
+    }
+
+    /// Records an upstream's health: its state (one of [`STATES`]), its
+    /// consecutive check results and the time since its state changed.
+    pub fn set_health(
+        &self,
+        addr: SocketAddr,
+        state: &str,
+        checks: &CheckRecord,
+        since_change_ms: u64,
+    ) {
         let label = label(addr);
-        self.weight.get_or_create(&label).set(i64::from(weight));
-        self.healthy.get_or_create(&label).set(i64::from(healthy));
+        let up = matches!(state, "up" | "ramping");
+        self.healthy.get_or_create(&label).set(i64::from(up));
+        for kind in STATES {
+            let series = UpstreamKindLabel {
+                upstream: label.upstream.clone(),
+                kind,
+            };
+            self.state
+                .get_or_create(&series)
+                .set(i64::from(kind == state));
+        }
+        self.check_successes
+            .get_or_create(&label)
+            .set(i64::from(checks.successes));
+        self.check_failures
+            .get_or_create(&label)
+            .set(i64::from(checks.failures));
+        self.since_change
+            .get_or_create(&label)
+            .set((since_change_ms / 1000) as i64);
     }
 
     /// The exposition, in the OpenMetrics text format that Prometheus reads.

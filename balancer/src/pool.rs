@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
+use crate::upstream::FailoverReason;
 
 /// How a pool opens and keeps connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,16 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("handshake: {0}")]
     Handshake(#[from] hyper::Error),
+}
+
+impl ConnectError {
+    /// How a failover caused by this error is counted.
+    pub fn failover_reason(&self) -> FailoverReason {
+        match self {
+            ConnectError::Timeout(_) => FailoverReason::ConnectTimeout,
+            ConnectError::Io(_) | ConnectError::Handshake(_) => FailoverReason::Connect,
+        }
+    }
 }
 
 /// The idle connections of one upstream.

@@ -16,12 +16,13 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use spike_config::balancer::ProxySettings;
 
-use crate::balance::Router;
+use crate::balance::{Peer, Router};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{self, ClientAddr};
-use crate::upstream::Upstream;
+use crate::upstream::FailoverReason;
 
 /// A reply to the client: an upstream's streamed response, or the proxy's
 /// own short reply.
@@ -32,13 +33,17 @@ pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 pub struct Proxy {
     router: Arc<Router>,
     response_timeout: Duration,
+    /// Other upstreams a request that could not be sent may try; `None`:
+    /// all of them.
+    retries: Option<u32>,
 }
 
 impl Proxy {
-    pub fn new(router: Arc<Router>, response_timeout: Duration) -> Self {
+    pub fn new(router: Arc<Router>, settings: &ProxySettings) -> Self {
         Self {
             router,
-            response_timeout,
+            response_timeout: settings.response_timeout,
+            retries: settings.retries,
         }
     }
 
@@ -80,59 +85,139 @@ impl Proxy {
         response
     }
 
+    /// Sends the request to the picked upstream and, as long as it could
+    /// not be sent there, to the next one picked without it, at most
+    /// `retries` more times.
     async fn forward(
         &self,
         req: Request<Incoming>,
         client: &ClientAddr,
     ) -> Result<(Response<ResponseBody>, SocketAddr), ProxyError> {
-        let upstream = self.router.pick().ok_or(ProxyError::NoUpstream)?;
+        let mut req = upstream_request(req, client);
+        // A request without Host (HTTP/1.0) gets its upstream's address.
+        let lacks_host = !req.headers().contains_key(HOST);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let Some(peer) = self.router.pick(&tried) else {
+                return Err(ProxyError::NoUpstream);
+            };
+            let addr = peer.upstream.addr();
+            if lacks_host {
+                req.headers_mut().insert(HOST, peer.upstream.host().clone());
+            }
+            match self.attempt(&peer, req).await {
+                Ok(response) => return Ok((response, addr)),
+                Err(Attempt::Failed(error)) => return Err(error),
+                Err(Attempt::NotSent {
+                    request,
+                    reason,
+                    error,
+                }) => {
+                    tried.push(addr);
+                    if !self.may_retry(tried.len()) {
+                        return Err(error);
+                    }
+                    peer.upstream.failed_over(reason, &error);
+                    self.router.registry().metrics().retries.inc();
+                    req = *request;
+                }
+            }
+        }
+    }
+
+    /// Whether a request that could not be sent to `tried` upstreams may try
+    /// one more.
+    fn may_retry(&self, tried: usize) -> bool {
+        let others = self.router.table().peers.len().saturating_sub(1);
+        let retries = self.retries.map_or(others, |n| n as usize);
+        tried <= retries
+    }
+
+    /// One attempt on one upstream.
+    async fn attempt(
+        &self,
+        peer: &Peer,
+        req: Request<RequestBody>,
+    ) -> Result<Response<ResponseBody>, Attempt> {
+        let upstream = &peer.upstream;
         let addr = upstream.addr();
         let in_flight = upstream.start_request();
         let mut connection = match upstream.pool.checkout().await {
-            Ok(sender) => sender,
+            Ok(connection) => connection,
             Err(source) => {
-                upstream.stats.failures.inc();
-                return Err(ProxyError::Connect {
-                    upstream: addr,
-                    source,
+                // Nothing was sent: connecting failed.
+                upstream.failed(peer.weight);
+                return Err(Attempt::NotSent {
+                    request: Box::new(req),
+                    reason: source.failover_reason(),
+                    error: ProxyError::Connect {
+                        upstream: addr,
+                        source,
+                    },
                 });
             }
         };
-        let req = upstream_request(req, &upstream, client);
-        let sent = tokio::time::timeout(self.response_timeout, connection.send_request(req)).await;
+        let sent =
+            tokio::time::timeout(self.response_timeout, connection.try_send_request(req)).await;
         let response = match sent {
             Ok(Ok(response)) => response,
-            Ok(Err(source)) => {
-                upstream.stats.failures.inc();
-                return Err(ProxyError::Upstream {
+            Ok(Err(mut err)) => {
+                if let Some(request) = err.take_message() {
+                    // The connection closed before the request went out.
+                    return Err(Attempt::NotSent {
+                        request: Box::new(request),
+                        reason: FailoverReason::Closed,
+                        error: ProxyError::Upstream {
+                            upstream: addr,
+                            source: err.into_error(),
+                        },
+                    });
+                }
+                upstream.failed(peer.weight);
+                return Err(Attempt::Failed(ProxyError::Upstream {
                     upstream: addr,
-                    source,
-                });
+                    source: err.into_error(),
+                }));
             }
             Err(_) => {
-                upstream.stats.failures.inc();
-                return Err(ProxyError::Timeout {
+                upstream.failed(peer.weight);
+                return Err(Attempt::Failed(ProxyError::Timeout {
                     upstream: addr,
                     timeout: self.response_timeout,
-                });
+                }));
             }
         };
+        if response.status().is_server_error() {
+            upstream.failed(peer.weight);
+        } else {
+            upstream.succeeded();
+        }
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_via(&mut parts.headers, parts.version);
         let body = UpstreamBody::new(body, connection, in_flight);
-        Ok((Response::from_parts(parts, Either::Left(body)), addr))
+        Ok(Response::from_parts(parts, Either::Left(body)))
     }
+}
+
+/// How an attempt on one upstream failed.
+#[derive(Debug)]
+enum Attempt {
+    /// Nothing reached the upstream: the request, handed back, may go to
+    /// another.
+    NotSent {
+        request: Box<Request<RequestBody>>,
+        reason: FailoverReason,
+        error: ProxyError,
+    },
+    /// The request may have reached the upstream: it is never sent again.
+    Failed(ProxyError),
 }
 
 /// The request as the upstream gets it: the same method, path, headers and
 /// body, in HTTP/1.1 and origin form, without hop-by-hop headers, with `Via`
-/// and `X-Forwarded-For` added, and a `Host` if the client sent none.
-fn upstream_request(
-    req: Request<Incoming>,
-    upstream: &Upstream,
-    client: &ClientAddr,
-) -> Request<RequestBody> {
+/// and `X-Forwarded-For` added.
+fn upstream_request(req: Request<Incoming>, client: &ClientAddr) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
     let received = parts.version;
     // A request in absolute form (`GET http://host/path`) keeps only its path.
@@ -148,9 +233,5 @@ fn upstream_request(
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::append_forwarded_for(&mut parts.headers, client);
     headers::add_via(&mut parts.headers, received);
-    parts
-        .headers
-        .entry(HOST)
-        .or_insert_with(|| upstream.host().clone());
     Request::from_parts(parts, body)
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::health::{HealthSettings, RawHealth};
 use crate::server::{RawServer, ServerSettings};
 use crate::source::{self, ConfigError, Source, Validator};
 
@@ -48,6 +49,8 @@ pub struct BalancerConfig {
     /// In file order, which is the order of nginx's peers: it decides ties.
     pub upstreams: Vec<UpstreamConfig>,
     pub proxy: ProxySettings,
+    /// `[health]`, the checks of every upstream without overrides.
+    pub health: HealthSettings,
     pub server: ServerSettings,
     pub log: LogSettings,
 }
@@ -58,6 +61,10 @@ pub struct UpstreamConfig {
     pub addr: SocketAddr,
     /// 0 means drained: the upstream gets no new requests.
     pub weight: u32,
+    /// A backup takes requests only while no other upstream can.
+    pub backup: bool,
+    /// `[health]` with this upstream's `[upstream.health]` applied.
+    pub health: HealthSettings,
 }
 
 /// `[proxy]`: how the balancer talks to upstreams.
@@ -67,6 +74,9 @@ pub struct ProxySettings {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_upstream: usize,
+    /// How many other upstreams a request that could not be sent may try;
+    /// `None` (the default) means all the others.
+    pub retries: Option<u32>,
 }
 
 impl Default for ProxySettings {
@@ -76,6 +86,7 @@ impl Default for ProxySettings {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             max_idle_per_upstream: DEFAULT_MAX_IDLE_PER_UPSTREAM,
+            retries: None,
         }
     }
 }
@@ -95,6 +106,7 @@ struct RawBalancerConfig {
     admin: Spanned<String>,
     upstream: Option<Spanned<Vec<RawUpstream>>>,
     proxy: Option<RawProxy>,
+    health: Option<RawHealth>,
     server: Option<RawServer>,
     log: Option<RawLog>,
 }
@@ -104,6 +116,8 @@ struct RawBalancerConfig {
 struct RawUpstream {
     addr: Spanned<String>,
     weight: Option<Spanned<i64>>,
+    backup: Option<Spanned<bool>>,
+    health: Option<RawHealth>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +127,7 @@ struct RawProxy {
     response_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_idle_per_upstream: Option<Spanned<u64>>,
+    retries: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,9 +159,10 @@ impl BalancerConfig {
             );
         }
 
+        let health = HealthSettings::default().merge(raw.health, &mut v);
         let upstreams = match raw.upstream {
             Some(list) if !list.get_ref().is_empty() => {
-                validate_upstreams(list.into_inner(), &mut v)
+                validate_upstreams(list.into_inner(), &health, &mut v)
             }
             Some(list) => {
                 v.report(list.span(), "at least one [[upstream]] is required");
@@ -170,13 +186,18 @@ impl BalancerConfig {
             admin,
             upstreams,
             proxy,
+            health,
             server,
             log,
         })
     }
 }
 
-fn validate_upstreams(raw: Vec<RawUpstream>, v: &mut Validator<'_>) -> Vec<UpstreamConfig> {
+fn validate_upstreams(
+    raw: Vec<RawUpstream>,
+    health: &HealthSettings,
+    v: &mut Validator<'_>,
+) -> Vec<UpstreamConfig> {
     let mut first_seen: HashMap<SocketAddr, usize> = HashMap::new();
     let mut upstreams = Vec::with_capacity(raw.len());
     for upstream in raw {
@@ -187,6 +208,8 @@ fn validate_upstreams(raw: Vec<RawUpstream>, v: &mut Validator<'_>) -> Vec<Upstr
             continue;
         };
         let weight = v.field(upstream.weight, DEFAULT_WEIGHT, weight);
+        let backup = v.field(upstream.backup, false, Ok);
+        let health = health.merge(upstream.health, v);
         if let Some(first) = first_seen.get(&addr) {
             v.report(
                 addr_span,
@@ -198,7 +221,12 @@ fn validate_upstreams(raw: Vec<RawUpstream>, v: &mut Validator<'_>) -> Vec<Upstr
             continue;
         }
         first_seen.insert(addr, upstreams.len());
-        upstreams.push(UpstreamConfig { addr, weight });
+        upstreams.push(UpstreamConfig {
+            addr,
+            weight,
+            backup,
+            health,
+        });
     }
     upstreams
 }
@@ -222,6 +250,11 @@ fn validate_proxy(raw: RawProxy, v: &mut Validator<'_>) -> ProxySettings {
             defaults.max_idle_per_upstream,
             |n| usize::try_from(n).map_err(|_| format!("{n} is too large")),
         ),
+        retries: v.field(raw.retries, defaults.retries, |n| {
+            u32::try_from(n)
+                .map(Some)
+                .map_err(|_| format!("{n} is too large"))
+        }),
     }
 }
 
@@ -304,6 +337,81 @@ addr = "127.0.0.1:3002"
         assert_eq!(config.proxy.idle_timeout, Duration::from_secs(5));
         assert_eq!(config.proxy.max_idle_per_upstream, 8);
         assert_eq!(config.log.access_log, Some(PathBuf::from("a.log")));
+    }
+
+    #[test]
+    fn health_checks_default_like_haproxy_and_can_differ_per_upstream() {
+        let config = parse(MINIMAL).unwrap();
+        let health = &config.upstreams[0].health;
+        assert!(health.enabled);
+        assert_eq!(health.path, "/health");
+        assert_eq!(
+            (health.interval, health.timeout),
+            (Duration::from_secs(1), Duration::from_millis(500))
+        );
+        assert_eq!((health.rise, health.fall), (2, 3));
+        assert_eq!(health.slow_start, Duration::ZERO);
+        assert!(!config.upstreams[0].backup);
+        assert_eq!(config.proxy.retries, None);
+
+        let config = parse(
+            r#"
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:8088"
+
+[health]
+interval = "200ms"
+fall = 2
+slow_start = "30s"
+max_fails = 0
+
+[proxy]
+retries = 1
+
+[[upstream]]
+addr = "127.0.0.1:3001"
+
+[upstream.health]
+path = "/ping"
+rise = 5
+
+[[upstream]]
+addr = "127.0.0.1:3002"
+backup = true
+"#,
+        )
+        .unwrap();
+        let (first, second) = (&config.upstreams[0], &config.upstreams[1]);
+        assert_eq!(first.health.path, "/ping");
+        assert_eq!((first.health.rise, first.health.fall), (5, 2));
+        assert_eq!(first.health.interval, Duration::from_millis(200));
+        assert_eq!(second.health.path, "/health");
+        assert_eq!((second.health.rise, second.health.fall), (2, 2));
+        assert_eq!(second.health.slow_start, Duration::from_secs(30));
+        assert_eq!(second.health.max_fails, 0);
+        assert!(second.backup && !first.backup);
+        assert_eq!(config.proxy.retries, Some(1));
+        assert_eq!(config.health.interval, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn bad_health_settings_are_located() {
+        let problems = messages(&format!(
+            "{MINIMAL}\n[health]\nrise = 0\npath = \"health\"\ntimeout = \"0s\"\nsurprise = 1\n"
+        ));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("unknown field `surprise`"),
+            "{problems:?}"
+        );
+        let problems = messages(&format!(
+            "{MINIMAL}\n[health]\nrise = 0\npath = \"health\"\ntimeout = \"0s\"\n"
+        ));
+        let lines: Vec<_> = problems
+            .iter()
+            .map(|p| p.split(':').nth(1).unwrap().to_owned())
+            .collect();
+        assert_eq!(lines, ["13", "14", "15"], "{problems:?}");
     }
 
     #[test]

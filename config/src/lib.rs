@@ -7,6 +7,7 @@
 //! them at once (see [`source`]).
 
 pub mod balancer;
+pub mod health;
 pub mod logging;
 pub mod node;
 pub mod server;

@@ -175,11 +175,13 @@ impl<'a> Validator<'a> {
         self.problems.push(self.source.problem(span, message));
     }
 
-    /// The validated value, or every problem found on the way to it.
-    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+    /// The validated value, or every problem found on the way to it, in
+    /// the order of the file.
+    pub fn finish<T>(mut self, value: T) -> Result<T, ConfigError> {
         if self.problems.is_empty() {
             Ok(value)
         } else {
+            self.problems.sort_by_key(|p| (p.line, p.column));
             Err(ConfigError::Invalid(self.problems))
         }
     }
@@ -200,6 +202,12 @@ pub fn duration(text: String) -> Result<std::time::Duration, String> {
             "`{text}` is not a duration such as 500ms or 2s ({err})"
         )),
     }
+}
+
+/// Parses a duration that may be zero (`0s` turns a feature off).
+pub fn duration_or_zero(text: String) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(&text)
+        .map_err(|err| format!("`{text}` is not a duration such as 500ms or 2s ({err})"))
 }
 
 /// Accepts a count of at least `min`.

@@ -31,6 +31,17 @@ pub struct Recorded {
     pub body: Bytes,
 }
 
+/// The `User-Agent` of the balancer's health checks.
+pub const HEALTH_CHECK_AGENT: &str = "spike-balancer health check";
+
+impl Recorded {
+    pub fn is_health_check(&self) -> bool {
+        self.headers
+            .get("user-agent")
+            .is_some_and(|agent| agent == HEALTH_CHECK_AGENT)
+    }
+}
+
 /// What the backend answers.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -118,11 +129,20 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    /// A backend that answers every request with `respond`.
+    /// A backend on an ephemeral port that answers every request with
+    /// `respond`.
     pub async fn start(respond: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a backend");
+        Self::serve(listener, respond)
+    }
+
+    /// A backend on `listener`; see [`Backend::start`].
+    pub fn serve(
+        listener: TcpListener,
+        respond: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let addr = listener.local_addr().expect("backend address");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let open_connections = Arc::new(AtomicUsize::new(0));
@@ -171,14 +191,26 @@ impl Backend {
         self.addr
     }
 
-    /// How many requests reached the backend.
+    /// How many requests reached the backend, health checks aside.
     pub fn hits(&self) -> usize {
-        self.requests.lock().unwrap().len()
+        self.requests().len()
     }
 
-    /// Every request that reached the backend, in order of arrival.
+    /// Every request that reached the backend, in order of arrival, health
+    /// checks aside.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.requests.lock().unwrap().clone()
+        let requests = self.requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|r| !r.is_health_check())
+            .cloned()
+            .collect()
+    }
+
+    /// How many health checks reached the backend.
+    pub fn health_checks(&self) -> usize {
+        let requests = self.requests.lock().unwrap();
+        requests.iter().filter(|r| r.is_health_check()).count()
     }
 
     /// Client connections currently open to the backend.

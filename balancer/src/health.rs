@@ -1,0 +1,581 @@
+//! Whether an upstream may take requests: active checks, passive checks and
+//! slow start.
+//!
+//! - Active checks (HAProxy's): a task per upstream probes `GET path` every
+//!   `interval`. An up upstream goes down after `fall` failed probes in a
+//!   row; a down one comes back up after `rise` good ones. A probe fails on a
+//!   connect error, a timeout, or a status outside 2xx.
+//! - Passive checks (nginx's `max_fails`, `fail_timeout`): a failure of live
+//!   traffic (connect error, timeout, 5xx) lowers the upstream's effective
+//!   weight by `weight / max_fails`, and `max_fails` of them with no success
+//!   in between make the round-robin skip the upstream for `fail_timeout`.
+//!   One request is let through after that; a success clears the count
+//!   (`ngx_http_upstream_free_round_robin_peer`).
+//! - Slow start: an upstream that comes back up ramps its weight linearly
+//!   over `slow_start`, as `weight * elapsed / slow_start` in integers,
+//!   never below 1, so even weight 1 gets requests while ramping.
+//!
+//! The state is kept in [`Health`], which takes the current time as an
+//! argument (milliseconds on a process-wide monotonic clock, [`now_ms`]):
+//! the rules are plain functions of their inputs, and the request path reads
+//! atomics only.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+use http::header::{HOST, USER_AGENT};
+use http::{HeaderValue, Request};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use spike_config::health::HealthSettings;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::Upstream;
+
+/// Milliseconds since the process's first look at the clock, on tokio's
+/// clock (which tests can pause).
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(epoch).as_millis() as u64
+}
+
+/// The state of an upstream, as the active checks see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Not checked yet (an upstream added to a running balancer): takes no
+    /// requests until `rise` probes pass.
+    Unknown,
+    Up,
+    Down,
+}
+
+impl State {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => State::Unknown,
+            1 => State::Up,
+            _ => State::Down,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            State::Unknown => 0,
+            State::Up => 1,
+            State::Down => 2,
+        }
+    }
+}
+
+/// The health of one upstream. Written by its checker task and by requests
+/// that finish on it; read by every pick.
+#[derive(Debug)]
+pub struct Health {
+    state: AtomicU8,
+    /// When the upstream last came up (for slow start), in [`now_ms`].
+    up_since: AtomicU64,
+    /// nginx's `fails`, `checked` and `accessed`: failures of live traffic
+    /// counted since the last success; when one was last counted or the
+    /// upstream last picked after its rest; when one was last counted.
+    fails: AtomicU32,
+    checked: AtomicU64,
+    accessed: AtomicU64,
+    /// What `/stats` shows of the active checks; written by the checker
+    /// only, locked for a few instructions.
+    checks: Mutex<CheckRecord>,
+}
+
+/// The recent history of the active checks.
+#[derive(Debug, Clone, Default)]
+pub struct CheckRecord {
+    /// Consecutive good probes, and consecutive failed ones (one is 0).
+    pub successes: u32,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// When the state last changed, in [`now_ms`].
+    pub changed_at: u64,
+}
+
+/// A state change decided by a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    WentUp,
+    WentDown,
+}
+
+impl Health {
+    pub fn new(initial: State, now: u64) -> Self {
+        Self {
+            state: AtomicU8::new(initial.as_u8()),
+            up_since: AtomicU64::new(0),
+            fails: AtomicU32::new(0),
+            checked: AtomicU64::new(0),
+            accessed: AtomicU64::new(0),
+            checks: Mutex::new(CheckRecord {
+                changed_at: now,
+                ..CheckRecord::default()
+            }),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn checks(&self) -> CheckRecord {
+        self.checks.lock().expect("check record lock").clone()
+    }
+
+    /// Whether the round-robin may pick this upstream at `now`: it is up,
+    /// and not resting after `max_fails` passive failures.
+    pub fn available(&self, settings: &HealthSettings, now: u64) -> bool {
+        self.state() == State::Up && !self.resting(settings, now)
+    }
+
+    fn resting(&self, settings: &HealthSettings, now: u64) -> bool {
+        settings.max_fails > 0
+            && self.fails.load(Ordering::Relaxed) >= settings.max_fails
+            && now.saturating_sub(self.checked.load(Ordering::Relaxed))
+                <= millis(settings.fail_timeout)
+    }
+
+    /// The picked upstream's rest, if over, starts its one trial request
+    /// (nginx: `checked = now` when a peer is chosen after `fail_timeout`).
+    /// Without failures there is no rest, and the settings are not read.
+    pub fn picked(&self, settings: impl FnOnce() -> Arc<HealthSettings>, now: u64) {
+        if self.fails.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let checked = self.checked.load(Ordering::Relaxed);
+        if now.saturating_sub(checked) > millis(settings().fail_timeout) {
+            self.checked.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// The weight the round-robin gives this upstream at `now`: `None` if it
+    /// may not be picked; `weight`, or less while it ramps up after coming
+    /// back. The common case, an upstream up, not ramping, with no recent
+    /// failure, reads three atomics and not the settings.
+    pub fn weight_now(
+        &self,
+        weight: u32,
+        settings: impl FnOnce() -> Arc<HealthSettings>,
+        now: u64,
+    ) -> Option<u32> {
+        if self.state() != State::Up {
+            return None;
+        }
+        if self.fails.load(Ordering::Relaxed) == 0 && self.up_since.load(Ordering::Relaxed) == 0 {
+            return Some(weight);
+        }
+        let settings = settings();
+        if self.resting(&settings, now) {
+            return None;
+        }
+        Some(self.ramped_weight(weight, &settings, now))
+    }
+
+    /// `weight`, or less while ramping up after coming back.
+    pub fn ramped_weight(&self, weight: u32, settings: &HealthSettings, now: u64) -> u32 {
+        match self.ramp(settings, now) {
+            Some((elapsed, period)) if weight > 0 => {
+                ((u64::from(weight) * elapsed / period) as u32).max(1)
+            }
+            _ => {
+                // Past the ramp: later picks need not look at it again.
+                if self.up_since.load(Ordering::Relaxed) != 0 && weight > 0 {
+                    self.up_since.store(0, Ordering::Relaxed);
+                }
+                weight
+            }
+        }
+    }
+
+    /// Whether the upstream is up and still ramping at `now`.
+    pub fn ramping(&self, settings: &HealthSettings, now: u64) -> bool {
+        self.state() == State::Up && self.ramp(settings, now).is_some()
+    }
+
+    /// `(elapsed, period)` of the slow start under way at `now`, if any.
+    fn ramp(&self, settings: &HealthSettings, now: u64) -> Option<(u64, u64)> {
+        let period = millis(settings.slow_start);
+        let up_since = self.up_since.load(Ordering::Relaxed);
+        let elapsed = now.saturating_sub(up_since);
+        (period > 0 && up_since != 0 && elapsed < period).then_some((elapsed, period))
+    }
+
+    /// Counts a failure of live traffic; returns whether it made the
+    /// upstream rest.
+    pub fn passive_failure(&self, settings: &HealthSettings, now: u64) -> bool {
+        if settings.max_fails == 0 {
+            return false;
+        }
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        self.accessed.store(now, Ordering::Relaxed);
+        self.checked.store(now, Ordering::Relaxed);
+        fails == settings.max_fails
+    }
+
+    /// Counts a success of live traffic: a request picked after the last
+    /// failure went well, so the failures are forgiven.
+    pub fn passive_success(&self) {
+        if self.accessed.load(Ordering::Relaxed) < self.checked.load(Ordering::Relaxed) {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Failures of live traffic counted since the last success.
+    pub fn passive_fails(&self) -> u32 {
+        self.fails.load(Ordering::Relaxed)
+    }
+
+    /// Records a probe's result at `now`; returns the state change it
+    /// caused, if any.
+    pub fn record_probe(
+        &self,
+        result: Result<(), String>,
+        settings: &HealthSettings,
+        now: u64,
+    ) -> Option<Transition> {
+        let mut checks = self.checks.lock().expect("check record lock");
+        let state = self.state();
+        let next = match result {
+            Ok(()) => {
+                checks.successes += 1;
+                checks.failures = 0;
+                (state != State::Up && checks.successes >= settings.rise).then_some(State::Up)
+            }
+            Err(error) => {
+                checks.failures += 1;
+                checks.successes = 0;
+                checks.last_error = Some(error);
+                (state != State::Down && checks.failures >= settings.fall).then_some(State::Down)
+            }
+        }?;
+        checks.changed_at = now;
+        if next == State::Up {
+            // Slow start counts from here; a failure count from before the
+            // upstream went down no longer says anything.
+            self.up_since.store(now.max(1), Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+        }
+        self.state.store(next.as_u8(), Ordering::Relaxed);
+        Some(if next == State::Up {
+            Transition::WentUp
+        } else {
+            Transition::WentDown
+        })
+    }
+
+    /// Marks the upstream up without probing (active checks are off).
+    pub fn assume_up(&self, now: u64) {
+        if self.state() != State::Up {
+            self.state.store(State::Up.as_u8(), Ordering::Relaxed);
+            self.checks.lock().expect("check record lock").changed_at = now;
+        }
+    }
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
+/// Probes `upstream` every interval until it is dropped or `shutdown`.
+/// Holds the upstream only weakly between probes, so it does not keep a
+/// removed upstream alive.
+pub async fn check_loop(upstream: Weak<Upstream>, shutdown: CancellationToken) {
+    loop {
+        let Some(current) = upstream.upgrade() else {
+            return;
+        };
+        let settings = current.health_settings();
+        if settings.enabled {
+            let result = probe(current.addr(), &settings).await;
+            if let Some(transition) = current.health.record_probe(result, &settings, now_ms()) {
+                log_transition(&current, transition);
+            }
+        } else {
+            current.health.assume_up(now_ms());
+        }
+        current.refresh_metrics();
+        let interval = settings.interval;
+        drop((current, settings));
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn log_transition(upstream: &Upstream, transition: Transition) {
+    match transition {
+        Transition::WentUp => tracing::info!(upstream = %upstream.addr(), "upstream is up"),
+        Transition::WentDown => tracing::warn!(
+            upstream = %upstream.addr(),
+            error = upstream.health.checks().last_error.as_deref().unwrap_or("-"),
+            "upstream is down"
+        ),
+    }
+}
+
+/// One active check: `GET path` on a new connection, within the timeout.
+pub async fn probe(addr: SocketAddr, settings: &HealthSettings) -> Result<(), String> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|err| format!("connect: {err}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|err| format!("handshake: {err}"))?;
+        let request = Request::get(settings.path.as_str())
+            .header(
+                HOST,
+                HeaderValue::try_from(addr.to_string()).expect("an address is a valid Host"),
+            )
+            .header(USER_AGENT, "spike-balancer health check")
+            .body(Empty::new())
+            .expect("a GET with a valid path");
+        let mut connection = std::pin::pin!(connection);
+        let response = tokio::select! {
+            response = sender.send_request(request) => response.map_err(|err| format!("request: {err}"))?,
+            ended = &mut connection => {
+                return Err(match ended {
+                    Ok(()) => "the connection closed".to_owned(),
+                    Err(err) => format!("connection: {err}"),
+                });
+            }
+        };
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("status {}", status.as_u16()))
+        }
+    };
+    match tokio::time::timeout(settings.timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("timed out after {:?}", settings.timeout)),
+    }
+}
+
+/// Spawns the checker of each new upstream; owned by the registry.
+#[derive(Debug, Clone)]
+pub struct Checker {
+    shutdown: CancellationToken,
+}
+
+impl Checker {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self { shutdown }
+    }
+
+    pub fn watch(&self, upstream: &Arc<Upstream>) {
+        tokio::spawn(check_loop(Arc::downgrade(upstream), self.shutdown.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::pool::PoolSettings;
+    use crate::upstream::Registry;
+
+    fn settings() -> HealthSettings {
+        HealthSettings {
+            rise: 2,
+            fall: 3,
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(10),
+            slow_start: Duration::from_secs(10),
+            ..HealthSettings::default()
+        }
+    }
+
+    const FAIL: fn() -> Result<(), String> = || Err("status 500".to_owned());
+
+    #[test]
+    fn fall_failed_probes_in_a_row_take_it_down_and_rise_good_ones_bring_it_back() {
+        let (health, s) = (Health::new(State::Up, 0), settings());
+        assert_eq!(health.record_probe(FAIL(), &s, 1), None);
+        assert_eq!(health.record_probe(FAIL(), &s, 2), None);
+        // A success in between starts the count over.
+        assert_eq!(health.record_probe(Ok(()), &s, 3), None);
+        assert_eq!(health.record_probe(FAIL(), &s, 4), None);
+        assert_eq!(health.record_probe(FAIL(), &s, 5), None);
+        assert_eq!(
+            health.record_probe(FAIL(), &s, 6),
+            Some(Transition::WentDown)
+        );
+        assert!(!health.available(&s, 7));
+        assert_eq!(health.checks().last_error.as_deref(), Some("status 500"));
+        assert_eq!(health.checks().changed_at, 6);
+
+        assert_eq!(health.record_probe(Ok(()), &s, 8), None);
+        assert_eq!(health.record_probe(Ok(()), &s, 9), Some(Transition::WentUp));
+        assert!(health.available(&s, 10));
+        assert_eq!(health.checks().successes, 2);
+    }
+
+    #[test]
+    fn an_unknown_upstream_serves_only_after_rise_probes() {
+        let (health, s) = (Health::new(State::Unknown, 0), settings());
+        assert!(!health.available(&s, 1));
+        health.record_probe(Ok(()), &s, 1);
+        assert!(!health.available(&s, 2));
+        assert_eq!(health.record_probe(Ok(()), &s, 2), Some(Transition::WentUp));
+        assert!(health.available(&s, 3));
+    }
+
+    #[test]
+    fn max_fails_rest_the_upstream_for_fail_timeout_then_one_trial() {
+        let (health, s) = (Health::new(State::Up, 0), settings());
+        assert!(!health.passive_failure(&s, 1_000));
+        assert!(health.available(&s, 1_000));
+        assert!(health.passive_failure(&s, 1_500));
+        assert!(!health.available(&s, 1_501));
+        assert!(!health.available(&s, 11_500));
+        // The rest is over: a trial request may go.
+        assert!(health.available(&s, 11_501));
+        health.picked(|| Arc::new(settings()), 11_501);
+        // While the trial is out, the upstream rests again.
+        assert!(!health.available(&s, 11_502));
+        // The trial succeeded: the failures are forgiven.
+        health.passive_success();
+        assert_eq!(health.passive_fails(), 0);
+        assert!(health.available(&s, 11_503));
+    }
+
+    #[test]
+    fn a_trial_that_fails_rests_the_upstream_again() {
+        let (health, s) = (Health::new(State::Up, 0), settings());
+        health.passive_failure(&s, 0);
+        health.passive_failure(&s, 0);
+        health.picked(|| Arc::new(settings()), 10_001);
+        health.passive_failure(&s, 10_002);
+        assert!(!health.available(&s, 15_000));
+        health.passive_success();
+        assert_eq!(
+            health.passive_fails(),
+            3,
+            "a later failure is not forgiven by an earlier success"
+        );
+    }
+
+    #[test]
+    fn slow_start_ramps_linearly_in_integers_and_never_starves_weight_1() {
+        let (health, s) = (Health::new(State::Down, 0), settings());
+        health.record_probe(Ok(()), &s, 1_000);
+        health.record_probe(Ok(()), &s, 2_000);
+        // Time only moves forward: each look is later than the one before.
+        assert_eq!(health.ramped_weight(1, &s, 2_000), 1);
+        assert_eq!(health.ramped_weight(4, &s, 2_001), 1);
+        assert_eq!(health.ramped_weight(4, &s, 4_500), 1);
+        assert!(health.ramping(&s, 5_000));
+        assert_eq!(health.ramped_weight(4, &s, 7_000), 2);
+        assert_eq!(health.ramped_weight(4, &s, 11_999), 3);
+        assert!(!health.ramping(&s, 12_000));
+        assert_eq!(health.ramped_weight(4, &s, 12_000), 4);
+        let no_ramp = HealthSettings {
+            slow_start: Duration::ZERO,
+            ..settings()
+        };
+        assert_eq!(health.ramped_weight(4, &no_ramp, 2_000), 4);
+    }
+
+    #[test]
+    fn weight_now_skips_what_may_not_be_picked() {
+        let s = Arc::new(settings());
+        let health = Health::new(State::Up, 0);
+        assert_eq!(health.weight_now(3, || Arc::clone(&s), 5), Some(3));
+        health.passive_failure(&s, 10);
+        health.passive_failure(&s, 10);
+        assert_eq!(health.weight_now(3, || Arc::clone(&s), 20), None);
+        assert_eq!(
+            Health::new(State::Down, 0).weight_now(3, || Arc::clone(&s), 5),
+            None
+        );
+        assert_eq!(
+            Health::new(State::Unknown, 0).weight_now(3, || Arc::clone(&s), 5),
+            None
+        );
+    }
+
+    /// A server that answers every request with 200.
+    async fn serve_ok(listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_checker_probes_on_its_interval_down_after_fall_up_after_rise() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let pool = PoolSettings {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_idle: 1,
+        };
+        let registry = Registry::new(
+            Arc::new(Metrics::new()),
+            pool,
+            Some(Checker::new(shutdown.clone())),
+        );
+        let settings = HealthSettings {
+            interval: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            ..HealthSettings::default()
+        };
+        let upstream = registry.get_or_create(addr, 1, &settings, State::Up);
+
+        // Probes at 0s, 1s and 2s find nothing listening.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(upstream.health.state(), State::Up);
+        assert_eq!(upstream.health.checks().failures, 2);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(upstream.health.state(), State::Down);
+        assert!(
+            upstream
+                .health
+                .checks()
+                .last_error
+                .unwrap()
+                .starts_with("connect")
+        );
+
+        // A server appears; probes at 3s and 4s bring the upstream back.
+        let server = tokio::spawn(serve_ok(tokio::net::TcpListener::bind(addr).await.unwrap()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(upstream.health.state(), State::Down);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(upstream.health.state(), State::Up);
+        assert_eq!(upstream.health.checks().successes, 2);
+
+        shutdown.cancel();
+        server.abort();
+    }
+}
