@@ -40,6 +40,47 @@ wait_port() {
   return 1
 }
 
+# start_static_backends COUNT: one nginx (1 worker) answering 200 "ok" on
+# COUNT loopback ports, without an access log; sets backend_ports and
+# backends_pid.
+start_static_backends() {
+  local port
+  backend_ports=()
+  for _ in $(seq 1 "$1"); do backend_ports+=("$(free_port)"); done
+  {
+    echo "worker_processes 1; daemon off; pid $work/backends.pid; error_log $work/backends-error.log;"
+    echo "events { worker_connections 4096; }"
+    echo "http { access_log off; keepalive_requests 100000000;"
+    for port in "${backend_ports[@]}"; do
+      echo "  server { listen 127.0.0.1:$port; location / { return 200 'ok'; } }"
+    done
+    echo "}"
+  } >"$work/backends.conf"
+  nginx -c "$work/backends.conf" -e "$work/backends-error.log" &
+  backends_pid=$!
+  pids+=("$backends_pid")
+  for port in "${backend_ports[@]}"; do wait_port "$port"; done
+}
+
+# The balancer's settings that turn its health checks off, active and
+# passive.
+CHECKS_OFF=$'[health]\nenabled = false\nmax_fails = 0'
+
+# write_balancer_config FILE PORT EXTRA_TOML: a balancer.toml listening on
+# PORT with the backends of start_static_backends, weighted 1, 2, 3...
+write_balancer_config() {
+  local file=$1 port=$2 extra=$3 weight=1 backend
+  {
+    echo "listen = \"127.0.0.1:$port\""
+    echo "admin = \"127.0.0.1:$(free_port)\""
+    for backend in "${backend_ports[@]}"; do
+      printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$backend" "$weight"
+      weight=$((weight + 1))
+    done
+    printf '\n%s\n' "$extra"
+  } >"$file"
+}
+
 # Prints the CPU time (user + system) of the given pids, in clock ticks.
 cpu_ticks() {
   local total=0 pid fields

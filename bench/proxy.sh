@@ -6,7 +6,8 @@
 #
 # - backends: one nginx (1 worker) answering a fixed 200 on four ports;
 # - direct: wrk straight at one backend, the ceiling;
-# - spike: this balancer, weights 1-4, WORKERS runtime threads;
+# - spike: this balancer, weights 1-4, WORKERS runtime threads, health
+#   checks on (as shipped); "spike, checks off" the same without them;
 # - nginx: `upstream` with weight=1..4, WORKERS worker processes, keepalive
 #   to the backends;
 # - haproxy: `balance roundrobin`, weight 1..4, WORKERS threads, connection
@@ -32,37 +33,22 @@ cargo build --release --quiet --bin balancer
 
 make_workdir
 
-backend_ports=()
-for _ in 1 2 3 4; do backend_ports+=("$(free_port)"); done
-{
-  echo "worker_processes 1; daemon off; pid $work/backends.pid; error_log $work/backends-error.log;"
-  echo "events { worker_connections 4096; }"
-  echo "http { access_log off; keepalive_requests 100000000;"
-  for port in "${backend_ports[@]}"; do
-    echo "  server { listen 127.0.0.1:$port; location / { return 200 'ok'; } }"
-  done
-  echo "}"
-} >"$work/backends.conf"
-nginx -c "$work/backends.conf" -e "$work/backends-error.log" &
-pids+=($!)
-for port in "${backend_ports[@]}"; do wait_port "$port"; done
+start_static_backends 4
 
-# This balancer.
-spike_port=$(free_port)
-{
-  echo "listen = \"127.0.0.1:$spike_port\""
-  echo "admin = \"127.0.0.1:$(free_port)\""
-  weight=1
-  for port in "${backend_ports[@]}"; do
-    printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$port" "$weight"
-    weight=$((weight + 1))
-  done
-  printf '\n[server]\nworkers = %s\n' "$WORKERS"
-} >"$work/balancer.toml"
-RUST_LOG=warn target/release/balancer --config "$work/balancer.toml" >/dev/null &
-spike_pid=$!
-pids+=("$spike_pid")
-wait_port "$spike_port"
+# This balancer, with its health checks (as shipped), and without: active
+# checks off and max_fails = 0.
+# start_spike NAME EXTRA_TOML: sets spike_port and spike_pid.
+start_spike() {
+  spike_port=$(free_port)
+  write_balancer_config "$work/$1.toml" "$spike_port" "$(printf '[server]\nworkers = %s\n%s' "$WORKERS" "$2")"
+  RUST_LOG=warn target/release/balancer --config "$work/$1.toml" >/dev/null &
+  spike_pid=$!
+  pids+=("$spike_pid")
+  wait_port "$spike_port"
+}
+start_spike unchecked "$CHECKS_OFF"
+unchecked_port=$spike_port unchecked_pid=$spike_pid
+start_spike spike ""
 
 # nginx as a proxy.
 nginx_port=$(free_port)
@@ -120,20 +106,25 @@ echo "Machine: $(machine)"
 echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3)"
 echo "wrk -t${THREADS:-1} -c$CONNECTIONS -d${DURATION}s, median of $RUNS interleaved runs; $WORKERS workers per proxy"
 echo
-printf '| %-16s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
-printf '|%s|%s|%s|%s|%s|\n' ------------------ ------------ ---------- ---------- ----------------
+printf '| %-17s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
+printf '|%s|%s|%s|%s|%s|\n' ------------------- ------------ ---------- ---------- ----------------
 
-compare "direct|http://127.0.0.1:${backend_ports[0]}/|${pids[0]}" \
+compare "direct|http://127.0.0.1:${backend_ports[0]}/|$backends_pid" \
   "spike|http://127.0.0.1:$spike_port/|$spike_pid" \
+  "spike, checks off|http://127.0.0.1:$unchecked_port/|$unchecked_pid" \
   "nginx|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_pid")" \
   "haproxy|http://127.0.0.1:$haproxy_port/|$haproxy_pid"
-for name in direct spike nginx haproxy; do
+for name in direct spike "spike, checks off" nginx haproxy; do
   read -r rps p50 p99 cpu <<<"${MEDIANS[$name]}"
   [ "$name" = direct ] && cpu=-
-  printf '| %-16s | %10.0f | %8.2f | %8.2f | %14s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+  printf '| %-17s | %10.0f | %8.2f | %8.2f | %14s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
 done
 echo
 read -r s_rps _ s_p99 s_cpu <<<"${MEDIANS[spike]}"
+read -r _ _ _ u_cpu <<<"${MEDIANS[spike, checks off]}"
+awk -v on="$s_cpu" -v off="$u_cpu" 'BEGIN {
+  printf "health checks on / off: CPU per request %+.1f%% (wall clock, noisy; bench/health_cost.sh counts instructions)\n", (on / off - 1) * 100
+}'
 for name in nginx haproxy; do
   read -r rps _ p99 cpu <<<"${MEDIANS[$name]}"
   awk -v name="$name" -v sc="$s_cpu" -v oc="$cpu" -v sr="$s_rps" -v or="$rps" -v sp="$s_p99" -v op="$p99" 'BEGIN {
