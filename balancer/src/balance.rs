@@ -22,9 +22,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use spike_config::balancer::UpstreamConfig;
+use spike_config::balancer::{ProxySettings, UpstreamConfig};
 
 use crate::health::{State, now_ms};
+use crate::pool::PoolSettings;
 use crate::upstream::{Registry, Upstream};
 
 /// An upstream as one routing table sees it.
@@ -36,27 +37,49 @@ pub struct Peer {
     pub backup: bool,
 }
 
-/// One immutable routing table: the peers in file order.
+/// One immutable routing table: the peers in file order, and how requests
+/// routed by it are sent.
 #[derive(Debug)]
 pub struct Table {
     pub peers: Vec<Peer>,
+    pub proxy: ProxySettings,
+}
+
+impl Table {
+    /// The peer of the upstream at `addr`.
+    pub fn peer(&self, addr: SocketAddr) -> Option<&Peer> {
+        self.peers.iter().find(|peer| peer.upstream.addr() == addr)
+    }
+
+    /// Whether `other` routes to the same upstreams with the same weights.
+    fn same_weights(&self, other: &Table) -> bool {
+        self.peers.len() == other.peers.len()
+            && self.peers.iter().zip(&other.peers).all(|(a, b)| {
+                a.upstream.addr() == b.upstream.addr()
+                    && a.weight == b.weight
+                    && a.backup == b.backup
+            })
+    }
 }
 
 /// The current routing table and the state of the smooth round-robin.
 #[derive(Debug)]
 pub struct Router {
     table: ArcSwap<Table>,
-    /// Serialises picks. The state it guards is the `current_weight` and
-    /// `effective_weight` of the upstreams, which live in the upstreams
-    /// themselves so that they outlast any one table. Held for one loop
-    /// over the peers, never across an `.await`.
+    /// Serialises picks and table changes. The state it guards is the
+    /// `current_weight` and `effective_weight` of the upstreams, which live
+    /// in the upstreams themselves so that they outlast any one table, and
+    /// which table is current. Held for one loop over the peers, never
+    /// across an `.await`.
     pick_lock: Mutex<()>,
     registry: Registry,
 }
 
 impl Router {
-    pub fn new(upstreams: &[UpstreamConfig], registry: Registry) -> Self {
-        let table = build_table(upstreams, &registry, State::Up);
+    /// A router over the upstreams of the configuration the balancer starts
+    /// with, all taken to be up until their checks say otherwise.
+    pub fn new(upstreams: &[UpstreamConfig], proxy: &ProxySettings, registry: Registry) -> Self {
+        let table = build_table(upstreams, proxy, &registry, |_| State::Up);
         Self {
             table: ArcSwap::from_pointee(table),
             pick_lock: Mutex::new(()),
@@ -64,9 +87,37 @@ impl Router {
         }
     }
 
+    /// Makes a table of `upstreams` current, from the next pick on.
+    /// Upstreams it keeps keep their state; a new one starts unknown (it
+    /// serves once its checks pass), or up if its checks are off. If the
+    /// weights changed, the round-robin starts over, so that every window
+    /// of the new weights' sum holds each upstream exactly its weight from
+    /// the first pick; otherwise it goes on where it was.
+    pub fn install(&self, upstreams: &[UpstreamConfig], proxy: &ProxySettings) {
+        let table = build_table(upstreams, proxy, &self.registry, |config| {
+            if config.health.enabled {
+                State::Unknown
+            } else {
+                State::Up
+            }
+        });
+        let _picking = self.pick_lock.lock().expect("pick lock");
+        if !table.same_weights(&self.table.load()) {
+            for peer in &table.peers {
+                peer.upstream.current_weight.store(0, Ordering::Relaxed);
+            }
+        }
+        self.table.store(Arc::new(table));
+    }
+
     /// The current routing table.
     pub fn table(&self) -> Arc<Table> {
         self.table.load_full()
+    }
+
+    /// The current routing table, for a quick look: hold the guard briefly.
+    pub fn current(&self) -> arc_swap::Guard<Arc<Table>> {
+        self.table.load()
     }
 
     pub fn registry(&self) -> &Registry {
@@ -77,9 +128,11 @@ impl Router {
     /// take requests and are not in `tried`: a primary if any can, else a
     /// backup. `None` when none can.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Peer> {
-        let table = self.table.load();
         let now = now_ms();
         let _picking = self.pick_lock.lock().expect("pick lock");
+        // Loaded under the lock: a pick never mixes the state of one table
+        // with the weights of another.
+        let table = self.table.load();
         let peer = pick(&table.peers, false, tried, now)
             .or_else(|| pick(&table.peers, true, tried, now))?;
         let upstream = &peer.upstream;
@@ -88,12 +141,17 @@ impl Router {
     }
 }
 
-fn build_table(upstreams: &[UpstreamConfig], registry: &Registry, initial: State) -> Table {
+fn build_table(
+    upstreams: &[UpstreamConfig],
+    proxy: &ProxySettings,
+    registry: &Registry,
+    initial: impl Fn(&UpstreamConfig) -> State,
+) -> Table {
+    let pool = PoolSettings::from(proxy);
     let peers = upstreams
         .iter()
         .map(|config| {
-            let upstream =
-                registry.get_or_create(config.addr, config.weight, &config.health, initial);
+            let upstream = registry.get_or_create(config, pool, initial(config));
             registry.metrics().set_weight(config.addr, config.weight);
             upstream.refresh_metrics();
             Peer {
@@ -103,7 +161,10 @@ fn build_table(upstreams: &[UpstreamConfig], registry: &Registry, initial: State
             }
         })
         .collect();
-    Table { peers }
+    Table {
+        peers,
+        proxy: proxy.clone(),
+    }
 }
 
 /// nginx's pick, over the peers of the kind `backup` that may take the
@@ -156,16 +217,14 @@ fn pick<'a>(peers: &'a [Peer], backup: bool, tried: &[SocketAddr], now: u64) -> 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::time::Duration;
 
     use spike_config::health::HealthSettings;
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::pool::PoolSettings;
 
-    fn router(weights: &[u32]) -> Router {
-        let upstreams: Vec<_> = weights
+    fn upstreams(weights: &[u32]) -> Vec<UpstreamConfig> {
+        weights
             .iter()
             .enumerate()
             .map(|(i, &weight)| UpstreamConfig {
@@ -174,16 +233,12 @@ mod tests {
                 backup: false,
                 health: HealthSettings::default(),
             })
-            .collect();
-        let pool = PoolSettings {
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            max_idle: 1,
-        };
-        Router::new(
-            &upstreams,
-            Registry::new(Arc::new(Metrics::new()), pool, None),
-        )
+            .collect()
+    }
+
+    fn router(weights: &[u32]) -> Router {
+        let registry = Registry::new(Arc::new(Metrics::new()), None);
+        Router::new(&upstreams(weights), &ProxySettings::default(), registry)
     }
 
     /// The letter of each pick: `a` for the first upstream, `b` for the next...
@@ -245,5 +300,43 @@ mod tests {
         }
         let counts: Vec<_> = (3001..=3004).map(|port| counts[&port]).collect();
         assert_eq!(counts, [1_000, 2_000, 3_000, 4_000]);
+    }
+
+    #[test]
+    fn new_weights_hold_exactly_from_the_first_pick_after_install() {
+        let router = router(&[1, 2, 3, 4]);
+        // Leave the round-robin mid-window.
+        picks(&router, 7);
+        router.install(&upstreams(&[4, 3, 2, 1]), &ProxySettings::default());
+        let sequence = picks(&router, 1_000);
+        for window in sequence.as_bytes().chunks(10) {
+            let mut counts = [0; 4];
+            for letter in window {
+                counts[usize::from(letter - b'a')] += 1;
+            }
+            assert_eq!(counts, [4, 3, 2, 1]);
+        }
+    }
+
+    #[test]
+    fn unchanged_weights_keep_the_round_robin_going() {
+        let router = router(&[5, 1, 1]);
+        let before = picks(&router, 3);
+        router.install(&upstreams(&[5, 1, 1]), &ProxySettings::default());
+        assert_eq!(before + &picks(&router, 11), "aabacaaaabacaa");
+    }
+
+    #[test]
+    fn kept_upstreams_keep_their_state_and_new_ones_wait_for_their_checks() {
+        let router = router(&[1, 1]);
+        let first = Arc::clone(&router.table().peers[0].upstream);
+        first.stats.requests.inc();
+        router.install(&upstreams(&[1, 1, 1]), &ProxySettings::default());
+        let table = router.table();
+        assert!(Arc::ptr_eq(&first, &table.peers[0].upstream));
+        assert_eq!(table.peers[0].upstream.stats.requests.get(), 1);
+        assert_eq!(table.peers[2].upstream.health.state(), State::Unknown);
+        // Until it passes its checks, the new upstream gets nothing.
+        assert_eq!(picks(&router, 6), "ababab");
     }
 }

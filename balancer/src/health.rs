@@ -388,6 +388,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use spike_config::balancer::{ProxySettings, UpstreamConfig};
+
     use crate::metrics::Metrics;
     use crate::pool::PoolSettings;
     use crate::upstream::Registry;
@@ -534,23 +536,23 @@ mod tests {
             .local_addr()
             .unwrap();
         let shutdown = CancellationToken::new();
-        let pool = PoolSettings {
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            max_idle: 1,
-        };
         let registry = Registry::new(
             Arc::new(Metrics::new()),
-            pool,
             Some(Checker::new(shutdown.clone())),
         );
-        let settings = HealthSettings {
-            interval: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            ..HealthSettings::default()
+        let config = UpstreamConfig {
+            addr,
+            weight: 1,
+            backup: false,
+            health: HealthSettings {
+                interval: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+                ..HealthSettings::default()
+            },
         };
-        let upstream = registry.get_or_create(addr, 1, &settings, State::Up);
+        let pool = PoolSettings::from(&ProxySettings::default());
+        let upstream = registry.get_or_create(&config, pool, State::Up);
 
         // Probes at 0s, 1s and 2s find nothing listening.
         tokio::time::sleep(Duration::from_millis(1_500)).await;

@@ -5,8 +5,10 @@
 //! over a connection from the upstream's [`pool`] ([`headers`] rewrites what
 //! a proxy must, [`body`] streams the bodies, [`error`] maps failures to
 //! replies), [`upstream`] keeps each upstream's state and [`metrics`] its
-//! series, and [`admin`] serves `/stats` and `/metrics` on a listener of its
-//! own. [`run`] ties them together.
+//! series, [`health`] decides who may take requests, [`reload`] applies
+//! changes to the configuration while it runs, and [`admin`] serves
+//! `/stats`, `/metrics` and runtime changes on a listener of its own.
+//! [`Balancer`] ties them together.
 
 pub mod admin;
 pub mod balance;
@@ -17,14 +19,15 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use spike_config::BalancerConfig;
-use spike_config::server::serve;
+use spike_config::server::{ServerSettings, serve};
+use spike_config::{BalancerConfig, Source};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -33,8 +36,8 @@ use crate::balance::Router;
 use crate::headers::ClientAddr;
 use crate::health::Checker;
 use crate::metrics::Metrics;
-use crate::pool::PoolSettings;
 use crate::proxy::Proxy;
+use crate::reload::{Control, Triggers};
 
 /// The balancer's two listeners, bound by the caller.
 #[derive(Debug)]
@@ -45,59 +48,89 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Serves the proxy and the admin interface until `shutdown` is cancelled,
-/// then lets requests in flight finish.
-pub async fn run(listeners: Listeners, config: &BalancerConfig, shutdown: CancellationToken) {
-    let pool = PoolSettings {
-        connect_timeout: config.proxy.connect_timeout,
-        idle_timeout: config.proxy.idle_timeout,
-        max_idle: config.proxy.max_idle_per_upstream,
-    };
-    let checker = Checker::new(shutdown.clone());
-    let registry = upstream::Registry::new(Arc::new(Metrics::new()), pool, Some(checker));
-    let router = Arc::new(Router::new(&config.upstreams, registry));
-    let proxy = Arc::new(Proxy::new(Arc::clone(&router), &config.proxy));
-    tokio::spawn(evict_idle_connections(
-        Arc::clone(&router),
-        pool.idle_timeout,
-        shutdown.clone(),
-    ));
-    let admin = Arc::new(Admin::new(router));
+/// A balancer ready to serve: its routing table, health checks and watch
+/// on its configuration are set up.
+#[derive(Debug)]
+pub struct Balancer {
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    server: ServerSettings,
+    shutdown: CancellationToken,
+}
 
-    let proxying = serve(
-        listeners.proxy,
-        &config.server,
-        shutdown.clone(),
-        |client| {
+impl Balancer {
+    /// Sets up the balancer of `config`, read from `source`, until
+    /// `shutdown`: from the moment this returns, changes to the file and
+    /// SIGHUP are applied. Must run inside the runtime.
+    pub fn new(
+        source: &Source,
+        config: BalancerConfig,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
+        let triggers = Triggers::new(source.path())?;
+        let checker = Checker::new(shutdown.clone());
+        let registry = upstream::Registry::new(Arc::new(Metrics::new()), Some(checker));
+        let router = Arc::new(Router::new(&config.upstreams, &config.proxy, registry));
+        let server = config.server.clone();
+        let access_log = config.log.access_log.is_some();
+        let control = Arc::new(Control::new(
+            Arc::clone(&router),
+            source.path().to_owned(),
+            config,
+            source.text().to_owned(),
+        ));
+        tokio::spawn(reload::watch(
+            Arc::clone(&control),
+            triggers,
+            shutdown.clone(),
+        ));
+        tokio::spawn(evict_idle_connections(
+            Arc::clone(&router),
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            proxy: Arc::new(Proxy::new(router, access_log)),
+            admin: Arc::new(Admin::new(control)),
+            server,
+            shutdown,
+        })
+    }
+
+    /// Serves the proxy and the admin interface until shutdown, then lets
+    /// requests in flight finish.
+    pub async fn serve(self, listeners: Listeners) {
+        let Self {
+            proxy,
+            admin,
+            server,
+            shutdown,
+        } = self;
+        let proxying = serve(listeners.proxy, &server, shutdown.clone(), |client| {
             let proxy = Arc::clone(&proxy);
             let client = Arc::new(ClientAddr::new(client));
             service_fn(move |req| {
                 let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
             })
-        },
-    );
-    let administering = serve(listeners.admin, &config.server, shutdown, |_| {
-        let admin = Arc::clone(&admin);
-        service_fn(move |req| {
+        });
+        let administering = serve(listeners.admin, &server, shutdown, |_| {
             let admin = Arc::clone(&admin);
-            async move { admin.handle(req).await }
-        })
-    });
-    tokio::join!(proxying, administering);
+            service_fn(move |req| {
+                let admin = Arc::clone(&admin);
+                async move { admin.handle(req).await }
+            })
+        });
+        tokio::join!(proxying, administering);
+    }
 }
 
-/// Closes pooled connections idle for longer than `idle_timeout`, checking
+/// Closes pooled connections idle for longer than the idle timeout, checking
 /// twice per period, until `shutdown`.
-async fn evict_idle_connections(
-    router: Arc<Router>,
-    idle_timeout: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval((idle_timeout / 2).max(Duration::from_millis(100)));
+async fn evict_idle_connections(router: Arc<Router>, shutdown: CancellationToken) {
     loop {
+        let idle_timeout = router.table().proxy.idle_timeout;
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep((idle_timeout / 2).max(Duration::from_millis(100))) => {}
             _ = shutdown.cancelled() => return,
         }
         for peer in &router.table().peers {

@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use balancer::Balancer;
 use clap::Parser;
-use spike_config::BalancerConfig;
 use spike_config::logging::{self, RequestLog};
 use spike_config::server;
+use spike_config::{BalancerConfig, Source};
 use tokio::net::TcpListener;
 
 /// An HTTP/1 reverse proxy that spreads requests over weighted upstreams
@@ -32,7 +33,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = BalancerConfig::load(&cli.config)?;
+    let source = Source::read(&cli.config)?;
+    let config = BalancerConfig::from_source(&source)?;
     let access_log = config.log.access_log.clone().map(|path| RequestLog {
         target: "access",
         path,
@@ -48,17 +50,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             proxy: bind(config.listen).await?,
             admin: bind(config.admin).await?,
         };
+        let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
+        let upstreams = config.upstreams.len();
+        let (listen, admin) = (config.listen, config.admin);
+        let balancer = Balancer::new(&source, config, shutdown)
+            .with_context(|| format!("cannot watch {}", source.path().display()))?;
         // Tools that start the balancer on port 0 read the addresses here.
         println!("proxy listening on {}", listeners.proxy.local_addr()?);
         println!("admin listening on {}", listeners.admin.local_addr()?);
-        tracing::info!(
-            upstreams = config.upstreams.len(),
-            listen = %config.listen,
-            admin = %config.admin,
-            "balancing"
-        );
-        let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
-        balancer::run(listeners, &config, shutdown).await;
+        tracing::info!(upstreams, %listen, %admin, "balancing");
+        balancer.serve(listeners).await;
         Ok(())
     })
 }

@@ -172,6 +172,35 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of the upstream at `addr`.
+    pub fn forget(&self, addr: SocketAddr) {
+        let label = label(addr);
+        self.requests.remove(&label);
+        self.failures.remove(&label);
+        self.in_flight.remove(&label);
+        self.duration.remove(&label);
+        self.weight.remove(&label);
+        self.healthy.remove(&label);
+        self.check_successes.remove(&label);
+        self.check_failures.remove(&label);
+        self.since_change.remove(&label);
+        let kinds = |kinds: &[&'static str]| {
+            kinds
+                .iter()
+                .map(|&kind| UpstreamKindLabel {
+                    upstream: label.upstream.clone(),
+                    kind,
+                })
+                .collect::<Vec<_>>()
+        };
+        for series in kinds(&STATES) {
+            self.state.remove(&series);
+        }
+        for series in kinds(&FailoverReason::ALL.map(FailoverReason::as_str)) {
+            self.failovers.remove(&series);
+        }
+    }
+
     /// Records an upstream's configured weight.
     pub fn set_weight(&self, addr: SocketAddr, weight: u32) {
         self.weight

@@ -15,12 +15,15 @@
 //!   response body that ends on it.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use spike_config::balancer::ProxySettings;
 
 use crate::body::RequestBody;
 use crate::upstream::FailoverReason;
@@ -32,6 +35,16 @@ pub struct PoolSettings {
     /// Idle connections older than this are closed, not reused.
     pub idle_timeout: Duration,
     pub max_idle: usize,
+}
+
+impl From<&ProxySettings> for PoolSettings {
+    fn from(proxy: &ProxySettings) -> Self {
+        Self {
+            connect_timeout: proxy.connect_timeout,
+            idle_timeout: proxy.idle_timeout,
+            max_idle: proxy.max_idle_per_upstream,
+        }
+    }
 }
 
 /// Why no connection to the upstream could be had. Nothing was sent.
@@ -59,7 +72,8 @@ impl ConnectError {
 #[derive(Debug)]
 pub struct ConnectionPool {
     addr: SocketAddr,
-    settings: PoolSettings,
+    /// From the configuration in force; a reload replaces them.
+    settings: ArcSwap<PoolSettings>,
     /// Held only to push or pop; never across an `.await`.
     idle: Mutex<Vec<Idle>>,
 }
@@ -74,16 +88,24 @@ impl ConnectionPool {
     pub fn new(addr: SocketAddr, settings: PoolSettings) -> Self {
         Self {
             addr,
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Applies the settings of a new configuration.
+    pub fn configure(&self, settings: PoolSettings) {
+        if **self.settings.load() != settings {
+            self.settings.store(Arc::new(settings));
         }
     }
 
     /// A connection ready to send a request: the most recently used idle
     /// one that is still open, or a new one.
     pub async fn checkout(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+        let settings = self.settings.load_full();
         while let Some(mut idle) = self.pop() {
-            if idle.since.elapsed() > self.settings.idle_timeout || idle.sender.is_closed() {
+            if idle.since.elapsed() > settings.idle_timeout || idle.sender.is_closed() {
                 continue;
             }
             // A connection returned as its response ended may still be
@@ -93,7 +115,7 @@ impl ConnectionPool {
                 return Ok(idle.sender);
             }
         }
-        self.connect().await
+        self.connect(settings.connect_timeout).await
     }
 
     /// Returns a connection whose exchange has ended.
@@ -101,8 +123,9 @@ impl ConnectionPool {
         if sender.is_closed() {
             return;
         }
+        let max_idle = self.settings.load().max_idle;
         let mut idle = self.idle.lock().expect("pool lock");
-        if idle.len() < self.settings.max_idle {
+        if idle.len() < max_idle {
             idle.push(Idle {
                 sender,
                 since: Instant::now(),
@@ -113,7 +136,7 @@ impl ConnectionPool {
     /// Closes the connections that have been idle longer than the idle
     /// timeout, or that the upstream closed.
     pub fn evict_expired(&self) {
-        let timeout = self.settings.idle_timeout;
+        let timeout = self.settings.load().idle_timeout;
         let mut idle = self.idle.lock().expect("pool lock");
         idle.retain(|conn| conn.since.elapsed() <= timeout && !conn.sender.is_closed());
     }
@@ -127,8 +150,7 @@ impl ConnectionPool {
         self.idle.lock().expect("pool lock").pop()
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
-        let timeout = self.settings.connect_timeout;
+    async fn connect(&self, timeout: Duration) -> Result<SendRequest<RequestBody>, ConnectError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??;

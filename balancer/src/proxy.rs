@@ -16,7 +16,6 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use spike_config::balancer::ProxySettings;
 
 use crate::balance::{Peer, Router};
 use crate::body::{RequestBody, UpstreamBody};
@@ -32,19 +31,16 @@ pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 #[derive(Debug)]
 pub struct Proxy {
     router: Arc<Router>,
-    response_timeout: Duration,
-    /// Other upstreams a request that could not be sent may try; `None`:
-    /// all of them.
-    retries: Option<u32>,
+    /// Whether to write the access log's line for each request. Decided
+    /// once: asking `tracing` per request (`enabled!`) would cost a callsite
+    /// check and, with per-layer filters, leave a filter state behind that
+    /// hides the thread's next event from the other layers.
+    access_log: bool,
 }
 
 impl Proxy {
-    pub fn new(router: Arc<Router>, settings: &ProxySettings) -> Self {
-        Self {
-            router,
-            response_timeout: settings.response_timeout,
-            retries: settings.retries,
-        }
+    pub fn new(router: Arc<Router>, access_log: bool) -> Self {
+        Self { router, access_log }
     }
 
     /// Proxies one request from `client`, answering with the upstream's
@@ -55,7 +51,7 @@ impl Proxy {
         client: &ClientAddr,
     ) -> Response<ResponseBody> {
         // What the access log needs of the request, copied only when it is on.
-        let logged = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+        let logged = self.access_log.then(|| {
             (
                 req.method().clone(),
                 req.uri().path().to_owned(),
@@ -93,6 +89,11 @@ impl Proxy {
         req: Request<Incoming>,
         client: &ClientAddr,
     ) -> Result<(Response<ResponseBody>, SocketAddr), ProxyError> {
+        // `[proxy]` of the configuration in force.
+        let (response_timeout, retries) = {
+            let table = self.router.current();
+            (table.proxy.response_timeout, table.proxy.retries)
+        };
         let mut req = upstream_request(req, client);
         // A request without Host (HTTP/1.0) gets its upstream's address.
         let lacks_host = !req.headers().contains_key(HOST);
@@ -105,7 +106,7 @@ impl Proxy {
             if lacks_host {
                 req.headers_mut().insert(HOST, peer.upstream.host().clone());
             }
-            match self.attempt(&peer, req).await {
+            match self.attempt(&peer, req, response_timeout).await {
                 Ok(response) => return Ok((response, addr)),
                 Err(Attempt::Failed(error)) => return Err(error),
                 Err(Attempt::NotSent {
@@ -114,7 +115,7 @@ impl Proxy {
                     error,
                 }) => {
                     tried.push(addr);
-                    if !self.may_retry(tried.len()) {
+                    if !self.may_retry(tried.len(), retries) {
                         return Err(error);
                     }
                     peer.upstream.failed_over(reason, &error);
@@ -127,10 +128,9 @@ impl Proxy {
 
     /// Whether a request that could not be sent to `tried` upstreams may try
     /// one more.
-    fn may_retry(&self, tried: usize) -> bool {
-        let others = self.router.table().peers.len().saturating_sub(1);
-        let retries = self.retries.map_or(others, |n| n as usize);
-        tried <= retries
+    fn may_retry(&self, tried: usize, retries: Option<u32>) -> bool {
+        let others = self.router.current().peers.len().saturating_sub(1);
+        tried <= retries.map_or(others, |n| n as usize)
     }
 
     /// One attempt on one upstream.
@@ -138,6 +138,7 @@ impl Proxy {
         &self,
         peer: &Peer,
         req: Request<RequestBody>,
+        response_timeout: Duration,
     ) -> Result<Response<ResponseBody>, Attempt> {
         let upstream = &peer.upstream;
         let addr = upstream.addr();
@@ -157,8 +158,7 @@ impl Proxy {
                 });
             }
         };
-        let sent =
-            tokio::time::timeout(self.response_timeout, connection.try_send_request(req)).await;
+        let sent = tokio::time::timeout(response_timeout, connection.try_send_request(req)).await;
         let response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(mut err)) => {
@@ -183,7 +183,7 @@ impl Proxy {
                 upstream.failed(peer.weight);
                 return Err(Attempt::Failed(ProxyError::Timeout {
                     upstream: addr,
-                    timeout: self.response_timeout,
+                    timeout: response_timeout,
                 }));
             }
         };

@@ -18,6 +18,7 @@ use http::HeaderValue;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use spike_config::balancer::UpstreamConfig;
 use spike_config::health::HealthSettings;
 
 use crate::health::{Checker, Health, State, now_ms};
@@ -180,6 +181,13 @@ impl Upstream {
     }
 }
 
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // Gone from every table and done with its last request.
+        self.metrics.forget(self.addr);
+    }
+}
+
 /// A request in flight on an upstream.
 #[derive(Debug)]
 pub struct InFlight {
@@ -208,35 +216,37 @@ impl Drop for InFlight {
 pub struct Registry {
     upstreams: Mutex<HashMap<SocketAddr, Weak<Upstream>>>,
     metrics: Arc<Metrics>,
-    pool: PoolSettings,
     /// Starts the active checks of each new upstream; none in unit tests.
     checker: Option<Checker>,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>, pool: PoolSettings, checker: Option<Checker>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, checker: Option<Checker>) -> Self {
         Self {
             upstreams: Mutex::new(HashMap::new()),
             metrics,
-            pool,
             checker,
         }
     }
 
-    /// The upstream at `addr` with these checks, created in state `initial`
-    /// if none is alive, with `weight` as its effective weight.
+    /// The upstream of `config` with these pool settings: the one alive at
+    /// its address, given the new settings, or a new one in state
+    /// `initial`.
     pub fn get_or_create(
         &self,
-        addr: SocketAddr,
-        weight: u32,
-        health: &HealthSettings,
+        config: &UpstreamConfig,
+        pool: PoolSettings,
         initial: State,
     ) -> Arc<Upstream> {
+        let (addr, weight, health) = (config.addr, config.weight, &config.health);
         let upstream = {
             // Held only for a map lookup or insert; never across an await.
             let mut upstreams = self.upstreams.lock().expect("upstream registry lock");
             if let Some(upstream) = upstreams.get(&addr).and_then(Weak::upgrade) {
-                upstream.health_settings.store(Arc::new(health.clone()));
+                if *upstream.health_settings.load_full() != *health {
+                    upstream.health_settings.store(Arc::new(health.clone()));
+                }
+                upstream.pool.configure(pool);
                 return upstream;
             }
             let upstream = Arc::new(Upstream {
@@ -248,7 +258,7 @@ impl Registry {
                 health: Health::new(initial, now_ms()),
                 health_settings: ArcSwap::from_pointee(health.clone()),
                 stats: self.metrics.upstream(addr),
-                pool: ConnectionPool::new(addr, self.pool),
+                pool: ConnectionPool::new(addr, pool),
                 metrics: Arc::clone(&self.metrics),
             });
             upstreams.retain(|_, upstream| upstream.strong_count() > 0);
