@@ -390,3 +390,43 @@ async fn every_purchase_writes_a_stat_line() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_purchases_in_flight_finish_then_exits_0() {
+    let Cluster {
+        redis,
+        dir: _dir,
+        mut nodes,
+    } = Cluster::start(RedisServer::start(), 10, 10, 1).await;
+    // Purchases that wait on a frozen Redis for up to its timeout.
+    redis.pause();
+    let client = Client::new();
+    let purchases: Vec<_> = (0..5)
+        .map(|i| {
+            let (client, url) = (
+                client.clone(),
+                nodes[0].url(&format!("/buy/ticket?user=late-{i}")),
+            );
+            tokio::spawn(async move { client.get(&url).await })
+        })
+        .collect();
+    wait_until_async("the purchases to be in flight", READY, || async {
+        stats(&nodes[0]).await["requests"] == 5
+    })
+    .await;
+
+    nodes[0].signal(nix::sys::signal::Signal::SIGTERM);
+    for purchase in purchases {
+        let reply = purchase.await.unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["error"], "store_unavailable");
+    }
+    let status = nodes[0].wait(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    redis.resume();
+}

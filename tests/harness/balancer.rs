@@ -49,6 +49,19 @@ impl Balancer {
         self.dir.path().join("balancer.toml")
     }
 
+    /// Replaces the configuration file as most editors save: a new file
+    /// written beside it, then renamed over it.
+    pub fn replace_config(&self, text: &str) {
+        let staged = self.dir.path().join(".balancer.toml.new");
+        std::fs::write(&staged, text).expect("write the new configuration");
+        std::fs::rename(&staged, self.config_path()).expect("rename it over the old one");
+    }
+
+    /// Rewrites the configuration file in place.
+    pub fn rewrite_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).expect("rewrite the configuration");
+    }
+
     /// A directory that lives as long as the balancer, for its logs.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
