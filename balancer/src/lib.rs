@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod cli;
 pub mod error;
 pub mod headers;
 pub mod health;

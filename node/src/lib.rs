@@ -7,6 +7,7 @@
 //! decides whether a ticket is sold. [`sale`] ties the two together,
 //! [`http`] answers requests and [`server`] runs the listener.
 
+pub mod cli;
 pub mod http;
 pub mod sale;
 pub mod server;

@@ -1,0 +1,173 @@
+//! The `node` command line: serve a ticket node, or inspect and reset a
+//! sale in Redis. The binary is this module's [`main`]; `spike` runs it too.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use spike_config::NodeConfig;
+use spike_config::logging::{self, RequestLog};
+use spike_config::server;
+use tokio::net::TcpListener;
+
+use crate::store::Store;
+
+/// A ticket node of the spike flash sale: sells from a local stock first and
+/// the global stock in Redis second.
+#[derive(Debug, Parser)]
+#[command(name = "node", version)]
+struct Cli {
+    /// The node's TOML file; without it, every setting has its default.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Redis URL, overriding `redis_url`.
+    #[arg(long, global = true, value_name = "URL")]
+    redis: Option<String>,
+    /// The sale, overriding `event`.
+    #[arg(long, global = true)]
+    event: Option<String>,
+    /// Address to serve on, overriding `listen`.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Tickets this node may sell, overriding `local_stock`.
+    #[arg(long, value_name = "N")]
+    local_stock: Option<u64>,
+    /// The node's name in orders and logs, overriding `name`.
+    #[arg(long)]
+    name: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the sale over: nothing sold, no buyers, no orders.
+    Reset {
+        /// Tickets in the new sale (default: the config's total_stock).
+        #[arg(long, value_name = "N")]
+        total: Option<u64>,
+    },
+    /// Print the sale's state as JSON.
+    Status,
+}
+
+/// Runs the `node` command line on `args` (the first is the program's name).
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = Cli::parse_from(args);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("node: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = match &cli.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(url) = cli.redis {
+        config.redis_url = url;
+    }
+    if let Some(event) = cli.event {
+        config.event =
+            spike_config::node::name_like("--event", event).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(local_stock) = cli.local_stock {
+        config.local_stock = local_stock;
+    }
+    if let Some(name) = cli.name {
+        config.name =
+            Some(spike_config::node::name_like("--name", name).map_err(anyhow::Error::msg)?);
+    }
+    let runtime = config
+        .server
+        .runtime()
+        .context("cannot start the runtime")?;
+    match cli.command {
+        None => runtime.block_on(serve(config)),
+        Some(Command::Status) => runtime.block_on(status(&config)),
+        Some(Command::Reset { total }) => {
+            runtime.block_on(reset(&config, total.unwrap_or(config.total_stock)))
+        }
+    }
+}
+
+async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+    let stat_log = config.stat_log.clone().map(|path| RequestLog {
+        target: "stat",
+        path,
+    });
+    let _log = logging::init("stat", stat_log.as_ref()).context("cannot open the stat log")?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // The one line on standard output: tools that start the node on port 0
+    // read the address from it.
+    println!("listening on {}", listener.local_addr()?);
+
+    let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
+    crate::run(listener, &config, shutdown).await?;
+    Ok(())
+}
+
+fn store(config: &NodeConfig) -> anyhow::Result<Store> {
+    Store::new(&config.redis_url, &config.event, config.redis_timeout)
+        .with_context(|| format!("invalid Redis URL {}", config.redis_url))
+}
+
+/// What `node status` prints.
+#[derive(Debug, serde::Serialize)]
+struct Status<'a> {
+    event: &'a str,
+    total: u64,
+    sold: u64,
+    remaining: u64,
+    orders: u64,
+}
+
+async fn status(config: &NodeConfig) -> anyhow::Result<()> {
+    let state = store(config)?
+        .state()
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", config.redis_url))?;
+    let Some(total) = state.total else {
+        bail!(
+            "no sale `{}` in Redis at {}: start a node or run `node reset`",
+            config.event,
+            config.redis_url
+        );
+    };
+    let status = Status {
+        event: &config.event,
+        total,
+        sold: state.sold,
+        remaining: total.saturating_sub(state.sold),
+        orders: state.orders,
+    };
+    println!("{}", serde_json::to_string(&status)?);
+    Ok(())
+}
+
+async fn reset(config: &NodeConfig, total: u64) -> anyhow::Result<()> {
+    if total == 0 {
+        bail!("--total must be at least 1");
+    }
+    let state = store(config)?
+        .reset(total)
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", config.redis_url))?;
+    eprintln!(
+        "sale `{}` started over with {total} tickets (epoch {})",
+        config.event, state.epoch
+    );
+    Ok(())
+}
