@@ -62,6 +62,36 @@ start_static_backends() {
   for port in "${backend_ports[@]}"; do wait_port "$port"; done
 }
 
+# start_nginx_proxy WORKERS PORT...: nginx as a weighted round-robin proxy
+# (weights 1, 2, 3... in the order of the PORTs), with keep-alive to them and
+# no access log, on a free port; sets nginx_port and nginx_pid.
+start_nginx_proxy() {
+  local workers=$1 weight=1 port
+  shift
+  nginx_port=$(free_port)
+  {
+    echo "worker_processes $workers; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
+    echo "worker_rlimit_nofile 20000;"
+    echo "events { worker_connections 8192; }"
+    echo "http { access_log off; keepalive_requests 100000000;"
+    echo "  upstream nodes {"
+    for port in "$@"; do
+      echo "    server 127.0.0.1:$port weight=$weight;"
+      weight=$((weight + 1))
+    done
+    echo "    keepalive 1024;"
+    echo "  }"
+    echo "  server { listen 127.0.0.1:$nginx_port;"
+    echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+    echo "  }"
+    echo "}"
+  } >"$work/nginx.conf"
+  nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" &
+  nginx_pid=$!
+  pids+=("$nginx_pid")
+  wait_port "$nginx_port"
+}
+
 # The balancer's settings that turn its health checks off, active and
 # passive.
 CHECKS_OFF=$'[health]\nenabled = false\nmax_fails = 0'

@@ -51,28 +51,7 @@ unchecked_port=$spike_port unchecked_pid=$spike_pid
 start_spike spike ""
 
 # nginx as a proxy.
-nginx_port=$(free_port)
-{
-  echo "worker_processes $WORKERS; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
-  echo "events { worker_connections 4096; }"
-  echo "http { access_log off; keepalive_requests 100000000;"
-  echo "  upstream nodes {"
-  weight=1
-  for port in "${backend_ports[@]}"; do
-    echo "    server 127.0.0.1:$port weight=$weight;"
-    weight=$((weight + 1))
-  done
-  echo "    keepalive 256;"
-  echo "  }"
-  echo "  server { listen 127.0.0.1:$nginx_port;"
-  echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
-  echo "  }"
-  echo "}"
-} >"$work/nginx.conf"
-nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" &
-nginx_pid=$!
-pids+=("$nginx_pid")
-wait_port "$nginx_port"
+start_nginx_proxy "$WORKERS" "${backend_ports[@]}"
 
 # HAProxy.
 haproxy_port=$(free_port)

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -63,13 +63,14 @@ fn build_binaries() -> Result<PathBuf, String> {
 }
 
 /// A running binary of the workspace that announced `listening on ADDR` on
-/// its standard output. Its standard error goes to a file the test can read.
-/// Killed on drop.
+/// its standard output. Every line of its standard output is kept; its
+/// standard error goes to a file the test can read. Killed on drop.
 #[derive(Debug)]
 pub struct Process {
     child: Child,
     /// Every address the process announced, in order.
     addrs: Vec<SocketAddr>,
+    stdout: Arc<Mutex<Vec<String>>>,
     log: NamedTempFile,
 }
 
@@ -92,38 +93,65 @@ impl Process {
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
         let stdout = child.stdout.take().expect("piped stdout");
-        let (lines, announced) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    break;
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        std::thread::spawn({
+            let lines = Arc::clone(&lines);
+            move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
                 }
             }
         });
         let mut process = Self {
             child,
             addrs: Vec::new(),
+            stdout: lines,
             log,
         };
         let deadline = Instant::now() + START_TIMEOUT;
-        while process.addrs.len() < listeners {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match announced.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some((_, addr)) = line.split_once("listening on ") {
-                        process
-                            .addrs
-                            .push(addr.trim().parse().expect("announced address"));
-                    }
-                }
-                Err(_) => panic!(
-                    "{command:?} announced {} of {listeners} listeners; its log:\n{}",
-                    process.addrs.len(),
-                    process.log()
-                ),
+        loop {
+            process.addrs = process
+                .stdout()
+                .iter()
+                .filter_map(|line| line.split_once("listening on "))
+                .map(|(_, addr)| addr.trim().parse().expect("announced address"))
+                .collect();
+            if process.addrs.len() >= listeners {
+                return process;
             }
+            if Instant::now() > deadline || process.child.try_wait().ok().flatten().is_some() {
+                panic!(
+                    "{command:?} announced {} of {listeners} listeners; its output:\n{}\nits log:\n{}",
+                    process.addrs.len(),
+                    process.stdout().join("\n"),
+                    process.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        process
+    }
+
+    /// Every line it has written to standard output so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for a line of standard output that contains
+    /// `text`, and returns it.
+    pub fn wait_for_line(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.stdout().into_iter().find(|line| line.contains(text)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {text:?} within {timeout:?}; output:\n{}\nlog:\n{}",
+                self.stdout().join("\n"),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The first announced address.

@@ -1,8 +1,10 @@
 //! A real `redis-server`, owned by one test.
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -159,12 +161,20 @@ fn ping(url: &str) -> bool {
         .is_ok()
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, and that no other call in
+/// this test process has returned (tests run in parallel: two of them must
+/// not plan on the same port).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("bind an ephemeral port")
+            .port();
+        if HANDED_OUT.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The sale's fields and collection sizes, read straight from Redis.

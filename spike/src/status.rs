@@ -1,0 +1,273 @@
+//! The state of a sale, from Redis (the truth about tickets) and from the
+//! balancer's admin API (the traffic per node), as the live status line and
+//! as the summary that `spike status` and a stopping `spike up` print.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use node::store::Store;
+
+use crate::plan::Plan;
+
+/// How long a look at Redis or the admin API may take.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One look at the sale.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// `None` when Redis did not answer or holds no such sale.
+    pub sale: Option<Sale>,
+    /// `None` when the balancer did not answer.
+    pub upstreams: Option<Vec<UpstreamView>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sale {
+    pub total: u64,
+    pub sold: u64,
+    pub orders: u64,
+}
+
+/// One upstream as the balancer's `/stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamView {
+    pub addr: SocketAddr,
+    pub weight: u64,
+    pub requests: u64,
+    pub state: String,
+}
+
+/// Reads the sale and the traffic.
+#[derive(Debug)]
+pub struct Observer {
+    store: Store,
+    admin: SocketAddr,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Observer {
+    pub fn new(plan: &Plan) -> anyhow::Result<Self> {
+        let store = Store::new(&plan.node.redis_url, &plan.node.event, LOOK_TIMEOUT)?;
+        Ok(Self {
+            store,
+            admin: plan.balancer.admin,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Waits until the node at `addr` answers its health check and has
+    /// reached Redis.
+    pub async fn wait_for_node(&self, addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let health = self.get_json(&format!("http://{addr}/health")).await;
+            if health.is_some_and(|h| h["redis"] == "up") {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("no healthy answer from {addr} within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn get_json(&self, url: &str) -> Option<serde_json::Value> {
+        let response = tokio::time::timeout(LOOK_TIMEOUT, self.client.get(url.parse().ok()?))
+            .await
+            .ok()?
+            .ok()?;
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        serde_json::from_slice(&body).ok()
+    }
+
+    pub async fn look(&self) -> Snapshot {
+        let (sale, upstreams) = tokio::join!(self.sale(), self.upstreams());
+        Snapshot { sale, upstreams }
+    }
+
+    async fn sale(&self) -> Option<Sale> {
+        let state = self.store.state().await.ok()?;
+        Some(Sale {
+            total: state.total?,
+            sold: state.sold,
+            orders: state.orders,
+        })
+    }
+
+    async fn upstreams(&self) -> Option<Vec<UpstreamView>> {
+        let stats = self
+            .get_json(&format!("http://{}/stats", self.admin))
+            .await?;
+        stats["upstreams"]
+            .as_array()?
+            .iter()
+            .map(|u| {
+                Some(UpstreamView {
+                    addr: u["addr"].as_str()?.parse().ok()?,
+                    weight: u["weight"].as_u64()?,
+                    requests: u["requests"].as_u64()?,
+                    state: u["state"].as_str()?.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Snapshot {
+    /// Requests the balancer has routed, over all upstreams.
+    pub fn requests(&self) -> Option<u64> {
+        self.upstreams
+            .as_ref()
+            .map(|upstreams| upstreams.iter().map(|u| u.requests).sum())
+    }
+
+    /// One line: tickets sold, requests per second (from `previous`, taken
+    /// `elapsed` earlier), and each node's share of the traffic against its
+    /// weight's, with its health.
+    pub fn line(&self, previous: Option<&Snapshot>, elapsed: Duration) -> String {
+        let mut line = match self.sale {
+            Some(sale) => format!("sold {}/{}", sale.sold, sale.total),
+            None => "sale: redis does not answer".to_owned(),
+        };
+        match (self.requests(), previous.and_then(Snapshot::requests)) {
+            (Some(now), Some(before)) if elapsed > Duration::ZERO => {
+                let rate = now.saturating_sub(before) as f64 / elapsed.as_secs_f64();
+                let _ = write!(line, " | {rate:.0} req/s");
+            }
+            _ => {}
+        }
+        match &self.upstreams {
+            None => line.push_str(" | balancer does not answer"),
+            Some(upstreams) => {
+                let (requests, weights) = totals(upstreams);
+                for u in upstreams {
+                    let _ = write!(
+                        line,
+                        " | {} {} {:.0}%/{:.0}%",
+                        u.addr.port(),
+                        u.state,
+                        percent(u.requests, requests),
+                        percent(u.weight, weights),
+                    );
+                }
+            }
+        }
+        line
+    }
+
+    /// The summary: tickets sold of the total, orders in the stream,
+    /// oversold (which must be 0), requests per node against its weight.
+    pub fn summary(&self) -> String {
+        let mut text = String::new();
+        match self.sale {
+            Some(sale) => {
+                let oversold = sale.sold.max(sale.orders).saturating_sub(sale.total);
+                let _ = writeln!(text, "tickets sold: {} of {}", sale.sold, sale.total);
+                let _ = writeln!(text, "orders in the stream: {}", sale.orders);
+                let _ = writeln!(text, "oversold: {oversold}");
+            }
+            None => text.push_str("sale: Redis does not answer, or holds no such sale\n"),
+        }
+        match &self.upstreams {
+            None => text.push_str("requests per node: the balancer does not answer\n"),
+            Some(upstreams) => {
+                let (requests, weights) = totals(upstreams);
+                let _ = writeln!(
+                    text,
+                    "requests per node (share of requests / share of weight):"
+                );
+                for u in upstreams {
+                    let _ = writeln!(
+                        text,
+                        "  node-{} {:>10} {:>6.2}% / {:>6.2}%  weight {}, {}",
+                        u.addr.port(),
+                        u.requests,
+                        percent(u.requests, requests),
+                        percent(u.weight, weights),
+                        u.weight,
+                        u.state,
+                    );
+                }
+            }
+        }
+        text
+    }
+}
+
+fn totals(upstreams: &[UpstreamView]) -> (u64, u64) {
+    (
+        upstreams.iter().map(|u| u.requests).sum(),
+        upstreams.iter().map(|u| u.weight).sum(),
+    )
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let view = |port, weight, requests, state: &str| UpstreamView {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            requests,
+            state: state.to_owned(),
+        };
+        Snapshot {
+            sale: Some(Sale {
+                total: 100,
+                sold: 40,
+                orders: 40,
+            }),
+            upstreams: Some(vec![view(3001, 1, 250, "up"), view(3002, 3, 750, "down")]),
+        }
+    }
+
+    #[test]
+    fn the_line_shows_sales_rate_and_shares() {
+        let mut before = snapshot();
+        before.upstreams.as_mut().unwrap()[0].requests = 50;
+        let line = snapshot().line(Some(&before), Duration::from_secs(2));
+        assert_eq!(
+            line,
+            "sold 40/100 | 100 req/s | 3001 up 25%/25% | 3002 down 75%/75%"
+        );
+    }
+
+    #[test]
+    fn the_summary_counts_oversold_tickets() {
+        let summary = snapshot().summary();
+        assert!(
+            summary.contains("tickets sold: 40 of 100\norders in the stream: 40\noversold: 0\n"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("node-3002        750  75.00% /  75.00%  weight 3, down"),
+            "{summary}"
+        );
+        let mut over = snapshot();
+        over.sale = Some(Sale {
+            total: 100,
+            sold: 101,
+            orders: 101,
+        });
+        assert!(over.summary().contains("oversold: 1\n"));
+    }
+}

@@ -1,0 +1,302 @@
+//! `spike up`: start the whole sale, watch it, stop it in order.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use spike_config::server::ServerSettings;
+
+use crate::children::{Launch, Running};
+use crate::plan::Plan;
+use crate::status::{Observer, Snapshot};
+
+/// What `spike up` was asked to do.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub config_dir: PathBuf,
+    /// Where the children's logs go.
+    pub log_dir: PathBuf,
+    /// Start the sale over instead of joining a running one.
+    pub reset: bool,
+    /// Tickets in a new sale (default: `total_stock` of node.toml).
+    pub total: Option<u64>,
+    /// Restart a node that dies.
+    pub restart_nodes: bool,
+}
+
+/// How long a node may take to reach Redis once it listens.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The children, in the order they were started.
+#[derive(Debug, Default)]
+struct Cluster {
+    redis: Option<Running>,
+    nodes: Vec<Running>,
+    balancer: Option<Running>,
+}
+
+/// Starts the sale of `options`, watches it until `shutdown`, then stops it
+/// and prints the summary.
+pub async fn up(options: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let plan = Plan::read(&options.config_dir, options.total)?;
+    plan.check_ports()?;
+    std::fs::create_dir_all(&options.log_dir)
+        .with_context(|| format!("cannot create {}", options.log_dir.display()))?;
+    for addr in &plan.remote {
+        println!("upstream {addr} is not on this machine: not started here");
+    }
+    let mut cluster = Cluster::default();
+    let observer = Observer::new(&plan)?;
+    let started = tokio::select! {
+        result = start(&plan, &options, &observer, &mut cluster) => result,
+        _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(err) = started {
+        cluster.stop_serving(&plan).await;
+        cluster.stop_redis().await;
+        return Err(err);
+    }
+    let watched = watch(&plan, &options, &observer, &mut cluster, &shutdown).await;
+    // The traffic while the balancer still answers; the tickets once no
+    // node sells any more, before a Redis of spike's own goes.
+    let traffic = observer.look().await.upstreams;
+    cluster.stop_serving(&plan).await;
+    let sale = observer.look().await.sale;
+    cluster.stop_redis().await;
+    let summary = Snapshot {
+        sale,
+        upstreams: traffic,
+    };
+    println!("stopped\n{}", summary.summary());
+    watched
+}
+
+async fn start(
+    plan: &Plan,
+    options: &UpOptions,
+    observer: &Observer,
+    cluster: &mut Cluster,
+) -> anyhow::Result<()> {
+    let url = &plan.node.redis_url;
+    cluster.redis = crate::redis::ensure(url, &options.log_dir).await?;
+    match &cluster.redis {
+        Some(redis) => println!(
+            "no Redis answered at {url}: started redis-server (pid {}), in memory only; it stops with spike",
+            redis.pid
+        ),
+        None => println!("using the Redis at {url}"),
+    }
+
+    let store = observer.store();
+    if options.reset {
+        store
+            .reset(plan.total)
+            .await
+            .context("cannot reset the sale")?;
+        println!(
+            "sale `{}` started over with {} tickets",
+            plan.node.event, plan.total
+        );
+    } else if store
+        .ensure_sale(plan.total)
+        .await
+        .context("cannot create the sale")?
+    {
+        println!(
+            "sale `{}` created with {} tickets",
+            plan.node.event, plan.total
+        );
+    } else {
+        let state = store.state().await.context("cannot read the sale")?;
+        println!(
+            "sale `{}` exists: {} of {} tickets sold (spike up --reset starts it over)",
+            plan.node.event,
+            state.sold,
+            state.total.unwrap_or(0)
+        );
+    }
+
+    for node in &plan.nodes {
+        let launch = node_launch(plan, node, options)?;
+        let running = launch.start().await?;
+        println!(
+            "started {} on {} (pid {}, local stock {})",
+            node.name, node.addr, running.pid, node.local_stock
+        );
+        cluster.nodes.push(running);
+    }
+    for node in &plan.nodes {
+        observer
+            .wait_for_node(node.addr, READY_TIMEOUT)
+            .await
+            .with_context(|| format!("{} did not reach Redis", node.name))?;
+    }
+
+    let launch = Launch::myself(
+        "balancer",
+        "balancer",
+        vec![
+            OsString::from("--config"),
+            plan.balancer_file.clone().into(),
+        ],
+        &options.log_dir,
+        2,
+    )?;
+    let balancer = launch.start().await?;
+    println!(
+        "started the balancer on {} (pid {}); admin on {}",
+        balancer.addrs[0], balancer.pid, balancer.addrs[1]
+    );
+    let proxy = balancer.addrs[0];
+    cluster.balancer = Some(balancer);
+    println!("logs in {}", options.log_dir.display());
+    println!("ready: ab -k -l -n 1000000 -c 1000 http://{proxy}/buy/ticket");
+    Ok(())
+}
+
+fn node_launch(
+    plan: &Plan,
+    node: &crate::plan::NodePlan,
+    options: &UpOptions,
+) -> anyhow::Result<Launch> {
+    let args = [
+        "--config".into(),
+        plan.node_file.clone().into_os_string(),
+        "--listen".into(),
+        node.addr.to_string().into(),
+        "--name".into(),
+        node.name.clone().into(),
+        "--local-stock".into(),
+        node.local_stock.to_string().into(),
+    ];
+    Launch::myself(&node.name, "node", args.to_vec(), &options.log_dir, 1)
+}
+
+/// Shows the sale while it runs, and handles children that exit, until
+/// shutdown (or the balancer's death, an error).
+async fn watch(
+    plan: &Plan,
+    options: &UpOptions,
+    observer: &Observer,
+    cluster: &mut Cluster,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let terminal = std::io::stdout().is_terminal();
+    let period = if terminal {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(2)
+    };
+    let bar = terminal.then(|| {
+        let bar = ProgressBar::new(plan.total);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {msg}")
+                .expect("a valid template")
+                .progress_chars("##-"),
+        );
+        bar
+    });
+    let mut previous: Option<(Snapshot, Instant)> = None;
+    let mut printed = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        if let Some(status) = cluster.balancer.as_mut().and_then(Running::exited) {
+            anyhow::bail!("the balancer exited ({status}); stopping");
+        }
+        for node in &mut cluster.nodes {
+            if let Some(status) = node.exited() {
+                let name = node.launch.name.clone();
+                let note = if options.restart_nodes {
+                    "restarting it"
+                } else {
+                    "the others go on selling"
+                };
+                report(&bar, &format!("{name} exited ({status}); {note}"));
+                if options.restart_nodes {
+                    match node.launch.start().await {
+                        Ok(restarted) => {
+                            report(&bar, &format!("restarted {name} (pid {})", restarted.pid));
+                            *node = restarted;
+                        }
+                        Err(err) => report(&bar, &format!("cannot restart {name}: {err:#}")),
+                    }
+                }
+            }
+        }
+        if let Some(redis) = cluster.redis.as_mut()
+            && let Some(status) = redis.exited()
+        {
+            report(
+                &bar,
+                &format!("redis-server exited ({status}); purchases fail until a Redis answers"),
+            );
+            cluster.redis = None;
+        }
+        // Dead nodes are reported once.
+        cluster
+            .nodes
+            .retain_mut(|node| node.exited().is_none() || options.restart_nodes);
+
+        let now = observer.look().await;
+        let line = match &previous {
+            Some((before, at)) => now.line(Some(before), at.elapsed()),
+            None => now.line(None, Duration::ZERO),
+        };
+        match &bar {
+            Some(bar) => {
+                bar.set_position(now.sale.map_or(0, |s| s.sold));
+                bar.set_message(line);
+            }
+            None if line != printed => {
+                println!("{line}");
+                printed = line;
+            }
+            None => {}
+        }
+        previous = Some((now, Instant::now()));
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(())
+}
+
+fn report(bar: &Option<ProgressBar>, message: &str) {
+    match bar {
+        Some(bar) => bar.println(message),
+        None => println!("{message}"),
+    }
+}
+
+impl Cluster {
+    /// Stops the balancer, then the nodes, each gracefully.
+    async fn stop_serving(&mut self, plan: &Plan) {
+        let grace = |server: &ServerSettings| server.shutdown_grace + Duration::from_secs(1);
+        if let Some(balancer) = self.balancer.as_mut() {
+            balancer.terminate();
+            balancer.wait(grace(&plan.balancer.server)).await;
+        }
+        for node in &mut self.nodes {
+            node.terminate();
+        }
+        for node in &mut self.nodes {
+            node.wait(grace(&plan.node.server)).await;
+        }
+    }
+
+    /// Stops the Redis spike started, if it did.
+    async fn stop_redis(&mut self) {
+        if let Some(redis) = self.redis.as_mut() {
+            redis.terminate();
+            redis.wait(Duration::from_secs(5)).await;
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `spike up` for real: it starts Redis (or uses the test's), the nodes and
+//! the balancer as processes, `ab` buys through it, and after SIGTERM not
+//! one of its processes is left.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use spike_tests::ab::ab;
+use spike_tests::process::{Process, run};
+use spike_tests::redis::{RedisServer, free_port, sale_in_redis};
+use spike_tests::wait_until;
+use tempfile::TempDir;
+
+const WEIGHTS: [u32; 4] = [1, 2, 3, 4];
+const STARTED: Duration = Duration::from_secs(30);
+const STOPPED: Duration = Duration::from_secs(30);
+
+/// A configuration directory on free ports: four upstreams weighted 1 to
+/// 4, a sale of `total` tickets at `redis_url`.
+struct ConfigDir {
+    dir: TempDir,
+    proxy: String,
+}
+
+impl ConfigDir {
+    fn new(redis_url: &str, total: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("node.toml"),
+            format!(
+                "redis_url = \"{redis_url}\"\ntotal_stock = {total}\nstat_log = \"\"\nsync_interval = \"50ms\"\n\n\
+                 [server]\nshutdown_grace = \"2s\"\n"
+            ),
+        )
+        .unwrap();
+        let proxy = format!("127.0.0.1:{}", free_port());
+        let mut balancer = format!(
+            "listen = \"{proxy}\"\nadmin = \"127.0.0.1:{}\"\n\n[health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\n\n\
+             [server]\nshutdown_grace = \"2s\"\n",
+            free_port()
+        );
+        for weight in WEIGHTS {
+            balancer.push_str(&format!(
+                "\n[[upstream]]\naddr = \"127.0.0.1:{}\"\nweight = {weight}\n",
+                free_port()
+            ));
+        }
+        std::fs::write(dir.path().join("balancer.toml"), balancer).unwrap();
+        Self { dir, proxy }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn arg(&self) -> &str {
+        self.path().to_str().unwrap()
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        self.path().join("log")
+    }
+
+    fn buy_url(&self) -> String {
+        format!("http://{}/buy/ticket", self.proxy)
+    }
+}
+
+fn spike_up(config: &ConfigDir, extra: &[&str]) -> Process {
+    let log_dir = config.log_dir();
+    let mut args = vec![
+        "up",
+        "--config-dir",
+        config.arg(),
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let spike = Process::start("spike", &args, 0);
+    spike.wait_for_line("ready: ab -k -l", STARTED);
+    spike
+}
+
+/// The pids `spike` reported for what it started.
+fn children(spike: &Process) -> Vec<i32> {
+    spike
+        .stdout()
+        .iter()
+        .filter_map(|line| line.split_once("(pid ").map(|(_, rest)| rest))
+        .map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    signal::kill(Pid::from_raw(pid), None).is_ok()
+}
+
+fn stop(spike: &mut Process) {
+    let status = spike.terminate(STOPPED);
+    assert!(
+        status.success(),
+        "spike exited {status}; output:\n{}",
+        spike.stdout().join("\n")
+    );
+}
+
+#[test]
+fn up_sells_exactly_the_stock_reports_it_and_leaves_nothing_behind() {
+    let redis = RedisServer::start();
+    let config = ConfigDir::new(&redis.url(), 1_000);
+    let mut spike = spike_up(&config, &[]);
+    let pids = children(&spike);
+    assert_eq!(
+        pids.len(),
+        5,
+        "four nodes and the balancer: {:?}",
+        spike.stdout()
+    );
+    assert!(
+        spike
+            .stdout()
+            .iter()
+            .any(|l| l.contains("using the Redis at"))
+    );
+
+    let report = ab(
+        &["-q", "-k", "-l", "-n", "4000", "-c", "40"],
+        &config.buy_url(),
+    );
+    assert_eq!((report.complete, report.failed), (4_000, 0));
+    assert_eq!(report.non_2xx, 3_000);
+    let truth = sale_in_redis(&mut redis.conn(), "ticket");
+    assert_eq!((truth.sold, truth.orders), (1_000, 1_000));
+
+    let (status, stdout, stderr) = run("spike", &["status", "--config-dir", config.arg()]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("tickets sold: 1000 of 1000\norders in the stream: 1000\noversold: 0\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1600  40.00% /  40.00%  weight 4, up"),
+        "{stdout}"
+    );
+
+    stop(&mut spike);
+    let output = spike.stdout().join("\n");
+    assert!(
+        output.contains("stopped\ntickets sold: 1000 of 1000"),
+        "{output}"
+    );
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived spike");
+    }
+}
+
+#[test]
+fn up_starts_its_own_redis_when_none_answers_and_stops_it() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let config = ConfigDir::new(&url, 10);
+    let mut spike = spike_up(&config, &[]);
+    let started = spike.wait_for_line("started redis-server", STARTED);
+    let redis_pid = children(&spike)[0];
+    assert!(started.contains(&format!("(pid {redis_pid})")));
+
+    let report = ab(
+        &["-q", "-k", "-l", "-n", "20", "-c", "2"],
+        &config.buy_url(),
+    );
+    assert_eq!(
+        (report.complete, report.non_2xx),
+        (20, 10),
+        "ten tickets, ten sold out"
+    );
+
+    stop(&mut spike);
+    assert!(!alive(redis_pid), "redis-server outlived spike");
+    assert!(!redis_answers(&url));
+}
+
+fn redis_answers(url: &str) -> bool {
+    redis::Client::open(url)
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(200)))
+        .is_ok()
+}
+
+#[test]
+fn a_node_killed_during_up_is_reported_and_the_sale_still_ends_exact() {
+    let redis = RedisServer::start();
+    let config = ConfigDir::new(&redis.url(), 3_000);
+    let mut spike = spike_up(&config, &[]);
+    let node = spike.wait_for_line("started node-", STARTED);
+    let name = node.split_whitespace().nth(1).unwrap().to_owned();
+    let pid = children(&spike)[0];
+
+    let url = config.buy_url();
+    let sale = std::thread::spawn(move || ab(&["-q", "-k", "-l", "-n", "12000", "-c", "40"], &url));
+    let mut conn = redis.conn();
+    wait_until("a third of the sale", Duration::from_secs(60), || {
+        sale_in_redis(&mut conn, "ticket").sold >= 1_000
+    });
+    signal::kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    spike.wait_for_line(&format!("{name} exited"), Duration::from_secs(10));
+    let report = sale.join().unwrap();
+
+    assert_eq!(report.complete, 12_000);
+    let truth = sale_in_redis(&mut redis.conn(), "ticket");
+    assert_eq!(
+        (truth.sold, truth.orders),
+        (3_000, 3_000),
+        "none lost, none oversold"
+    );
+    stop(&mut spike);
+}
+
+#[test]
+fn a_taken_port_fails_in_one_line_and_starts_nothing() {
+    let redis = RedisServer::start();
+    let config = ConfigDir::new(&redis.url(), 10);
+    let taken = std::net::TcpListener::bind(&config.proxy).unwrap();
+
+    let (status, stdout, stderr) = run("spike", &["up", "--config-dir", config.arg()]);
+    assert!(!status.success());
+    assert!(!stdout.contains("started"), "{stdout}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} (the balancer's listen) is already in use",
+            config.proxy
+        )),
+        "{stderr}"
+    );
+    drop(taken);
+}
+
+#[test]
+fn a_config_the_balancer_rejects_is_located_and_starts_nothing() {
+    let redis = RedisServer::start();
+    let config = ConfigDir::new(&redis.url(), 10);
+    let path = config.path().join("balancer.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("weight = 1", "weight = one", 1);
+    std::fs::write(&path, text).unwrap();
+
+    let (status, stdout, stderr) = run("spike", &["up", "--config-dir", config.arg()]);
+    assert!(!status.success());
+    assert!(!stdout.contains("started"), "{stdout}");
+    assert!(stderr.contains(&format!("{}:", path.display())), "{stderr}");
+}
+
+#[test]
+fn without_redis_or_redis_server_it_says_how_to_install_it() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let config = ConfigDir::new(&url, 10);
+    let output = std::process::Command::new(spike_tests::process::binary("spike"))
+        .args(["up", "--config-dir", config.arg()])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("no Redis answers at {url}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("apt-get install -y redis-server"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("started"));
+}
+
+#[test]
+fn restart_nodes_brings_a_dead_node_back() {
+    let redis = RedisServer::start();
+    let config = ConfigDir::new(&redis.url(), 100);
+    let mut spike = spike_up(&config, &["--restart-nodes"]);
+    let node = spike.wait_for_line("started node-", STARTED);
+    let name = node.split_whitespace().nth(1).unwrap().to_owned();
+    let addr = node.split_whitespace().nth(3).unwrap().to_owned();
+    let pid = children(&spike)[0];
+
+    signal::kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let restarted = spike.wait_for_line(&format!("restarted {name}"), Duration::from_secs(10));
+    let new_pid: i32 = restarted
+        .split("(pid ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    assert_ne!(new_pid, pid);
+    assert!(alive(new_pid));
+    let report = ab(&["-q", "-n", "10"], &format!("http://{addr}/health"));
+    assert_eq!((report.complete, report.non_2xx), (10, 0));
+
+    stop(&mut spike);
+    assert!(!alive(new_pid), "the restarted node outlived spike");
+}
