@@ -68,18 +68,23 @@ script_calls() {
 }
 
 # run NAME PORT PROXY_PIDS...: one ab run against the proxy on PORT; prints
-# "requests_per_sec sold script_calls proxy_peak_kib node_peak_kib..."
+# "requests_per_sec sold script_calls proxy_cpu_us_per_request
+# proxy_peak_kib node_peak_kib..."
 run() {
   local name=$1 port=$2
   shift 2
   redis config resetstat >/dev/null
+  local before after
+  before=$(cpu_ticks "$@")
   ab -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" -g "$work/$name.tsv" \
     "http://127.0.0.1:$port/buy/ticket" >"$work/$name.ab"
-  local rps sold calls
+  after=$(cpu_ticks "$@")
+  local rps sold calls cpu
   rps=$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")
   sold=$(redis hget 'spike:{ticket}:stock' sold)
   calls=$(script_calls)
-  echo "$rps $sold ${calls:-0} $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
+  cpu=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+  echo "$rps $sold ${calls:-0} $cpu $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
 }
 
 # Prints the peak resident memory (VmHWM) of the given pids, in KiB.
@@ -91,7 +96,7 @@ peak_rss_kib() {
   echo "$total"
 }
 
-read -r s_rps s_sold s_calls s_mem s_nodes <<<"$(run spike "$proxy_port" "$balancer_pid")"
+read -r s_rps s_sold s_calls s_cpu s_mem s_nodes <<<"$(run spike "$proxy_port" "$balancer_pid")"
 
 # The same nodes, the sale started over, nginx in the balancer's place.
 target/release/spike reset --config-dir "$work/config" >/dev/null
@@ -102,7 +107,7 @@ for port in "${node_ports[@]}"; do
   done
 done
 start_nginx_proxy "$(nproc)" "${node_ports[@]}"
-read -r n_rps n_sold n_calls n_mem _ <<<"$(run nginx "$nginx_port" $(with_children "$nginx_pid"))"
+read -r n_rps n_sold n_calls n_cpu n_mem _ <<<"$(run nginx "$nginx_port" $(with_children "$nginx_pid"))"
 
 kill -TERM "$spike_pid"
 wait "$spike_pid" || true
@@ -117,13 +122,13 @@ read -r _ n_p50 n_p99 n_p999 _ <<<"$(echo "$latency" | grep '^nginx ')"
   echo "Machine: $(machine)"
   echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4; $(nginx -v 2>&1 | sed 's/^nginx version: //')"
   echo
-  echo "| proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | script calls | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
-  echo "| spike balancer | $s_rps | $s_p50 | $s_p99 | $s_p999 | $s_sold | $s_calls | $((s_mem / 1024)) MiB | $(for k in $s_nodes; do printf '%s ' "$((k / 1024))"; done)MiB |"
-  echo "| nginx | $n_rps | $n_p50 | $n_p99 | $n_p999 | $n_sold | $n_calls | $((n_mem / 1024)) MiB | (the same nodes) |"
+  echo "| proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | script calls | proxy CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  echo "| spike balancer | $s_rps | $s_p50 | $s_p99 | $s_p999 | $s_sold | $s_calls | $s_cpu | $((s_mem / 1024)) MiB | $(for k in $s_nodes; do printf '%s ' "$((k / 1024))"; done)MiB |"
+  echo "| nginx | $n_rps | $n_p50 | $n_p99 | $n_p999 | $n_sold | $n_calls | $n_cpu | $((n_mem / 1024)) MiB | (the same nodes) |"
   echo
-  awk -v s="$s_rps" -v n="$n_rps" -v sp="$s_p99" -v np="$n_p99" 'BEGIN {
-    printf "spike / nginx: throughput %.2fx, p99 latency %.2fx\n", s / n, sp / np
+  awk -v s="$s_rps" -v n="$n_rps" -v sp="$s_p99" -v np="$n_p99" -v sc="$s_cpu" -v nc="$n_cpu" 'BEGIN {
+    printf "spike / nginx: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", s / n, sp / np, sc / nc
   }'
 } | tee bench/results/spike.md
 

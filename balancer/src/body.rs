@@ -7,8 +7,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 
+use crate::pool::Connection;
 use crate::upstream::InFlight;
 
 /// A client's request body, as sent to an upstream: streamed as it arrives.
@@ -23,12 +23,12 @@ pub type RequestBody = Incoming;
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
-    connection: Option<SendRequest<RequestBody>>,
+    connection: Option<Connection>,
     in_flight: InFlight,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, connection: SendRequest<RequestBody>, in_flight: InFlight) -> Self {
+    pub fn new(inner: Incoming, connection: Connection, in_flight: InFlight) -> Self {
         let mut body = Self {
             inner,
             connection: Some(connection),

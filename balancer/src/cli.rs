@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -12,7 +13,7 @@ use spike_config::server;
 use spike_config::{BalancerConfig, Source};
 use tokio::net::TcpListener;
 
-use crate::Balancer;
+use crate::{Balancer, workers};
 
 /// An HTTP/1 reverse proxy that spreads requests over weighted upstreams
 /// with nginx's smooth weighted round-robin.
@@ -45,31 +46,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let _log =
         logging::init("access", access_log.as_ref()).context("cannot open the access log")?;
-    let runtime = config
+    let count = config
         .server
-        .runtime()
-        .context("cannot start the runtime")?;
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    workers::set_count(count);
+    let proxies = workers::bind_reuseport(config.listen, count)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin = std::net::TcpListener::bind(config.admin)
+        .with_context(|| format!("cannot listen on {}", config.admin))?;
+    admin.set_nonblocking(true)?;
+    let (listen, admin_addr) = (proxies[0].local_addr()?, admin.local_addr()?);
+
+    // Worker 0 is this thread; it also runs the admin listener, the health
+    // checks and the watch on the file.
+    let runtime = workers::runtime().context("cannot start the runtime")?;
     runtime.block_on(async {
-        let listeners = crate::Listeners {
-            proxy: bind(config.listen).await?,
-            admin: bind(config.admin).await?,
-        };
         let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
         let upstreams = config.upstreams.len();
-        let (listen, admin) = (config.listen, config.admin);
-        let balancer = Balancer::new(&source, config, shutdown)
-            .with_context(|| format!("cannot watch {}", source.path().display()))?;
+        let balancer = Arc::new(
+            Balancer::new(&source, config, shutdown)
+                .with_context(|| format!("cannot watch {}", source.path().display()))?,
+        );
         // Tools that start the balancer on port 0 read the addresses here.
-        println!("proxy listening on {}", listeners.proxy.local_addr()?);
-        println!("admin listening on {}", listeners.admin.local_addr()?);
-        tracing::info!(upstreams, %listen, %admin, "balancing");
-        balancer.serve(listeners).await;
+        println!("proxy listening on {listen}");
+        println!("admin listening on {admin_addr}");
+        tracing::info!(upstreams, %listen, admin = %admin_addr, workers = count, "balancing");
+
+        let mut proxies = proxies.into_iter();
+        let first = TcpListener::from_std(proxies.next().expect("one listener per worker"))?;
+        let others = proxies
+            .enumerate()
+            .map(|(i, listener)| {
+                let balancer = Arc::clone(&balancer);
+                std::thread::Builder::new()
+                    .name(format!("worker-{}", i + 1))
+                    .spawn(move || -> std::io::Result<()> {
+                        workers::enter(i + 1);
+                        workers::runtime()?.block_on(async {
+                            balancer.serve_proxy(TcpListener::from_std(listener)?).await;
+                            Ok(())
+                        })
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tokio::join!(
+            balancer.serve_proxy(first),
+            balancer.serve_admin(TcpListener::from_std(admin)?)
+        );
+        for worker in others {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+        }
         Ok(())
     })
-}
-
-async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
 }

@@ -22,6 +22,7 @@ pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod upstream;
+pub mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,17 +41,9 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{Control, Triggers};
 
-/// The balancer's two listeners, bound by the caller.
-#[derive(Debug)]
-pub struct Listeners {
-    /// Where clients send requests to proxy.
-    pub proxy: TcpListener,
-    /// `/stats` and `/metrics`.
-    pub admin: TcpListener,
-}
-
 /// A balancer ready to serve: its routing table, health checks and watch
-/// on its configuration are set up.
+/// on its configuration are set up. Shared by the worker threads, each of
+/// which serves the proxy on a listener of its own ([`workers`]).
 #[derive(Debug)]
 pub struct Balancer {
     proxy: Arc<Proxy>,
@@ -62,7 +55,8 @@ pub struct Balancer {
 impl Balancer {
     /// Sets up the balancer of `config`, read from `source`, until
     /// `shutdown`: from the moment this returns, changes to the file and
-    /// SIGHUP are applied. Must run inside the runtime.
+    /// SIGHUP are applied. Must run inside the runtime that is to run the
+    /// health checks and the watch on the file (worker 0's).
     pub fn new(
         source: &Source,
         config: BalancerConfig,
@@ -97,31 +91,33 @@ impl Balancer {
         })
     }
 
-    /// Serves the proxy and the admin interface until shutdown, then lets
-    /// requests in flight finish.
-    pub async fn serve(self, listeners: Listeners) {
-        let Self {
-            proxy,
-            admin,
-            server,
-            shutdown,
-        } = self;
-        let proxying = serve(listeners.proxy, &server, shutdown.clone(), |client| {
-            let proxy = Arc::clone(&proxy);
+    /// Serves the proxy on `listener` until shutdown, then lets requests in
+    /// flight finish. Each worker runs one.
+    pub async fn serve_proxy(&self, listener: TcpListener) {
+        let proxy = &self.proxy;
+        serve(listener, &self.server, self.shutdown.clone(), |client| {
+            let proxy = Arc::clone(proxy);
             let client = Arc::new(ClientAddr::new(client));
             service_fn(move |req| {
                 let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
             })
-        });
-        let administering = serve(listeners.admin, &server, shutdown, |_| {
-            let admin = Arc::clone(&admin);
+        })
+        .await;
+    }
+
+    /// Serves `/stats`, `/metrics` and runtime changes on `listener` until
+    /// shutdown.
+    pub async fn serve_admin(&self, listener: TcpListener) {
+        let admin = &self.admin;
+        serve(listener, &self.server, self.shutdown.clone(), |_| {
+            let admin = Arc::clone(admin);
             service_fn(move |req| {
                 let admin = Arc::clone(&admin);
                 async move { admin.handle(req).await }
             })
-        });
-        tokio::join!(proxying, administering);
+        })
+        .await;
     }
 }
 

@@ -1,9 +1,12 @@
 //! Keep-alive connections to one upstream.
 //!
-//! Each upstream has its own pool: a stack of idle HTTP/1 connections, most
-//! recently used on top (warm in every cache), shared by all threads. A
-//! request checks one out, or opens a new one; the connection comes back
-//! when its response has ended. Owning the pool, rather than going through a
+//! Each upstream has its own pool: per worker thread, a stack of idle HTTP/1
+//! connections, most recently used on top (warm in every cache). A
+//! connection's I/O is driven by a task on the worker that opened it, its
+//! home: a request checks out a connection of its own worker's stack first,
+//! then one of another worker's (the pool is shared by all threads), and
+//! only then opens one; the connection goes back to its home stack when its
+//! response has ended. Owning the pool, rather than going through a
 //! general-purpose client, gives the proxy what it needs to know:
 //!
 //! - whether a failure happened before anything was sent (connecting, or a
@@ -12,7 +15,9 @@
 //! - the upstream a connection belongs to, without hashing a key per
 //!   request;
 //! - no task per request: a connection returns to its pool from the
-//!   response body that ends on it.
+//!   response body that ends on it;
+//! - which thread drives each connection, so a request uses its own
+//!   thread's connections first.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -27,6 +32,7 @@ use spike_config::balancer::ProxySettings;
 
 use crate::body::RequestBody;
 use crate::upstream::FailoverReason;
+use crate::workers;
 
 /// How a pool opens and keeps connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +80,9 @@ pub struct ConnectionPool {
     addr: SocketAddr,
     /// From the configuration in force; a reload replaces them.
     settings: ArcSwap<PoolSettings>,
-    /// Held only to push or pop; never across an `.await`.
-    idle: Mutex<Vec<Idle>>,
+    /// One stack per worker, of the connections that worker drives. Each is
+    /// held only to push or pop; never across an `.await`.
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 #[derive(Debug)]
@@ -84,12 +91,22 @@ struct Idle {
     since: Instant,
 }
 
+/// A connection checked out for one request.
+#[derive(Debug)]
+pub struct Connection {
+    pub sender: SendRequest<RequestBody>,
+    /// The worker whose runtime drives it, and whose stack it returns to.
+    home: usize,
+}
+
 impl ConnectionPool {
     pub fn new(addr: SocketAddr, settings: PoolSettings) -> Self {
         Self {
             addr,
             settings: ArcSwap::from_pointee(settings),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..workers::count())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
         }
     }
 
@@ -101,33 +118,41 @@ impl ConnectionPool {
     }
 
     /// A connection ready to send a request: the most recently used idle
-    /// one that is still open, or a new one.
-    pub async fn checkout(&self) -> Result<SendRequest<RequestBody>, ConnectError> {
+    /// one that is still open, this worker's first, or a new one.
+    pub async fn checkout(&self) -> Result<Connection, ConnectError> {
         let settings = self.settings.load_full();
-        while let Some(mut idle) = self.pop() {
-            if idle.since.elapsed() > settings.idle_timeout || idle.sender.is_closed() {
-                continue;
-            }
-            // A connection returned as its response ended may still be
-            // finishing it; `ready` waits for that, and fails if the
-            // upstream closed it meanwhile.
-            if idle.sender.ready().await.is_ok() {
-                return Ok(idle.sender);
+        let me = workers::index() % self.idle.len();
+        let homes = (0..self.idle.len()).map(|i| (me + i) % self.idle.len());
+        for home in homes {
+            while let Some(mut idle) = self.pop(home) {
+                if idle.since.elapsed() > settings.idle_timeout || idle.sender.is_closed() {
+                    continue;
+                }
+                // A connection returned as its response ended may still be
+                // finishing it; `ready` waits for that, and fails if the
+                // upstream closed it meanwhile.
+                if idle.sender.ready().await.is_ok() {
+                    return Ok(Connection {
+                        sender: idle.sender,
+                        home,
+                    });
+                }
             }
         }
-        self.connect(settings.connect_timeout).await
+        let sender = self.connect(settings.connect_timeout).await?;
+        Ok(Connection { sender, home: me })
     }
 
-    /// Returns a connection whose exchange has ended.
-    pub fn release(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    /// Returns a connection whose exchange has ended to its home stack.
+    pub fn release(&self, connection: Connection) {
+        if connection.sender.is_closed() {
             return;
         }
-        let max_idle = self.settings.load().max_idle;
-        let mut idle = self.idle.lock().expect("pool lock");
+        let max_idle = self.settings.load().max_idle.div_ceil(self.idle.len());
+        let mut idle = self.idle[connection.home].lock().expect("pool lock");
         if idle.len() < max_idle {
             idle.push(Idle {
-                sender,
+                sender: connection.sender,
                 since: Instant::now(),
             });
         }
@@ -137,17 +162,22 @@ impl ConnectionPool {
     /// timeout, or that the upstream closed.
     pub fn evict_expired(&self) {
         let timeout = self.settings.load().idle_timeout;
-        let mut idle = self.idle.lock().expect("pool lock");
-        idle.retain(|conn| conn.since.elapsed() <= timeout && !conn.sender.is_closed());
+        for stack in &self.idle {
+            let mut idle = stack.lock().expect("pool lock");
+            idle.retain(|conn| conn.since.elapsed() <= timeout && !conn.sender.is_closed());
+        }
     }
 
     /// Idle connections, for `/stats`.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
+        self.idle
+            .iter()
+            .map(|stack| stack.lock().expect("pool lock").len())
+            .sum()
     }
 
-    fn pop(&self) -> Option<Idle> {
-        self.idle.lock().expect("pool lock").pop()
+    fn pop(&self, home: usize) -> Option<Idle> {
+        self.idle[home].lock().expect("pool lock").pop()
     }
 
     async fn connect(&self, timeout: Duration) -> Result<SendRequest<RequestBody>, ConnectError> {

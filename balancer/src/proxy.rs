@@ -158,7 +158,8 @@ impl Proxy {
                 });
             }
         };
-        let sent = tokio::time::timeout(response_timeout, connection.try_send_request(req)).await;
+        let sent =
+            tokio::time::timeout(response_timeout, connection.sender.try_send_request(req)).await;
         let response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(mut err)) => {
