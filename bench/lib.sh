@@ -64,15 +64,16 @@ start_static_backends() {
 
 # start_nginx_proxy WORKERS PORT...: nginx as a weighted round-robin proxy
 # (weights 1, 2, 3... in the order of the PORTs), with keep-alive to them and
-# no access log, on a free port; sets nginx_port and nginx_pid.
+# no access log, on a free port; sets nginx_port and nginx_pid. Each worker
+# takes up to $MAX_CONNECTIONS connections (default 8192).
 start_nginx_proxy() {
-  local workers=$1 weight=1 port
+  local workers=$1 weight=1 port connections=${MAX_CONNECTIONS:-8192}
   shift
   nginx_port=$(free_port)
   {
     echo "worker_processes $workers; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
-    echo "worker_rlimit_nofile 20000;"
-    echo "events { worker_connections 8192; }"
+    echo "worker_rlimit_nofile $(ulimit -Hn | sed "s/unlimited/$((2 * connections + 1024))/");"
+    echo "events { worker_connections $connections; }"
     echo "http { access_log off; keepalive_requests 100000000;"
     echo "  upstream nodes {"
     for port in "$@"; do
@@ -90,6 +91,40 @@ start_nginx_proxy() {
   nginx_pid=$!
   pids+=("$nginx_pid")
   wait_port "$nginx_port"
+}
+
+# start_haproxy_proxy WORKERS PORT...: HAProxy as a weighted round-robin
+# proxy (weights 1, 2, 3... in the order of the PORTs) with connection reuse
+# to them and no log, on a free port; sets haproxy_port and haproxy_pid. It
+# takes up to $MAX_CONNECTIONS connections (default 4096).
+start_haproxy_proxy() {
+  local workers=$1 weight=1 port
+  shift
+  haproxy_port=$(free_port)
+  {
+    echo "global"
+    echo "  nbthread $workers"
+    echo "  maxconn ${MAX_CONNECTIONS:-4096}"
+    echo "defaults"
+    echo "  mode http"
+    echo "  timeout connect 1s"
+    echo "  timeout client 60s"
+    echo "  timeout server 30s"
+    echo "  http-reuse always"
+    echo "frontend proxy"
+    echo "  bind 127.0.0.1:$haproxy_port"
+    echo "  default_backend nodes"
+    echo "backend nodes"
+    echo "  balance roundrobin"
+    for port in "$@"; do
+      echo "  server s$weight 127.0.0.1:$port weight $weight"
+      weight=$((weight + 1))
+    done
+  } >"$work/haproxy.cfg"
+  haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+  haproxy_pid=$!
+  pids+=("$haproxy_pid")
+  wait_port "$haproxy_port"
 }
 
 # The balancer's settings that turn its health checks off, active and

@@ -53,33 +53,7 @@ start_spike spike ""
 # nginx as a proxy.
 start_nginx_proxy "$WORKERS" "${backend_ports[@]}"
 
-# HAProxy.
-haproxy_port=$(free_port)
-{
-  echo "global"
-  echo "  nbthread $WORKERS"
-  echo "  maxconn 4096"
-  echo "defaults"
-  echo "  mode http"
-  echo "  timeout connect 1s"
-  echo "  timeout client 30s"
-  echo "  timeout server 30s"
-  echo "  http-reuse always"
-  echo "frontend proxy"
-  echo "  bind 127.0.0.1:$haproxy_port"
-  echo "  default_backend nodes"
-  echo "backend nodes"
-  echo "  balance roundrobin"
-  weight=1
-  for port in "${backend_ports[@]}"; do
-    echo "  server s$weight 127.0.0.1:$port weight $weight"
-    weight=$((weight + 1))
-  done
-} >"$work/haproxy.cfg"
-haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
-haproxy_pid=$!
-pids+=("$haproxy_pid")
-wait_port "$haproxy_port"
+start_haproxy_proxy "$WORKERS" "${backend_ports[@]}"
 
 echo "Machine: $(machine)"
 echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3)"

@@ -94,7 +94,10 @@ async fn hop_by_hop_headers_go_and_forwarding_headers_come() {
 async fn large_bodies_stream_through_intact_both_ways() {
     // The backend answers with the body it received.
     let backend = Backend::start(|req| Reply::ok(req.body.clone())).await;
-    let balancer = Balancer::start(&[(backend.addr(), 1)], "");
+    let balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        "[server]\nmax_body_bytes = 16777216\n",
+    );
     let body: Vec<u8> = (0..8 * 1024 * 1024u32)
         .map(|i| (i * 7 % 251) as u8)
         .collect();

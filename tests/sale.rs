@@ -10,6 +10,7 @@ use http::StatusCode;
 use spike_tests::ab::ab;
 use spike_tests::client::{Client, Reply};
 use spike_tests::process::Process;
+use spike_tests::raw::RawConnection;
 use spike_tests::redis::{RedisServer, sale_in_redis};
 use spike_tests::wait_until_async;
 use tempfile::TempDir;
@@ -429,4 +430,153 @@ async fn sigterm_lets_purchases_in_flight_finish_then_exits_0() {
     let status = nodes[0].wait(Duration::from_secs(10));
     assert!(status.success(), "{status}");
     redis.resume();
+}
+
+/// Malformed and hostile requests buy nothing, and a stream of mangled
+/// purchases sells exactly the tickets it was answered with: nothing a
+/// client sends can make the node sell a ticket it does not report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_or_mangled_requests_never_sell_unreported_tickets() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = node_config(&dir, &redis, 100, 100);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    // Short timeouts, so that every exchange ends with the node closing.
+    text.push_str(
+        "[server]\nheader_timeout = \"1s\"\nidle_timeout = \"1s\"\nbody_timeout = \"500ms\"\n\
+         max_body_bytes = 64\nmax_header_bytes = 1024\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let node = start_node(&config, "node-1");
+    wait_for_redis(&node, "up").await;
+
+    let oversized_body = format!(
+        "POST /buy/ticket?user=big HTTP/1.1\r\nHost: n\r\nContent-Length: 65\r\n\r\n{}",
+        "a".repeat(65)
+    );
+    let oversized_head = format!(
+        "GET /buy/ticket?user=head HTTP/1.1\r\nHost: n\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(2048)
+    );
+    let hostile: Vec<(&[u8], u16)> = vec![
+        (b"POST /buy/ticket?user=a HTTP/1.1\r\nHost: n\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        (b"POST /buy/ticket?user=b HTTP/1.1\r\nHost: n\r\nContent-Length: 1, 2\r\n\r\nab", 400),
+        (b"POST /buy/ticket?user=c HTTP/1.0\r\nHost: n\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 400),
+        (b"POST /buy/ticket?user=d HTTP/1.1\r\nHost: n\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\na\r\n0\r\n\r\n", 400),
+        (b"POST /buy/ticket?user=e HTTP/1.1\r\nHost: n\r\nContent-Length: 10\r\n\r\nshort", 408),
+        (b"POST /buy/ticket?user=f HTTP/1.1\r\nHost: n\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", 408),
+        (b"GET /buy/ticket?user=g HTTP/1.1\r\nHost: n\r\nX-A: 1\r\n folded\r\n\r\n", 400),
+        (b"GET /buy/ticket?user=%00 HTTP/1.1\r\nHost: n\r\n\r\n", 400),
+        (b"GET /buy/ticket?user=h\r\n\r\n", 400),
+        (b"BUY /buy/ticket?user=i HTTP/1.1\r\nHost: n\r\n\r\n", 405),
+        (b"GET /buy/ticket?user=j HTTP/1.1\r\nHost: n\r\nX-User-Id: k\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
+        (oversized_body.as_bytes(), 413),
+        (oversized_head.as_bytes(), 431),
+    ];
+    for (request, status) in &hostile {
+        let statuses = exchange_all(node.addr(), request).await;
+        let shown = String::from_utf8_lossy(request);
+        assert_eq!(statuses, [*status], "for {shown:?}");
+    }
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!((truth.sold, truth.orders), (0, 0));
+    let counts = stats(&node).await;
+    assert_eq!(counts["granted"], 0);
+    assert_eq!(counts["local_remaining"], 100);
+
+    // Mangled purchases: each a valid one with a few bytes changed, cut or
+    // repeated, all at once. Whatever the node makes of them, every ticket
+    // it sells is one it answered 200 for.
+    let mut random = XorShift(0x5eed_1234_abcd_ef01);
+    let exchanges: Vec<_> = (0..300)
+        .map(|i| {
+            let mut request = format!(
+                "POST /buy/ticket?user=m{i} HTTP/1.1\r\nHost: n\r\nContent-Length: 5\r\n\r\nhello"
+            )
+            .into_bytes();
+            for _ in 0..1 + random.below(3) {
+                mangle(&mut request, &mut random);
+            }
+            let node = node.addr();
+            tokio::spawn(async move { exchange_bodies(node, &request).await })
+        })
+        .collect();
+    let mut answered = HashSet::new();
+    for exchange in exchanges {
+        for (status, body) in exchange.await.unwrap() {
+            if status == 200 {
+                let order: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                answered.insert(order["order_id"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!(
+        truth.sold,
+        answered.len() as u64,
+        "sold in Redis, answered 200"
+    );
+    assert!(truth.sold > 0, "some mangled requests are still purchases");
+    let counts = stats(&node).await;
+    assert_eq!(counts["granted"].as_u64(), Some(truth.sold));
+    assert_eq!(counts["local_remaining"].as_u64(), Some(100 - truth.sold));
+
+    // And the node still sells.
+    let reply = Client::new().get(&node.url("/buy/ticket?user=after")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}
+
+/// The statuses of every response to `bytes`, until the node closes the
+/// connection.
+async fn exchange_all(node: std::net::SocketAddr, bytes: &[u8]) -> Vec<u16> {
+    let replies = exchange_bodies(node, bytes).await;
+    replies.into_iter().map(|(status, _)| status).collect()
+}
+
+/// Every response to `bytes`, status and body, until the node closes the
+/// connection.
+async fn exchange_bodies(node: std::net::SocketAddr, bytes: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut conn = RawConnection::connect(node).await;
+    let mut replies = Vec::new();
+    if conn.try_send(bytes).await.is_err() {
+        return replies;
+    }
+    while let Some(response) = conn.response(false).await {
+        replies.push((response.status, response.body));
+    }
+    replies
+}
+/// Changes `request` in one way: a byte replaced, removed or repeated, a
+/// run of bytes duplicated, or the end cut off.
+fn mangle(request: &mut Vec<u8>, random: &mut XorShift) {
+    if request.is_empty() {
+        return;
+    }
+    let at = random.below(request.len());
+    match random.below(5) {
+        0 => request[at] = random.below(256) as u8,
+        1 => {
+            request.remove(at);
+        }
+        2 => request.insert(at, request[at]),
+        3 => {
+            let end = (at + 1 + random.below(16)).min(request.len());
+            let run = request[at..end].to_vec();
+            request.splice(at..at, run);
+        }
+        _ => request.truncate(at),
+    }
+}
+
+/// A small deterministic generator, so a failure replays exactly.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
 }

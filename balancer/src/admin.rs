@@ -21,6 +21,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use serde::{Deserialize, Serialize};
 
+use spike_config::server::ConnectionCounts;
+
 use crate::balance::Peer;
 use crate::health::now_ms;
 use crate::reload::{ChangeError, ConfigStatus, Control};
@@ -33,6 +35,8 @@ const MAX_BODY: usize = 1024;
 #[derive(Debug)]
 pub struct Admin {
     control: Arc<Control>,
+    /// The proxy listener's client connections.
+    connections: Arc<ConnectionCounts>,
 }
 
 /// `/stats`.
@@ -41,7 +45,16 @@ pub struct Stats {
     pub config: ConfigStatus,
     /// Attempts on another upstream after a request could not be sent.
     pub retries: u64,
+    pub client_connections: ClientConnections,
     pub upstreams: Vec<UpstreamStats>,
+}
+
+/// The proxy listener's client connections in `/stats`.
+#[derive(Debug, Serialize)]
+pub struct ClientConnections {
+    pub open: u64,
+    /// Idle ones whose HTTP state is freed until their next request.
+    pub parked: u64,
 }
 
 /// One upstream in `/stats`, in the order of the routing table.
@@ -83,8 +96,11 @@ struct WeightChange {
 }
 
 impl Admin {
-    pub fn new(control: Arc<Control>) -> Self {
-        Self { control }
+    pub fn new(control: Arc<Control>, connections: Arc<ConnectionCounts>) -> Self {
+        Self {
+            control,
+            connections,
+        }
     }
 
     pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
@@ -108,10 +124,12 @@ impl Admin {
         for peer in &router.table().peers {
             peer.upstream.refresh_metrics();
         }
+        let metrics = router.registry().metrics();
+        metrics.set_client_connections(&self.connections);
         reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            router.registry().metrics().encode().into(),
+            metrics.encode().into(),
         )
     }
 
@@ -169,6 +187,10 @@ impl Admin {
         Stats {
             config: self.control.status(),
             retries: router.registry().metrics().retries.get(),
+            client_connections: ClientConnections {
+                open: self.connections.open(),
+                parked: self.connections.parked(),
+            },
             upstreams: table
                 .peers
                 .iter()

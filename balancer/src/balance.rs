@@ -22,9 +22,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use spike_config::balancer::{ProxySettings, UpstreamConfig};
+use spike_config::BalancerConfig;
+use spike_config::balancer::{ProxySettings, RateLimitSettings, UpstreamConfig};
 
 use crate::health::{State, now_ms};
+use crate::limit::RateLimit;
 use crate::pool::PoolSettings;
 use crate::upstream::{Registry, Upstream};
 
@@ -38,11 +40,14 @@ pub struct Peer {
 }
 
 /// One immutable routing table: the peers in file order, and how requests
-/// routed by it are sent.
+/// routed by it are admitted and sent.
 #[derive(Debug)]
 pub struct Table {
     pub peers: Vec<Peer>,
     pub proxy: ProxySettings,
+    /// The per-client rate limit, if on; kept by a new table with the same
+    /// settings, so that a reload does not refill every bucket.
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
 impl Table {
@@ -78,8 +83,8 @@ pub struct Router {
 impl Router {
     /// A router over the upstreams of the configuration the balancer starts
     /// with, all taken to be up until their checks say otherwise.
-    pub fn new(upstreams: &[UpstreamConfig], proxy: &ProxySettings, registry: Registry) -> Self {
-        let table = build_table(upstreams, proxy, &registry, |_| State::Up);
+    pub fn new(routing: Routing<'_>, registry: Registry) -> Self {
+        let table = build_table(routing, None, &registry, |_| State::Up);
         Self {
             table: ArcSwap::from_pointee(table),
             pick_lock: Mutex::new(()),
@@ -93,8 +98,9 @@ impl Router {
     /// weights changed, the round-robin starts over, so that every window
     /// of the new weights' sum holds each upstream exactly its weight from
     /// the first pick; otherwise it goes on where it was.
-    pub fn install(&self, upstreams: &[UpstreamConfig], proxy: &ProxySettings) {
-        let table = build_table(upstreams, proxy, &self.registry, |config| {
+    pub fn install(&self, routing: Routing<'_>) {
+        let current = self.table.load_full();
+        let table = build_table(routing, Some(&current), &self.registry, |config| {
             if config.health.enabled {
                 State::Unknown
             } else {
@@ -133,22 +139,47 @@ impl Router {
         // Loaded under the lock: a pick never mixes the state of one table
         // with the weights of another.
         let table = self.table.load();
-        let peer = pick(&table.peers, false, tried, now)
-            .or_else(|| pick(&table.peers, true, tried, now))?;
+        let busy = table.proxy.max_requests_per_upstream;
+        let peer = pick(&table.peers, false, tried, busy, now)
+            .or_else(|| pick(&table.peers, true, tried, busy, now))?;
         let upstream = &peer.upstream;
         upstream.health.picked(|| upstream.health_settings(), now);
         Some(peer.clone())
     }
 }
 
+/// What a routing table is built from: a configuration's upstreams,
+/// `[proxy]` and `[rate_limit]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing<'a> {
+    pub upstreams: &'a [UpstreamConfig],
+    pub proxy: &'a ProxySettings,
+    pub rate_limit: &'a RateLimitSettings,
+}
+
+impl<'a> From<&'a BalancerConfig> for Routing<'a> {
+    fn from(config: &'a BalancerConfig) -> Self {
+        Self {
+            upstreams: &config.upstreams,
+            proxy: &config.proxy,
+            rate_limit: &config.rate_limit,
+        }
+    }
+}
+
 fn build_table(
-    upstreams: &[UpstreamConfig],
-    proxy: &ProxySettings,
+    routing: Routing<'_>,
+    current: Option<&Table>,
     registry: &Registry,
     initial: impl Fn(&UpstreamConfig) -> State,
 ) -> Table {
-    let pool = PoolSettings::from(proxy);
-    let peers = upstreams
+    let pool = PoolSettings::from(routing.proxy);
+    let rate_limit = match current.and_then(|table| table.rate_limit.as_ref()) {
+        Some(limit) if limit.settings() == routing.rate_limit => Some(Arc::clone(limit)),
+        _ => RateLimit::new(routing.rate_limit).map(Arc::new),
+    };
+    let peers = routing
+        .upstreams
         .iter()
         .map(|config| {
             let upstream = registry.get_or_create(config, pool, initial(config));
@@ -163,17 +194,28 @@ fn build_table(
         .collect();
     Table {
         peers,
-        proxy: proxy.clone(),
+        proxy: routing.proxy.clone(),
+        rate_limit,
     }
 }
 
 /// nginx's pick, over the peers of the kind `backup` that may take the
-/// request at `now` and are not in `tried`. Must run under the pick lock.
-fn pick<'a>(peers: &'a [Peer], backup: bool, tried: &[SocketAddr], now: u64) -> Option<&'a Peer> {
+/// request at `now`, are not in `tried` and have fewer than `busy` requests
+/// in flight (if `busy` is not 0). Must run under the pick lock.
+fn pick<'a>(
+    peers: &'a [Peer],
+    backup: bool,
+    tried: &[SocketAddr],
+    busy: u32,
+    now: u64,
+) -> Option<&'a Peer> {
     let mut best: Option<(&Peer, i64)> = None;
     let mut total = 0;
     let candidates = peers.iter().filter(|peer| {
-        peer.backup == backup && peer.weight > 0 && !tried.contains(&peer.upstream.addr())
+        peer.backup == backup
+            && peer.weight > 0
+            && !tried.contains(&peer.upstream.addr())
+            && (busy == 0 || peer.upstream.stats.in_flight.get() < i64::from(busy))
     });
     for peer in candidates {
         let upstream = &peer.upstream;
@@ -236,9 +278,23 @@ mod tests {
             .collect()
     }
 
+    fn routing(upstreams: &[UpstreamConfig]) -> Routing<'_> {
+        static PROXY: std::sync::LazyLock<ProxySettings> =
+            std::sync::LazyLock::new(ProxySettings::default);
+        static RATE: RateLimitSettings = RateLimitSettings {
+            per_second: 0,
+            burst: 0,
+        };
+        Routing {
+            upstreams,
+            proxy: &PROXY,
+            rate_limit: &RATE,
+        }
+    }
+
     fn router(weights: &[u32]) -> Router {
         let registry = Registry::new(Arc::new(Metrics::new()), None);
-        Router::new(&upstreams(weights), &ProxySettings::default(), registry)
+        Router::new(routing(&upstreams(weights)), registry)
     }
 
     /// The letter of each pick: `a` for the first upstream, `b` for the next...
@@ -307,7 +363,7 @@ mod tests {
         let router = router(&[1, 2, 3, 4]);
         // Leave the round-robin mid-window.
         picks(&router, 7);
-        router.install(&upstreams(&[4, 3, 2, 1]), &ProxySettings::default());
+        router.install(routing(&upstreams(&[4, 3, 2, 1])));
         let sequence = picks(&router, 1_000);
         for window in sequence.as_bytes().chunks(10) {
             let mut counts = [0; 4];
@@ -322,7 +378,7 @@ mod tests {
     fn unchanged_weights_keep_the_round_robin_going() {
         let router = router(&[5, 1, 1]);
         let before = picks(&router, 3);
-        router.install(&upstreams(&[5, 1, 1]), &ProxySettings::default());
+        router.install(routing(&upstreams(&[5, 1, 1])));
         assert_eq!(before + &picks(&router, 11), "aabacaaaabacaa");
     }
 
@@ -331,12 +387,34 @@ mod tests {
         let router = router(&[1, 1]);
         let first = Arc::clone(&router.table().peers[0].upstream);
         first.stats.requests.inc();
-        router.install(&upstreams(&[1, 1, 1]), &ProxySettings::default());
+        router.install(routing(&upstreams(&[1, 1, 1])));
         let table = router.table();
         assert!(Arc::ptr_eq(&first, &table.peers[0].upstream));
         assert_eq!(table.peers[0].upstream.stats.requests.get(), 1);
         assert_eq!(table.peers[2].upstream.health.state(), State::Unknown);
         // Until it passes its checks, the new upstream gets nothing.
         assert_eq!(picks(&router, 6), "ababab");
+    }
+
+    #[test]
+    fn a_busy_upstream_is_skipped() {
+        let registry = Registry::new(Arc::new(Metrics::new()), None);
+        let proxy = ProxySettings {
+            max_requests_per_upstream: 2,
+            ..ProxySettings::default()
+        };
+        let upstreams = upstreams(&[1, 1]);
+        let rate = RateLimitSettings::default();
+        let router = Router::new(
+            Routing {
+                upstreams: &upstreams,
+                proxy: &proxy,
+                rate_limit: &rate,
+            },
+            registry,
+        );
+        let first = Arc::clone(&router.table().peers[0].upstream);
+        let _in_flight = [first.start_request(), first.start_request()];
+        assert_eq!(picks(&router, 4), "bbbb");
     }
 }

@@ -11,8 +11,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::pool::Connection;
 use crate::upstream::InFlight;
 
-/// A client's request body, as sent to an upstream: streamed as it arrives.
-pub type RequestBody = Incoming;
+/// A client's request body, as sent to an upstream: streamed as it arrives,
+/// within the server's size limit and body timeout.
+pub use spike_config::server::body::RequestBody;
 
 /// An upstream's response body on its way to the client.
 ///

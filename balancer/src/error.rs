@@ -7,9 +7,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
+
+use spike_config::server::Rejection;
+use spike_config::server::body::BodyError;
 
 use crate::pool::ConnectError;
 
@@ -37,6 +40,12 @@ pub enum ProxyError {
         upstream: SocketAddr,
         source: hyper::Error,
     },
+    /// The client's request body failed: too large, too slow, malformed.
+    #[error("{0}")]
+    ClientBody(BodyError),
+    /// The client's address is over its rate.
+    #[error("over the rate limit; retry in {retry_after:?}")]
+    RateLimited { retry_after: Duration },
 }
 
 impl ProxyError {
@@ -45,13 +54,26 @@ impl ProxyError {
             ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody(body) => body.status(),
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The refusal this is, if the client is at fault.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            ProxyError::ClientBody(body) => Some(body.rejection()),
+            ProxyError::RateLimited { .. } => Some(Rejection::RateLimited),
+            _ => None,
         }
     }
 
     /// The upstream the failure happened on, if one was picked.
     pub fn upstream(&self) -> Option<SocketAddr> {
         match self {
-            ProxyError::NoUpstream => None,
+            ProxyError::NoUpstream | ProxyError::ClientBody(_) | ProxyError::RateLimited { .. } => {
+                None
+            }
             ProxyError::Connect { upstream, .. }
             | ProxyError::Timeout { upstream, .. }
             | ProxyError::Upstream { upstream, .. } => Some(*upstream),
@@ -65,6 +87,8 @@ impl ProxyError {
             ProxyError::Connect { .. } => "upstream_unreachable",
             ProxyError::Timeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_failed",
+            ProxyError::ClientBody(body) => body.rejection().as_str(),
+            ProxyError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -76,8 +100,19 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if matches!(self, ProxyError::NoUpstream) {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        match self {
+            ProxyError::NoUpstream => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::RateLimited { retry_after } => {
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            // What is left of the body cannot be read as a next request.
+            ProxyError::ClientBody(_) => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

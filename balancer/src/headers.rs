@@ -8,7 +8,9 @@
 //! `Transfer-Encoding` loses nothing. They are removed in both directions.
 //!
 //! A proxy adds itself to `Via` (RFC 9110, section 7.6.3), and the client's
-//! address to `X-Forwarded-For`, appended to any chain already there.
+//! address to `X-Forwarded-For`, with `X-Forwarded-Proto` and
+//! `X-Forwarded-Host`: appended to what a trusted proxy in front sent,
+//! replacing what anyone else claims.
 
 use std::net::SocketAddr;
 
@@ -16,6 +18,8 @@ use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -93,9 +97,32 @@ impl ClientAddr {
     }
 }
 
+/// Sets the `X-Forwarded-*` headers. From a `trusted` proxy, the client's
+/// address is appended to the `X-Forwarded-For` chain and the proxy's
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` are kept; from anyone else,
+/// whatever they claim is replaced by what this hop saw, so a client cannot
+/// forge its address.
+pub fn forwarded(headers: &mut HeaderMap, client: &ClientAddr, trusted: bool) {
+    if trusted {
+        append_forwarded_for(headers, client);
+    } else {
+        headers.insert(X_FORWARDED_FOR, client.forwarded_for.clone());
+        headers.remove(X_FORWARDED_PROTO);
+        headers.remove(X_FORWARDED_HOST);
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(X_FORWARDED_HOST)
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
 /// Appends the client's address to `X-Forwarded-For`, joining any values
 /// already there into one comma-separated chain.
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientAddr) {
     let mut existing = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
     if existing.peek().is_none() {
         headers.insert(X_FORWARDED_FOR, client.forwarded_for.clone());
@@ -162,11 +189,38 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends_to_the_chain() {
-        let mut map = HeaderMap::new();
-        append_forwarded_for(&mut map, &ClientAddr::new("10.0.0.1:5000".parse().unwrap()));
+    fn an_untrusted_client_cannot_forge_its_address() {
+        let mut map = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "bank.example"),
+            ("host", "shop.example"),
+        ]);
+        forwarded(
+            &mut map,
+            &ClientAddr::new("10.0.0.1:5000".parse().unwrap()),
+            false,
+        );
         assert_eq!(map["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map["x-forwarded-host"], "shop.example");
+    }
 
+    #[test]
+    fn a_trusted_proxy_keeps_what_it_sent() {
+        let mut map = headers(&[("x-forwarded-proto", "https"), ("host", "shop.example")]);
+        forwarded(
+            &mut map,
+            &ClientAddr::new("127.0.0.1:5000".parse().unwrap()),
+            true,
+        );
+        assert_eq!(map["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(map["x-forwarded-proto"], "https");
+        assert_eq!(map["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_the_chain() {
         let mut map = headers(&[
             ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
             ("x-forwarded-for", "3.3.3.3"),

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod error;
 pub mod headers;
 pub mod health;
+pub mod limit;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -28,13 +29,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use spike_config::server::{ServerSettings, serve};
+use spike_config::server::{Rejections, Server};
 use spike_config::{BalancerConfig, Source};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::balance::Router;
+use crate::balance::{Router, Routing};
 use crate::headers::ClientAddr;
 use crate::health::Checker;
 use crate::metrics::Metrics;
@@ -48,8 +49,9 @@ use crate::reload::{Control, Triggers};
 pub struct Balancer {
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
-    server: ServerSettings,
-    shutdown: CancellationToken,
+    /// The proxy's listeners, one per worker, share its connection limit.
+    proxy_server: Server,
+    admin_server: Server,
 }
 
 impl Balancer {
@@ -64,9 +66,23 @@ impl Balancer {
     ) -> std::io::Result<Self> {
         let triggers = Triggers::new(source.path())?;
         let checker = Checker::new(shutdown.clone());
-        let registry = upstream::Registry::new(Arc::new(Metrics::new()), Some(checker));
-        let router = Arc::new(Router::new(&config.upstreams, &config.proxy, registry));
-        let server = config.server.clone();
+        let metrics = Arc::new(Metrics::new());
+        let rejections = Arc::new(Rejections::with_hook({
+            let metrics = Arc::clone(&metrics);
+            move |reason| metrics.rejected(reason)
+        }));
+        let registry = upstream::Registry::new(Arc::clone(&metrics), Some(checker));
+        let router = Arc::new(Router::new(Routing::from(&config), registry));
+        let proxy_server = Server::new(
+            config.server.clone(),
+            Arc::clone(&rejections),
+            shutdown.clone(),
+        );
+        let admin_server = Server::new(
+            config.server.clone(),
+            Arc::clone(&rejections),
+            shutdown.clone(),
+        );
         let access_log = config.log.access_log.is_some();
         let control = Arc::new(Control::new(
             Arc::clone(&router),
@@ -79,15 +95,12 @@ impl Balancer {
             triggers,
             shutdown.clone(),
         ));
-        tokio::spawn(evict_idle_connections(
-            Arc::clone(&router),
-            shutdown.clone(),
-        ));
+        tokio::spawn(tidy(Arc::clone(&router), shutdown));
         Ok(Self {
-            proxy: Arc::new(Proxy::new(router, access_log)),
-            admin: Arc::new(Admin::new(control)),
-            server,
-            shutdown,
+            proxy: Arc::new(Proxy::new(router, rejections, access_log)),
+            admin: Arc::new(Admin::new(control, Arc::clone(proxy_server.connections()))),
+            proxy_server,
+            admin_server,
         })
     }
 
@@ -95,43 +108,50 @@ impl Balancer {
     /// flight finish. Each worker runs one.
     pub async fn serve_proxy(&self, listener: TcpListener) {
         let proxy = &self.proxy;
-        serve(listener, &self.server, self.shutdown.clone(), |client| {
-            let proxy = Arc::clone(proxy);
-            let client = Arc::new(ClientAddr::new(client));
-            service_fn(move |req| {
-                let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
+        self.proxy_server
+            .serve(listener, |client| {
+                let proxy = Arc::clone(proxy);
+                let client = Arc::new(ClientAddr::new(client));
+                service_fn(move |req| {
+                    let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
+                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
+                })
             })
-        })
-        .await;
+            .await;
     }
 
     /// Serves `/stats`, `/metrics` and runtime changes on `listener` until
     /// shutdown.
     pub async fn serve_admin(&self, listener: TcpListener) {
         let admin = &self.admin;
-        serve(listener, &self.server, self.shutdown.clone(), |_| {
-            let admin = Arc::clone(admin);
-            service_fn(move |req| {
-                let admin = Arc::clone(&admin);
-                async move { admin.handle(req).await }
+        self.admin_server
+            .serve(listener, |_| {
+                let admin = Arc::clone(admin);
+                service_fn(move |req| {
+                    let admin = Arc::clone(&admin);
+                    async move { admin.handle(req).await }
+                })
             })
-        })
-        .await;
+            .await;
     }
 }
 
-/// Closes pooled connections idle for longer than the idle timeout, checking
-/// twice per period, until `shutdown`.
-async fn evict_idle_connections(router: Arc<Router>, shutdown: CancellationToken) {
+/// Until `shutdown`, closes pooled connections idle for longer than the idle
+/// timeout, twice per period, and forgets the rate-limit buckets of clients
+/// gone quiet.
+async fn tidy(router: Arc<Router>, shutdown: CancellationToken) {
     loop {
         let idle_timeout = router.table().proxy.idle_timeout;
         tokio::select! {
             _ = tokio::time::sleep((idle_timeout / 2).max(Duration::from_millis(100))) => {}
             _ = shutdown.cancelled() => return,
         }
-        for peer in &router.table().peers {
+        let table = router.table();
+        for peer in &table.peers {
             peer.upstream.pool.evict_expired();
+        }
+        if let Some(limit) = &table.rate_limit {
+            limit.forget_idle();
         }
     }
 }

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use spike_config::server::{ConnectionCounts, Rejection};
+
 use crate::health::CheckRecord;
 use crate::upstream::{FailoverReason, UpstreamStats};
 
@@ -50,6 +52,15 @@ pub struct Metrics {
     failovers: Family<UpstreamKindLabel, Counter>,
     /// Attempts on another upstream after a request could not be sent.
     pub retries: Counter,
+    rejections: Family<ReasonLabel, Counter>,
+    client_connections: Gauge,
+    parked_connections: Gauge,
+}
+
+/// The label set of refusals.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 /// Request durations from 100 µs to about 13 s.
@@ -78,6 +89,13 @@ impl Metrics {
         let since_change = Family::default();
         let failovers = Family::default();
         let retries = Counter::default();
+        let rejections: Family<ReasonLabel, Counter> = Family::default();
+        // Every reason is exported from the start, at 0.
+        for reason in Rejection::ALL {
+            let _ = rejections.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
+        }
         registry.register(
             "upstream_requests",
             "Requests routed to an upstream",
@@ -138,6 +156,23 @@ impl Metrics {
             "Attempts on another upstream after a request could not be sent",
             retries.clone(),
         );
+        registry.register(
+            "rejections",
+            "Client requests and connections refused, by reason",
+            rejections.clone(),
+        );
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open on the proxy listener",
+            client_connections.clone(),
+        );
+        let parked_connections = Gauge::default();
+        registry.register(
+            "client_connections_parked",
+            "Idle client connections parked: only their socket held until the next request",
+            parked_connections.clone(),
+        );
         Self {
             registry,
             requests,
@@ -152,7 +187,25 @@ impl Metrics {
             since_change,
             failovers,
             retries,
+            rejections,
+            client_connections,
+            parked_connections,
         }
+    }
+
+    /// Sets the client connection gauges, before an export.
+    pub fn set_client_connections(&self, connections: &ConnectionCounts) {
+        self.client_connections.set(connections.open() as i64);
+        self.parked_connections.set(connections.parked() as i64);
+    }
+
+    /// Counts a refusal.
+    pub fn rejected(&self, reason: Rejection) {
+        self.rejections
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     /// The series of the upstream at `addr`, created on first use.

@@ -15,7 +15,8 @@ use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use spike_config::server::Rejections;
+use spike_config::server::body::BodyFailure;
 
 use crate::balance::{Peer, Router};
 use crate::body::{RequestBody, UpstreamBody};
@@ -31,6 +32,7 @@ pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
 #[derive(Debug)]
 pub struct Proxy {
     router: Arc<Router>,
+    rejections: Arc<Rejections>,
     /// Whether to write the access log's line for each request. Decided
     /// once: asking `tracing` per request (`enabled!`) would cost a callsite
     /// check and, with per-layer filters, leave a filter state behind that
@@ -39,15 +41,19 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(router: Arc<Router>, access_log: bool) -> Self {
-        Self { router, access_log }
+    pub fn new(router: Arc<Router>, rejections: Arc<Rejections>, access_log: bool) -> Self {
+        Self {
+            router,
+            rejections,
+            access_log,
+        }
     }
 
     /// Proxies one request from `client`, answering with the upstream's
     /// response or with the failure's reply.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client: &ClientAddr,
     ) -> Response<ResponseBody> {
         // What the access log needs of the request, copied only when it is on.
@@ -61,7 +67,10 @@ impl Proxy {
         let (response, upstream) = match self.forward(req, client).await {
             Ok((response, upstream)) => (response, Some(upstream)),
             Err(err) => {
-                tracing::debug!(client = %client.addr, error = %err, "proxy failure");
+                match err.rejection() {
+                    Some(reason) => self.rejections.reject(reason, client.addr, &err),
+                    None => tracing::debug!(client = %client.addr, error = %err, "proxy failure"),
+                }
                 let upstream = err.upstream();
                 (err.response().map(Either::Right), upstream)
             }
@@ -86,15 +95,26 @@ impl Proxy {
     /// `retries` more times.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client: &ClientAddr,
     ) -> Result<(Response<ResponseBody>, SocketAddr), ProxyError> {
-        // `[proxy]` of the configuration in force.
-        let (response_timeout, retries) = {
+        // `[proxy]` and `[rate_limit]` of the configuration in force.
+        let (response_timeout, retries, trusted) = {
             let table = self.router.current();
-            (table.proxy.response_timeout, table.proxy.retries)
+            if let Some(limit) = &table.rate_limit
+                && let Err(wait) = limit.check(client.addr.ip())
+            {
+                return Err(ProxyError::RateLimited { retry_after: wait });
+            }
+            let trusted = table
+                .proxy
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&client.addr.ip()));
+            (table.proxy.response_timeout, table.proxy.retries, trusted)
         };
-        let mut req = upstream_request(req, client);
+        let failure = req.body().failure();
+        let mut req = upstream_request(req, client, trusted);
         // A request without Host (HTTP/1.0) gets its upstream's address.
         let lacks_host = !req.headers().contains_key(HOST);
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -106,7 +126,7 @@ impl Proxy {
             if lacks_host {
                 req.headers_mut().insert(HOST, peer.upstream.host().clone());
             }
-            match self.attempt(&peer, req, response_timeout).await {
+            match self.attempt(&peer, req, response_timeout, &failure).await {
                 Ok(response) => return Ok((response, addr)),
                 Err(Attempt::Failed(error)) => return Err(error),
                 Err(Attempt::NotSent {
@@ -139,6 +159,7 @@ impl Proxy {
         peer: &Peer,
         req: Request<RequestBody>,
         response_timeout: Duration,
+        failure: &BodyFailure,
     ) -> Result<Response<ResponseBody>, Attempt> {
         let upstream = &peer.upstream;
         let addr = upstream.addr();
@@ -174,6 +195,11 @@ impl Proxy {
                         },
                     });
                 }
+                // The client's body failing is the client's fault, not the
+                // upstream's: the exchange is cancelled and the client told.
+                if let Some(body) = failure.get() {
+                    return Err(Attempt::Failed(ProxyError::ClientBody(body)));
+                }
                 upstream.failed(peer.weight);
                 return Err(Attempt::Failed(ProxyError::Upstream {
                     upstream: addr,
@@ -181,6 +207,9 @@ impl Proxy {
                 }));
             }
             Err(_) => {
+                if let Some(body) = failure.get() {
+                    return Err(Attempt::Failed(ProxyError::ClientBody(body)));
+                }
                 upstream.failed(peer.weight);
                 return Err(Attempt::Failed(ProxyError::Timeout {
                     upstream: addr,
@@ -217,8 +246,13 @@ enum Attempt {
 
 /// The request as the upstream gets it: the same method, path, headers and
 /// body, in HTTP/1.1 and origin form, without hop-by-hop headers, with `Via`
-/// and `X-Forwarded-For` added.
-fn upstream_request(req: Request<Incoming>, client: &ClientAddr) -> Request<RequestBody> {
+/// and the `X-Forwarded-*` headers added (kept and appended to if the client
+/// is a `trusted` proxy, replaced if not).
+fn upstream_request(
+    req: Request<RequestBody>,
+    client: &ClientAddr,
+    trusted: bool,
+) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
     let received = parts.version;
     // A request in absolute form (`GET http://host/path`) keeps only its path.
@@ -232,7 +266,7 @@ fn upstream_request(req: Request<Incoming>, client: &ClientAddr) -> Request<Requ
     }
     parts.version = Version::HTTP_11;
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::append_forwarded_for(&mut parts.headers, client);
+    headers::forwarded(&mut parts.headers, client, trusted);
     headers::add_via(&mut parts.headers, received);
     Request::from_parts(parts, body)
 }

@@ -23,7 +23,7 @@ use serde::Serialize;
 use spike_config::{BalancerConfig, ConfigError, Source};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Router;
+use crate::balance::{Router, Routing};
 
 /// How long to wait after a change to the file before reading it, so that
 /// an editor's several writes are read once, whole.
@@ -187,7 +187,11 @@ impl Control {
                 upstream.weight = weight;
             }
         }
-        self.router.install(&upstreams, &state.file.proxy);
+        self.router.install(Routing {
+            upstreams: &upstreams,
+            proxy: &state.file.proxy,
+            rate_limit: &state.file.rate_limit,
+        });
     }
 
     /// The weight the file gives `addr`, and whether a runtime change

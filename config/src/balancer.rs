@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -38,6 +39,10 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The most idle keep-alive connections kept per upstream.
 pub const DEFAULT_MAX_IDLE_PER_UPSTREAM: usize = 1024;
+/// The clients whose `X-Forwarded-For` is kept (appended to) rather than
+/// replaced: the loopback, where only this machine's own processes (a
+/// TLS terminator, say) connect from.
+pub const DEFAULT_TRUSTED_PROXIES: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 
 /// The validated settings of the balancer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +56,7 @@ pub struct BalancerConfig {
     pub proxy: ProxySettings,
     /// `[health]`, the checks of every upstream without overrides.
     pub health: HealthSettings,
+    pub rate_limit: RateLimitSettings,
     pub server: ServerSettings,
     pub log: LogSettings,
 }
@@ -77,6 +83,23 @@ pub struct ProxySettings {
     /// How many other upstreams a request that could not be sent may try;
     /// `None` (the default) means all the others.
     pub retries: Option<u32>,
+    /// Requests in flight on one upstream beyond which it is skipped; 0 (the
+    /// default) sets no limit.
+    pub max_requests_per_upstream: u32,
+    /// Clients whose `X-Forwarded-For`, `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` are kept; from any other they are replaced.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// `[rate_limit]`: a token bucket per client address; off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    /// Requests per second a client address may make on average; 0 (the
+    /// default) turns the limit off.
+    pub per_second: u32,
+    /// Requests it may make at once after a quiet spell (default: one
+    /// second's worth).
+    pub burst: u32,
 }
 
 impl Default for ProxySettings {
@@ -87,6 +110,11 @@ impl Default for ProxySettings {
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             max_idle_per_upstream: DEFAULT_MAX_IDLE_PER_UPSTREAM,
             retries: None,
+            max_requests_per_upstream: 0,
+            trusted_proxies: DEFAULT_TRUSTED_PROXIES
+                .iter()
+                .map(|net| net.parse().expect("a valid network"))
+                .collect(),
         }
     }
 }
@@ -107,8 +135,16 @@ struct RawBalancerConfig {
     upstream: Option<Spanned<Vec<RawUpstream>>>,
     proxy: Option<RawProxy>,
     health: Option<RawHealth>,
+    rate_limit: Option<RawRateLimit>,
     server: Option<RawServer>,
     log: Option<RawLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    per_second: Option<Spanned<u64>>,
+    burst: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +164,8 @@ struct RawProxy {
     idle_timeout: Option<Spanned<String>>,
     max_idle_per_upstream: Option<Spanned<u64>>,
     retries: Option<Spanned<u64>>,
+    max_requests_per_upstream: Option<Spanned<u64>>,
+    trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +213,7 @@ impl BalancerConfig {
         };
 
         let proxy = validate_proxy(raw.proxy.unwrap_or_default(), &mut v);
+        let rate_limit = validate_rate_limit(raw.rate_limit.unwrap_or_default(), &mut v);
         let server = ServerSettings::validate(raw.server, &mut v);
         let log = LogSettings {
             access_log: v.field(raw.log.unwrap_or_default().access_log, None, |path| {
@@ -187,6 +226,7 @@ impl BalancerConfig {
             upstreams,
             proxy,
             health,
+            rate_limit,
             server,
             log,
         })
@@ -250,12 +290,48 @@ fn validate_proxy(raw: RawProxy, v: &mut Validator<'_>) -> ProxySettings {
             defaults.max_idle_per_upstream,
             |n| usize::try_from(n).map_err(|_| format!("{n} is too large")),
         ),
-        retries: v.field(raw.retries, defaults.retries, |n| {
-            u32::try_from(n)
-                .map(Some)
-                .map_err(|_| format!("{n} is too large"))
+        retries: v.field(raw.retries, defaults.retries, |n| small(n).map(Some)),
+        max_requests_per_upstream: v.field(
+            raw.max_requests_per_upstream,
+            defaults.max_requests_per_upstream,
+            small,
+        ),
+        trusted_proxies: match raw.trusted_proxies {
+            None => defaults.trusted_proxies,
+            Some(list) => list
+                .into_iter()
+                .filter_map(|net| {
+                    v.field(Some(net), None, |text| {
+                        network(&text).map(Some).ok_or_else(|| {
+                            format!("`{text}` is not an address or a network such as 10.0.0.0/8")
+                        })
+                    })
+                })
+                .collect(),
+        },
+    }
+}
+
+fn validate_rate_limit(raw: RawRateLimit, v: &mut Validator<'_>) -> RateLimitSettings {
+    let per_second = v.field(raw.per_second, 0, small);
+    RateLimitSettings {
+        per_second,
+        burst: v.field(raw.burst, per_second, |n| {
+            small(n).and_then(|n| source::at_least(1)(u64::from(n)).map(|_| n))
         }),
     }
+}
+
+/// A count that fits 32 bits.
+fn small(n: u64) -> Result<u32, String> {
+    u32::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// A network (`10.0.0.0/8`) or a single address.
+fn network(text: &str) -> Option<IpNet> {
+    text.parse()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
 /// A weight is an integer from 0 to [`MAX_WEIGHT`].
@@ -323,6 +399,12 @@ addr = "127.0.0.1:3002"
             .map(|u| (u.addr.port(), u.weight))
             .collect();
         assert_eq!(weights, [(3001, 1), (3002, 2), (3003, 3), (3004, 4)]);
+        // Its comments say the values it shows are the defaults.
+        assert_eq!(config.proxy, ProxySettings::default());
+        assert_eq!(config.health, HealthSettings::default());
+        assert_eq!(config.rate_limit, RateLimitSettings::default());
+        assert_eq!(config.server, ServerSettings::default());
+        assert_eq!(config.log, LogSettings::default());
     }
 
     #[test]
@@ -412,6 +494,40 @@ backup = true
             .map(|p| p.split(':').nth(1).unwrap().to_owned())
             .collect();
         assert_eq!(lines, ["13", "14", "15"], "{problems:?}");
+    }
+
+    #[test]
+    fn edge_settings_are_read_and_checked() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.rate_limit.per_second, 0, "off by default");
+        assert!(
+            config
+                .proxy
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()))
+        );
+        let config = parse(&format!(
+            "{MINIMAL}\n[proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\nmax_requests_per_upstream = 64\n\n\
+             [rate_limit]\nper_second = 20\n\n[server]\nmax_body_bytes = 4096\nbody_timeout = \"2s\"\nidle_timeout = \"5s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.proxy.trusted_proxies.len(), 2);
+        assert_eq!(config.proxy.max_requests_per_upstream, 64);
+        assert_eq!(
+            (config.rate_limit.per_second, config.rate_limit.burst),
+            (20, 20)
+        );
+        assert_eq!(config.server.max_body_bytes, 4096);
+        assert_eq!(config.server.body_timeout, Duration::from_secs(2));
+        assert_eq!(config.server.idle_timeout, Duration::from_secs(5));
+        let problems = messages(&format!(
+            "{MINIMAL}\n[proxy]\ntrusted_proxies = [\"10.0.0.0/33\"]\n"
+        ));
+        assert!(
+            problems[0].contains("is not an address or a network"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -151,6 +151,18 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_shows_the_defaults_but_the_stat_log() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node.toml");
+        let config = NodeConfig::load(&path).unwrap();
+        assert_eq!(config.stat_log, Some("log/stat.log".into()));
+        let defaults = NodeConfig {
+            stat_log: config.stat_log.clone(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(config, defaults);
+    }
+
+    #[test]
     fn an_empty_file_gives_the_defaults() {
         assert_eq!(parse("").unwrap(), NodeConfig::default());
         assert_eq!(NodeConfig::default().name(), "node-3001");

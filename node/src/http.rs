@@ -14,8 +14,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use serde::Serialize;
+use spike_config::server::body::RequestBody;
 
 use crate::sale::{Purchase, Sale, Unavailable};
 
@@ -81,11 +82,11 @@ impl Handler {
         }
     }
 
-    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Result<Response<Body>, Infallible> {
         let method = req.method();
         let reply = match req.uri().path() {
             "/buy/ticket" => match *method {
-                Method::GET | Method::POST => self.buy(&req).await,
+                Method::GET | Method::POST => self.buy(req).await,
                 _ => method_not_allowed("GET, POST"),
             },
             "/health" => match *method {
@@ -101,9 +102,21 @@ impl Handler {
         Ok(reply)
     }
 
-    async fn buy<B>(&self, req: &Request<B>) -> Response<Body> {
+    /// A purchase, made only once the whole request has arrived: a body cut
+    /// short or trickling past the body timeout buys nothing.
+    async fn buy(&self, req: Request<RequestBody>) -> Response<Body> {
         let sale = &self.sale;
-        let buyer = match buyer(req) {
+        let (parts, body) = req.into_parts();
+        if let Err(err) = body.collect().await {
+            sale.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return failure(
+                err.status(),
+                err.rejection().as_str(),
+                Some(&err.to_string()),
+            );
+        }
+        let req = Request::from_parts(parts, ());
+        let buyer = match buyer(&req) {
             Ok(buyer) => buyer,
             Err(detail) => {
                 sale.counters.rejected.fetch_add(1, Ordering::Relaxed);

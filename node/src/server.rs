@@ -1,9 +1,11 @@
 //! Serving: the node's state, its background sync, and its listener.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use hyper::service::service_fn;
 use spike_config::NodeConfig;
+use spike_config::server::{Rejections, Server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +23,7 @@ pub enum StartError {
 }
 
 /// Serves the node on `listener` until `shutdown` is cancelled, then lets
-/// requests in flight finish (see [`spike_config::server::serve`]).
+/// requests in flight finish (see [`Server`]).
 pub async fn run(
     listener: TcpListener,
     config: &NodeConfig,
@@ -52,15 +54,24 @@ pub async fn run(
         "serving"
     );
 
+    // Refused input counts with the node's other rejected requests.
+    let rejections = Arc::new(Rejections::with_hook({
+        let sale = Arc::clone(&sale);
+        move |_| {
+            sale.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+    }));
+    let server = Server::new(config.server.clone(), rejections, shutdown);
     let handler = Arc::new(Handler::new(sale));
-    spike_config::server::serve(listener, &config.server, shutdown, |_peer| {
-        let handler = Arc::clone(&handler);
-        service_fn(move |req| {
+    server
+        .serve(listener, |_peer| {
             let handler = Arc::clone(&handler);
-            async move { handler.handle(req).await }
+            service_fn(move |req| {
+                let handler = Arc::clone(&handler);
+                async move { handler.handle(req).await }
+            })
         })
-    })
-    .await;
+        .await;
     let _ = sync.await;
     Ok(())
 }

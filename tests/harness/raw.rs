@@ -1,8 +1,10 @@
-//! HTTP/1 over a raw TCP connection: the test writes exact bytes and reads
+//! HTTP/1 over raw TCP: a client that writes exact bytes and reads
 //! responses one at a time, so framing (HEAD, 204, 304, chunked bodies,
-//! keep-alive) is checked as a client on the wire sees it.
+//! keep-alive) is checked as a client on the wire sees it; and a backend
+//! that records the exact bytes it receives.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,10 +50,13 @@ impl RawConnection {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
-        self.stream
-            .write_all(bytes)
-            .await
-            .expect("write the request");
+        self.try_send(bytes).await.expect("write the request");
+    }
+
+    /// Writes bytes, reporting rather than panicking if the server has
+    /// closed the connection: for tests that expect to be cut off.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
     }
 
     /// Reads the next response; `to_head` says it answers a HEAD request,
@@ -170,4 +175,135 @@ impl RawConnection {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A backend that records the exact bytes of every request it receives and
+/// answers each with those bytes as its body. It reads requests as a
+/// strict HTTP/1.1 server would (a `Content-Length` or chunked body), so a
+/// request it records is one a server would have acted on.
+#[derive(Debug)]
+pub struct RawBackend {
+    addr: SocketAddr,
+    complete: Recorded,
+    /// Bytes of requests whose connection ended before they were whole.
+    incomplete: Recorded,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (complete, incomplete) = (Recorded::default(), Recorded::default());
+        let task = tokio::spawn({
+            let (complete, incomplete) = (Arc::clone(&complete), Arc::clone(&incomplete));
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (complete, incomplete) = (Arc::clone(&complete), Arc::clone(&incomplete));
+                    tokio::spawn(serve_raw(stream, complete, incomplete));
+                }
+            }
+        });
+        Self {
+            addr,
+            complete,
+            incomplete,
+            task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The whole requests received, health checks aside, as text.
+    pub fn requests(&self) -> Vec<String> {
+        self.complete
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+            .filter(|request| !request.contains("spike-balancer health check"))
+            .collect()
+    }
+
+    /// Requests that never arrived whole.
+    pub fn incomplete(&self) -> usize {
+        self.incomplete.lock().unwrap().len()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Requests as the bytes received, shared by a backend's connections.
+type Recorded = Arc<Mutex<Vec<Vec<u8>>>>;
+
+async fn serve_raw(mut stream: TcpStream, complete: Recorded, incomplete: Recorded) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(end) = request_end(&buf) {
+                break end;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match stream.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => {
+                    if !buf.is_empty() {
+                        incomplete.lock().unwrap().push(buf);
+                    }
+                    return;
+                }
+            }
+        };
+        let request: Vec<u8> = buf.drain(..end).collect();
+        let mut reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            request.len()
+        )
+        .into_bytes();
+        reply.extend_from_slice(&request);
+        complete.lock().unwrap().push(request);
+        if stream.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Where the first whole request in `buf` ends, if it is there.
+fn request_end(buf: &[u8]) -> Option<usize> {
+    let head_end = find(buf, b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|line| line.strip_prefix(name).map(|v| v.trim().to_owned()))
+    };
+    if header("transfer-encoding:").is_some_and(|te| te.ends_with("chunked")) {
+        let mut at = head_end;
+        loop {
+            let line_end = at + find(&buf[at..], b"\r\n")?;
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&buf[at..line_end]).trim(), 16)
+                    .ok()?;
+            at = line_end + 2;
+            if size == 0 {
+                // No trailers from the balancer: an empty line ends it.
+                return (buf.len() >= at + 2).then_some(at + 2);
+            }
+            if buf.len() < at + size + 2 {
+                return None;
+            }
+            at += size + 2;
+        }
+    }
+    let length: usize = header("content-length:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (buf.len() >= head_end + length).then_some(head_end + length)
 }

@@ -1,0 +1,80 @@
+//! The per-client rate limit: a token bucket per client address (GCRA,
+//! from the `governor` crate), the classic defence of a flash sale against
+//! one bot hammering the purchase endpoint. Off unless `[rate_limit]` sets
+//! `per_second`.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use spike_config::balancer::RateLimitSettings;
+
+/// The buckets of every client address, under one quota.
+#[derive(Debug)]
+pub struct RateLimit {
+    settings: RateLimitSettings,
+    buckets: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl RateLimit {
+    /// The limit of `settings`, or `None` if they turn it off.
+    pub fn new(settings: &RateLimitSettings) -> Option<Self> {
+        let rate = NonZeroU32::new(settings.per_second)?;
+        let burst = NonZeroU32::new(settings.burst).unwrap_or(rate);
+        Some(Self {
+            settings: settings.clone(),
+            buckets: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+        })
+    }
+
+    pub fn settings(&self) -> &RateLimitSettings {
+        &self.settings
+    }
+
+    /// Takes a token from `client`'s bucket; when it is empty, how long
+    /// until the next one.
+    pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
+        self.buckets
+            .check_key(&client)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Forgets the buckets that are full again, so that memory follows the
+    /// clients of the last moments, not every client ever seen.
+    pub fn forget_idle(&self) {
+        self.buckets.retain_recent();
+        self.buckets.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_its_burst_then_waits_while_others_do_not() {
+        let limit = RateLimit::new(&RateLimitSettings {
+            per_second: 1,
+            burst: 3,
+        })
+        .unwrap();
+        let (bot, other): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            assert_eq!(limit.check(bot), Ok(()));
+        }
+        let wait = limit.check(bot).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert_eq!(limit.check(other), Ok(()));
+    }
+
+    #[test]
+    fn zero_per_second_is_off() {
+        assert!(RateLimit::new(&RateLimitSettings::default()).is_none());
+    }
+}

@@ -1,0 +1,152 @@
+//! `[server]`: the client-facing HTTP/1 listener of the node and of the
+//! balancer, its limits and timeouts, and [`Server`], which serves it.
+//!
+//! HTTP/1.0 and HTTP/1.1 clients are both served, with keep-alive when they
+//! ask for it (`ab -k` sends `Connection: keep-alive` over HTTP/1.0). What a
+//! hostile client can do is bounded here, once for both binaries:
+//!
+//! - [`conn`]: how long a connection may take to send a request's head
+//!   (from its first byte; a slowloris is cut there), how long it may idle
+//!   between requests, how many connections are open at once; an idle
+//!   connection is parked, its HTTP state freed, until its next request;
+//! - [`frame`]: requests whose framing could be read two ways (request
+//!   smuggling) are refused before any service sees them, header names with
+//!   `_` are dropped, and a body announced larger than the limit gets 413;
+//! - [`body`]: the body must arrive whole within the body timeout and stay
+//!   within the size limit while it streams;
+//! - [`reject`]: every refusal is counted by reason and logged at most once
+//!   a second per reason.
+//!
+//! hyper refuses the rest of the malformed input itself (obs-fold, bare CR,
+//! conflicting or malformed `Content-Length`, bad chunk framing: 400;
+//! header block or count over the limit: 431).
+
+pub mod body;
+pub mod conn;
+pub mod frame;
+pub mod reject;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use toml::Spanned;
+
+pub use conn::{ConnectionCounts, Server};
+pub use reject::{Rejection, Rejections};
+
+use crate::source::{self, Validator};
+
+/// From the first byte of a request to the end of its head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A keep-alive connection with no request in progress.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// From the end of a request's head to the end of its body.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The request line and headers together (nginx: 4 buffers of 8 KiB;
+/// HAProxy: 16 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// hyper's default.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// nginx's `client_max_body_size`.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+/// Open client connections; past it, new ones wait in the accept backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long requests in flight may take to finish once shutdown begins.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The validated `[server]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: u64,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    /// Worker threads; `None` (the default) means one per core, like
+    /// nginx's `worker_processes auto`.
+    pub workers: Option<usize>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            workers: None,
+        }
+    }
+}
+
+/// The `[server]` section as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    header_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
+    max_header_bytes: Option<Spanned<u64>>,
+    max_headers: Option<Spanned<u64>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    shutdown_grace: Option<Spanned<String>>,
+    workers: Option<Spanned<u64>>,
+}
+
+impl ServerSettings {
+    pub(crate) fn validate(raw: Option<RawServer>, v: &mut Validator<'_>) -> Self {
+        let raw = raw.unwrap_or_default();
+        let d = Self::default();
+        let count = |min: u64| {
+            move |n: u64| source::at_least(min)(n).map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        Self {
+            header_timeout: v.field(raw.header_timeout, d.header_timeout, source::duration),
+            idle_timeout: v.field(raw.idle_timeout, d.idle_timeout, source::duration),
+            body_timeout: v.field(raw.body_timeout, d.body_timeout, source::duration),
+            // A request line and a Host need some room.
+            max_header_bytes: v.field(raw.max_header_bytes, d.max_header_bytes, count(256)),
+            max_headers: v.field(raw.max_headers, d.max_headers, count(1)),
+            max_body_bytes: v.field(raw.max_body_bytes, d.max_body_bytes, Ok),
+            max_connections: v.field(raw.max_connections, d.max_connections, count(1)),
+            shutdown_grace: v.field(raw.shutdown_grace, d.shutdown_grace, source::duration),
+            workers: v.field(raw.workers, d.workers, |n| count(1)(n).map(Some)),
+        }
+    }
+
+    /// The multi-threaded runtime these settings ask for.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(workers) = self.workers {
+            builder.worker_threads(workers);
+        }
+        builder.enable_all().build()
+    }
+}
+
+/// A token cancelled on the first SIGTERM or Ctrl-C (SIGINT): the shutdown
+/// signal of a binary.
+pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}

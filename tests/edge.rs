@@ -1,0 +1,530 @@
+//! The balancer at the edge: one test per row of the hostile-input table
+//! (shared/design/HTTP_EDGE.md). Each sends raw bytes, checks the status,
+//! checks what reached the backend (a backend that records the exact bytes
+//! it gets), then checks that a fresh, legitimate request still succeeds.
+
+use std::time::{Duration, Instant};
+
+use spike_tests::ab::ab;
+use spike_tests::backend::{Backend, Recorded, Reply};
+use spike_tests::balancer::Balancer;
+use spike_tests::client::Client;
+use spike_tests::raw::{RawBackend, RawConnection, RawResponse};
+use spike_tests::wait_until_async;
+
+/// Short timeouts and small limits, so the tests can reach them quickly.
+const EDGE: &str = "[server]\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"\nmax_body_bytes = 1000\n\
+                    max_header_bytes = 2048\nmax_headers = 20\n";
+
+async fn setup(extra: &str) -> (RawBackend, Balancer) {
+    let backend = RawBackend::start().await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], &format!("{EDGE}{extra}"));
+    (backend, balancer)
+}
+
+/// Sends `bytes` on a new connection and reads one response.
+async fn exchange(balancer: &Balancer, bytes: &[u8]) -> Option<RawResponse> {
+    let mut conn = RawConnection::connect(balancer.proxy()).await;
+    conn.send(bytes).await;
+    conn.response(false).await
+}
+
+/// A fresh, legitimate request succeeds, and reaches the backend whole.
+async fn still_serves(balancer: &Balancer, backend: &RawBackend) {
+    let before = backend.requests().len();
+    let reply = Client::new().get(&balancer.url("/after")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let requests = backend.requests();
+    assert_eq!(requests.len(), before + 1);
+    assert!(
+        requests
+            .last()
+            .unwrap()
+            .starts_with("GET /after HTTP/1.1\r\n")
+    );
+}
+
+async fn rejections(balancer: &Balancer, reason: &str) -> u64 {
+    let metrics = Client::new()
+        .get(&balancer.admin_url("/metrics"))
+        .await
+        .text();
+    let line = format!("spike_balancer_rejections_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_smuggled_behind_chunked_and_length_never_reaches_the_backend() {
+    let (backend, balancer) = setup("").await;
+    let mut conn = RawConnection::connect(balancer.proxy()).await;
+    conn.send(
+        b"POST /pay HTTP/1.1\r\nHost: shop\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n\
+          0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n",
+    )
+    .await;
+    let response = conn.response(false).await.unwrap();
+    assert_eq!(response.status, 200);
+    // The backend saw one request, framed by its chunked coding alone.
+    let seen = String::from_utf8(response.body.clone()).unwrap();
+    assert!(seen.starts_with("POST /pay HTTP/1.1\r\n"), "{seen}");
+    assert!(
+        !seen.to_ascii_lowercase().contains("content-length: 6"),
+        "{seen}"
+    );
+    assert!(!seen.contains("/smuggled"), "{seen}");
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(
+        conn.is_closed().await,
+        "the connection is closed after the response"
+    );
+    assert_eq!(backend.requests().len(), 1);
+    still_serves(&balancer, &backend).await;
+    assert!(!backend.requests().iter().any(|r| r.contains("/smuggled")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_malformed_framing_gets_400_and_reaches_nothing() {
+    let (backend, balancer) = setup("").await;
+    let requests: [&[u8]; 12] = [
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0x5\r\n\r\nhello",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\nhello",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: \r\n\r\nhello",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \"chunked\"\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    ];
+    for request in requests {
+        let response = exchange(&balancer, request).await;
+        let status = response.map(|r| r.status);
+        assert_eq!(status, Some(400), "{}", String::from_utf8_lossy(request));
+    }
+    assert!(backend.requests().is_empty(), "{:?}", backend.requests());
+    assert_eq!(backend.incomplete(), 0);
+    assert!(rejections(&balancer, "bad_request").await >= 12);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_with_an_underscore_is_never_forwarded() {
+    let (backend, balancer) = setup("").await;
+    let response = exchange(
+        &balancer,
+        b"GET /a HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\nX_User: eve\r\nX-User: ann\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    let seen = backend.requests()[0].to_ascii_lowercase();
+    assert!(
+        !seen.contains("transfer_encoding") && !seen.contains("x_user"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-user: ann"), "{seen}");
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_chunk_framing_gets_400_and_the_backend_never_gets_a_body() {
+    let (backend, balancer) = setup("").await;
+    let requests: [&[u8]; 4] = [
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\r\nhello\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n",
+    ];
+    for request in requests {
+        let status = exchange(&balancer, request).await.map(|r| r.status);
+        assert!(
+            matches!(status, None | Some(400)),
+            "{status:?} for {}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    // What the backend got of them, if anything, never ended: no request to
+    // act on.
+    assert!(backend.requests().is_empty(), "{:?}", backend.requests());
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_over_the_limit_or_too_many_headers_get_431() {
+    let (backend, balancer) = setup("").await;
+    let big = format!(
+        "GET /a HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4096)
+    );
+    assert_eq!(
+        exchange(&balancer, big.as_bytes()).await.map(|r| r.status),
+        Some(431)
+    );
+    let many: String = (0..40).map(|i| format!("X-H{i}: {i}\r\n")).collect();
+    let many = format!("GET /a HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    assert_eq!(
+        exchange(&balancer, many.as_bytes()).await.map(|r| r.status),
+        Some(431)
+    );
+    assert!(backend.requests().is_empty());
+    assert_eq!(rejections(&balancer, "headers_too_large").await, 2);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_gets_413_and_nothing_is_forwarded() {
+    let (backend, balancer) = setup("").await;
+    let announced = format!(
+        "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n{}",
+        "a".repeat(1001)
+    );
+    assert_eq!(
+        exchange(&balancer, announced.as_bytes())
+            .await
+            .map(|r| r.status),
+        Some(413)
+    );
+    // Chunked, so only counting while it streams can catch it.
+    let chunks: String = (0..11)
+        .map(|_| format!("64\r\n{}\r\n", "b".repeat(100)))
+        .collect();
+    let streamed = format!(
+        "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}0\r\n\r\n"
+    );
+    assert_eq!(
+        exchange(&balancer, streamed.as_bytes())
+            .await
+            .map(|r| r.status),
+        Some(413)
+    );
+    assert!(backend.requests().is_empty(), "{:?}", backend.requests());
+    assert_eq!(rejections(&balancer, "body_too_large").await, 2);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_is_cut_at_the_header_timeout_while_ab_keeps_succeeding() {
+    let (backend, balancer) = setup("").await;
+    let url = balancer.url("/ab");
+    let load =
+        tokio::task::spawn_blocking(move || ab(&["-q", "-k", "-n", "3000", "-c", "4"], &url));
+
+    // Ten slow clients, one header byte every 200 ms.
+    let slow: Vec<_> = (0..10)
+        .map(|_| {
+            let proxy = balancer.proxy();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let mut conn = RawConnection::connect(proxy).await;
+                let head = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+                for byte in head {
+                    if conn.try_send(&[*byte]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let closed = conn.read_to_close().await;
+                (started.elapsed(), closed)
+            })
+        })
+        .collect();
+    for client in slow {
+        let (took, answer) = client.await.unwrap();
+        assert!(
+            answer.is_empty(),
+            "a slow head got {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "cut after {took:?}"
+        );
+    }
+    let report = load.await.unwrap();
+    assert_eq!(
+        (report.complete, report.failed, report.non_2xx),
+        (3_000, 0, 0)
+    );
+    assert!(!backend.requests().iter().any(|r| r.contains("/slow")));
+    assert_eq!(rejections(&balancer, "header_timeout").await, 10);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_gets_408_and_the_upstream_request_is_cancelled() {
+    let (backend, balancer) = setup("").await;
+    let mut conn = RawConnection::connect(balancer.proxy()).await;
+    conn.send(b"POST /buy/ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        .await;
+    let started = Instant::now();
+    let trickle = async {
+        for _ in 0..100 {
+            if conn.try_send(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = trickle => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+    let response = conn.response(false).await.unwrap();
+    assert_eq!(response.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The backend saw the head and some bytes, never the whole request.
+    wait_until_async(
+        "the upstream exchange to be cut",
+        Duration::from_secs(5),
+        || async { backend.incomplete() == 1 },
+    )
+    .await;
+    assert!(backend.requests().is_empty());
+    assert_eq!(rejections(&balancer, "body_timeout").await, 1);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_go_and_the_forwarding_headers_are_set() {
+    let (backend, balancer) = setup("").await;
+    let response = exchange(
+        &balancer,
+        b"GET /a HTTP/1.1\r\nHost: shop\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\n\
+          TE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: x\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    let seen = backend.requests()[0].to_ascii_lowercase();
+    for gone in [
+        "\r\nconnection:",
+        "x-hop",
+        "keep-alive:",
+        "\r\nte:",
+        "upgrade:",
+        "proxy-authorization",
+    ] {
+        assert!(!seen.contains(gone), "{gone} in {seen}");
+    }
+    // From the loopback, a trusted proxy by default: the chain is kept.
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\r\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\r\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: shop\r\n"), "{seen}");
+    assert!(seen.contains("via: 1.1 spike\r\n"), "{seen}");
+    assert_eq!(response.header("via"), Some("1.1 spike"));
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_client_cannot_forge_forwarded_headers() {
+    let (backend, balancer) = setup("\n[proxy]\ntrusted_proxies = []\n").await;
+    exchange(
+        &balancer,
+        b"GET /a HTTP/1.1\r\nHost: shop\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let seen = backend.requests()[0].to_ascii_lowercase();
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\r\n"), "{seen}");
+    assert!(!seen.contains("203.0.113.9"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_limit_new_connections_wait_and_old_ones_work() {
+    let (backend, balancer) = setup("max_connections = 20\n").await;
+    let rss_before = rss_kib(balancer.process.pid());
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut conn = RawConnection::connect(balancer.proxy()).await;
+        conn.send(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(conn.response(false).await.unwrap().status, 200);
+        held.push(conn);
+    }
+    // A thousand more connect (the kernel's backlog takes them) but are not
+    // served while the twenty stay open.
+    let mut waiting = Vec::new();
+    for _ in 0..1_000 {
+        waiting.push(RawConnection::connect(balancer.proxy()).await);
+    }
+    let mut last = waiting.pop().unwrap();
+    last.send(b"GET /waiting HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let early = tokio::time::timeout(Duration::from_millis(500), last.response(false)).await;
+    assert!(early.is_err(), "served past the limit");
+    // The connections within the limit keep working.
+    for conn in held.iter_mut().take(5) {
+        conn.send(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(conn.response(false).await.unwrap().status, 200);
+    }
+    let rss_after = rss_kib(balancer.process.pid());
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "{rss_before} KiB, then {rss_after} KiB"
+    );
+    assert!(rejections(&balancer, "connection_limit").await >= 1);
+
+    // Room again: the waiting connection is served.
+    drop(held);
+    drop(waiting);
+    let response = tokio::time::timeout(Duration::from_secs(10), last.response(false))
+        .await
+        .expect("served once room was made");
+    assert_eq!(response.unwrap().status, 200);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let (backend, balancer) = setup("\n[rate_limit]\nper_second = 2\nburst = 5\n").await;
+    let client = Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let reply = client.get(&balancer.url("/buy/ticket")).await;
+        if reply.status == 429 {
+            let wait: u64 = reply.headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&wait), "{wait}");
+            assert_eq!(reply.json()["error"], "rate_limited");
+        }
+        statuses.push(reply.status.as_u16());
+    }
+    let allowed = statuses.iter().filter(|&&s| s == 200).count();
+    assert!((5..=6).contains(&allowed), "{statuses:?}");
+    assert_eq!(backend.requests().len(), allowed);
+    assert_eq!(
+        rejections(&balancer, "rate_limited").await,
+        (20 - allowed) as u64
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_at_its_request_limit_is_passed_over_then_503() {
+    let respond = |request: &Recorded| {
+        let reply = Reply::ok(request.uri.path().to_owned());
+        if request.uri.path() == "/slow" {
+            reply.delayed(Duration::from_secs(3))
+        } else {
+            reply
+        }
+    };
+    let (a, b) = (Backend::start(respond).await, Backend::start(respond).await);
+    let balancer = Balancer::start(
+        &[(a.addr(), 1), (b.addr(), 1)],
+        "[proxy]\nmax_requests_per_upstream = 1\n",
+    );
+    let client = Client::new();
+    let slow = |client: &Client| {
+        let (client, url) = (client.clone(), balancer.url("/slow"));
+        tokio::spawn(async move { client.get(&url).await })
+    };
+    let first = slow(&client);
+    wait_until_async(
+        "the slow request to be in flight",
+        Duration::from_secs(5),
+        || async { a.hits() + b.hits() == 1 },
+    )
+    .await;
+    let busy = if a.hits() == 1 { &a } else { &b };
+    let free = if a.hits() == 1 { &b } else { &a };
+    // Every request goes to the upstream that is not at its limit.
+    for _ in 0..4 {
+        assert_eq!(client.get(&balancer.url("/fast")).await.status, 200);
+    }
+    assert_eq!((busy.hits(), free.hits()), (1, 4));
+
+    // Both at their limit: 503 at once.
+    let second = slow(&client);
+    wait_until_async(
+        "the second slow request to be in flight",
+        Duration::from_secs(5),
+        || async { free.hits() == 5 },
+    )
+    .await;
+    let refused = client.get(&balancer.url("/fast")).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"], "no_upstream");
+    assert_eq!(a.hits() + b.hits(), 6);
+
+    for slow in [first, second] {
+        assert_eq!(slow.await.unwrap().status, 200);
+    }
+    assert_eq!(client.get(&balancer.url("/fast")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_parked_small_and_serve_again() {
+    let (backend, balancer) = setup("").await;
+    let client = Client::new();
+    let parked = || async {
+        let stats = client.get(&balancer.admin_url("/stats")).await.json();
+        let connections = &stats["client_connections"];
+        (
+            connections["open"].as_u64().unwrap(),
+            connections["parked"].as_u64().unwrap(),
+        )
+    };
+    let rss_before = rss_kib(balancer.process.pid());
+    // In batches, as a crowd arrives: each answered, then left idle.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        for _ in 0..100 {
+            let mut conn = RawConnection::connect(balancer.proxy()).await;
+            conn.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert_eq!(conn.response(false).await.unwrap().status, 200);
+            held.push(conn);
+        }
+        let count = held.len() as u64;
+        wait_until_async(
+            "the idle connections to be parked",
+            Duration::from_secs(5),
+            || async { parked().await == (count, count) },
+        )
+        .await;
+    }
+    // Parked, a connection holds its socket and little else: far less than
+    // hyper's two 8 KiB buffers each.
+    let grown = rss_kib(balancer.process.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 2_000 * 8,
+        "{grown} KiB more for 2,000 idle connections"
+    );
+
+    // Each serves its next request as if it had never been parked.
+    for conn in held.iter_mut() {
+        conn.send(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let response = conn.response(false).await.unwrap();
+        assert_eq!(response.status, 200);
+        assert!(String::from_utf8_lossy(&response.body).starts_with("GET /second HTTP/1.1\r\n"));
+    }
+    let seen = backend.requests();
+    assert_eq!(
+        seen.iter()
+            .filter(|r| r.starts_with("GET /second "))
+            .count(),
+        2_000
+    );
+}
