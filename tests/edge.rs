@@ -5,6 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
 use spike_tests::ab::ab;
 use spike_tests::backend::{Backend, Recorded, Reply};
 use spike_tests::balancer::Balancer;
@@ -261,25 +264,41 @@ async fn a_slowloris_is_cut_at_the_header_timeout_while_ab_keeps_succeeding() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_body_gets_408_and_the_upstream_request_is_cancelled() {
     let (backend, balancer) = setup("").await;
-    let mut conn = RawConnection::connect(balancer.proxy()).await;
-    conn.send(b"POST /buy/ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
-        .await;
+    let stream = TcpStream::connect(balancer.proxy()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    writer
+        .write_all(b"POST /buy/ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
     let started = Instant::now();
-    let trickle = async {
+    // One byte every 200 ms, until the balancer answers.
+    let trickle = tokio::spawn(async move {
         for _ in 0..100 {
-            if conn.try_send(b"x").await.is_err() {
+            if writer.write_all(b"x").await.is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    };
-    tokio::select! {
-        _ = trickle => {}
-        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    });
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), reader.read(&mut byte));
+        assert_eq!(
+            read.await.expect("an answer").unwrap(),
+            1,
+            "closed unanswered"
+        );
+        head.push(byte[0]);
     }
-    let response = conn.response(false).await.unwrap();
-    assert_eq!(response.status, 408);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    trickle.abort();
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 408 "), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // The backend saw the head and some bytes, never the whole request.
     wait_until_async(
         "the upstream exchange to be cut",
@@ -527,4 +546,170 @@ async fn idle_keep_alive_connections_are_parked_small_and_serve_again() {
             .count(),
         2_000
     );
+}
+
+/// A body of `len` bytes that shows where any byte of it came from.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Reads one response with a `Content-Length` body off `stream`: at full
+/// speed, but over the last `slow_tail` bytes of the body with a pause of
+/// 150 ms after every 256 KiB. Returns the head and the body.
+async fn read_reply(stream: &mut TcpStream, slow_tail: usize) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut chunk = vec![0; 64 * 1024];
+    let (head, length) = loop {
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&chunk[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let length = head
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse::<usize>().unwrap())
+                .expect("a content length");
+            got.drain(..end + 4);
+            break (head, length);
+        }
+    };
+    let mut since_pause = 0;
+    while got.len() < length {
+        if length - got.len() <= slow_tail && since_pause >= 256 * 1024 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            since_pause = 0;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk));
+        let n = read
+            .await
+            .unwrap_or_else(|_| panic!("stalled at {} of {length} body bytes", got.len()))
+            .expect("read");
+        assert!(n > 0, "closed at {} of {length} body bytes", got.len());
+        got.extend_from_slice(&chunk[..n]);
+        since_pause += n;
+    }
+    (head, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_gets_its_whole_reply_and_the_next_one_intact() {
+    const LEN: usize = 8 << 20;
+    let backend = Backend::start(|request| {
+        let len = if request.uri.path() == "/big" {
+            LEN
+        } else {
+            10
+        };
+        Reply::ok(pattern(len))
+    })
+    .await;
+    let balancer = Balancer::start(&[(backend.addr(), 1)], EDGE);
+    let mut stream = TcpStream::connect(balancer.proxy()).await.unwrap();
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // The last 5 MiB slowly: more than the kernel's buffers hold, so that
+    // the end of the reply waits in the balancer, unflushed, for far longer
+    // than an idle connection waits before it is parked.
+    let (head, body) = read_reply(&mut stream, 5 << 20).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body.len(), LEN);
+    assert!(
+        body == pattern(LEN),
+        "the body differs from what the backend sent"
+    );
+
+    stream
+        .write_all(b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_reply(&mut stream, 0).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, pattern(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_at_the_send_timeout() {
+    let backend = Backend::start(|_| Reply::ok(pattern(32 << 20))).await;
+    let balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        &format!("{EDGE}send_timeout = \"1s\"\n"),
+    );
+    let mut stream = TcpStream::connect(balancer.proxy()).await.unwrap();
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let client = Client::new();
+    let upstream_busy = || async {
+        let stats = client.get(&balancer.admin_url("/stats")).await.json();
+        (
+            stats["upstreams"][0]["in_flight"].as_u64().unwrap(),
+            stats["client_connections"]["open"].as_u64().unwrap(),
+        )
+    };
+    wait_until_async(
+        "the reply to be under way",
+        Duration::from_secs(5),
+        || async { upstream_busy().await == (1, 1) },
+    )
+    .await;
+    // The client never reads: past the send timeout the connection and the
+    // upstream request are let go.
+    let started = Instant::now();
+    wait_until_async(
+        "the stalled reply to be dropped",
+        Duration::from_secs(10),
+        || async { upstream_busy().await == (0, 0) },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    still_serves_any(&balancer).await;
+}
+
+async fn still_serves_any(balancer: &Balancer) {
+    let reply = Client::new().get(&balancer.url("/after")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_reaches_a_client_that_is_still_sending_its_body() {
+    let (backend, balancer) = setup("").await;
+    let stream = TcpStream::connect(balancer.proxy()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // Announced far over the limit, and sent regardless.
+    let sending = tokio::spawn(async move {
+        let _ = writer
+            .write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n")
+            .await;
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..122 {
+            if writer.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    let mut reply = Vec::new();
+    let mut chunk = vec![0; 16 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), reader.read(&mut chunk)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => reply.extend_from_slice(&chunk[..n]),
+            Ok(Err(err)) => panic!("{err} after {:?}", String::from_utf8_lossy(&reply)),
+            Err(_) => panic!("no end after {:?}", String::from_utf8_lossy(&reply)),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 413 "), "{reply}");
+    drop(sending.await.unwrap());
+    assert!(backend.requests().is_empty());
+    still_serves(&balancer, &backend).await;
 }

@@ -28,7 +28,7 @@ use spike_config::balancer::{ProxySettings, RateLimitSettings, UpstreamConfig};
 use crate::health::{State, now_ms};
 use crate::limit::RateLimit;
 use crate::pool::PoolSettings;
-use crate::upstream::{Registry, Upstream};
+use crate::upstream::{InFlight, Registry, Upstream};
 
 /// An upstream as one routing table sees it.
 #[derive(Debug, Clone)]
@@ -132,8 +132,10 @@ impl Router {
 
     /// The next upstream of the smooth round-robin among those that may
     /// take requests and are not in `tried`: a primary if any can, else a
-    /// backup. `None` when none can.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Peer> {
+    /// backup, with the request counted in flight there (under the lock,
+    /// so that `max_requests_per_upstream` holds across threads). `None`
+    /// when none can.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<(Peer, InFlight)> {
         let now = now_ms();
         let _picking = self.pick_lock.lock().expect("pick lock");
         // Loaded under the lock: a pick never mixes the state of one table
@@ -144,7 +146,7 @@ impl Router {
             .or_else(|| pick(&table.peers, true, tried, busy, now))?;
         let upstream = &peer.upstream;
         upstream.health.picked(|| upstream.health_settings(), now);
-        Some(peer.clone())
+        Some((peer.clone(), upstream.start_request()))
     }
 }
 
@@ -301,7 +303,7 @@ mod tests {
     fn picks(router: &Router, count: usize) -> String {
         (0..count)
             .map(|_| {
-                let port = router.pick(&[]).unwrap().upstream.addr().port();
+                let port = router.pick(&[]).unwrap().0.upstream.addr().port();
                 char::from(b'a' + (port - 3001) as u8)
             })
             .collect()
@@ -343,7 +345,7 @@ mod tests {
                 let router = Arc::clone(&router);
                 std::thread::spawn(move || {
                     (0..2_500)
-                        .map(|_| router.pick(&[]).unwrap().upstream.addr().port())
+                        .map(|_| router.pick(&[]).unwrap().0.upstream.addr().port())
                         .collect::<Vec<_>>()
                 })
             })

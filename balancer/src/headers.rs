@@ -12,10 +12,11 @@
 //! `X-Forwarded-Host`: appended to what a trusted proxy in front sent,
 //! replacing what anyone else claims.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -118,6 +119,34 @@ pub fn forwarded(headers: &mut HeaderMap, client: &ClientAddr, trusted: bool) {
     {
         headers.insert(X_FORWARDED_HOST, host);
     }
+}
+
+/// The address a request comes from, for per-client limits: the peer's,
+/// unless the peer is a trusted proxy; then the nearest address of the
+/// `X-Forwarded-For` chain that is not itself a trusted proxy (read from
+/// the right, as each proxy appends), or the farthest if all are.
+pub fn original_client(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let values: Vec<_> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+    for value in values.iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for hop in text.rsplit(',') {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(&ip) {
+                return ip;
+            }
+        }
+    }
+    client
 }
 
 /// Appends the client's address to `X-Forwarded-For`, joining any values
@@ -236,5 +265,39 @@ mod tests {
         add_via(&mut map, Version::HTTP_10);
         let via: Vec<_> = map.get_all("via").iter().collect();
         assert_eq!(via, ["1.1 edge", "1.0 spike"]);
+    }
+
+    #[test]
+    fn the_original_client_is_the_nearest_untrusted_hop() {
+        let trusted: Vec<IpNet> = vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let xff = |chain: &str| headers(&[("x-forwarded-for", chain)]);
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(
+            original_client(&xff("1.1.1.1"), ip("203.0.113.7"), &trusted),
+            ip("203.0.113.7")
+        );
+        // Through trusted proxies, the nearest hop they did not add.
+        let chain = xff("6.6.6.6, 203.0.113.9, 10.0.0.2");
+        assert_eq!(
+            original_client(&chain, ip("127.0.0.1"), &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            original_client(&HeaderMap::new(), ip("127.0.0.1"), &trusted),
+            ip("127.0.0.1")
+        );
+        assert_eq!(
+            original_client(&xff("10.0.0.3, 10.0.0.2"), ip("127.0.0.1"), &trusted),
+            ip("10.0.0.3")
+        );
+        // A hop that is not an address ends the walk where it is.
+        assert_eq!(
+            original_client(&xff("junk, 10.0.0.2"), ip("127.0.0.1"), &trusted),
+            ip("10.0.0.2")
+        );
     }
 }

@@ -34,10 +34,11 @@ impl RateLimit {
     }
 
     /// Takes a token from `client`'s bucket; when it is empty, how long
-    /// until the next one.
+    /// until the next one. The addresses of one IPv6 /64, which one host
+    /// usually holds all of, share a bucket.
     pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
         self.buckets
-            .check_key(&client)
+            .check_key(&bucket(client))
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
@@ -46,6 +47,14 @@ impl RateLimit {
     pub fn forget_idle(&self) {
         self.buckets.retain_recent();
         self.buckets.shrink_to_fit();
+    }
+}
+
+/// The bucket of an address: itself for IPv4, its /64 for IPv6.
+fn bucket(client: IpAddr) -> IpAddr {
+    match client.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
     }
 }
 
@@ -76,5 +85,21 @@ mod tests {
     #[test]
     fn zero_per_second_is_off() {
         assert!(RateLimit::new(&RateLimitSettings::default()).is_none());
+    }
+
+    #[test]
+    fn the_addresses_of_an_ipv6_64_share_a_bucket() {
+        let limit = RateLimit::new(&RateLimitSettings {
+            per_second: 1,
+            burst: 1,
+        })
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(limit.check(ip("2001:db8:1:2::1")), Ok(()));
+        assert!(limit.check(ip("2001:db8:1:2:ffff::9")).is_err());
+        assert_eq!(limit.check(ip("2001:db8:1:3::1")), Ok(()));
+        // An IPv4 address, however written, is its own bucket.
+        assert_eq!(limit.check(ip("::ffff:10.0.0.1")), Ok(()));
+        assert!(limit.check(ip("10.0.0.1")).is_err());
     }
 }

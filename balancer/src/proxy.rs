@@ -22,7 +22,7 @@ use crate::balance::{Peer, Router};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::error::ProxyError;
 use crate::headers::{self, ClientAddr};
-use crate::upstream::FailoverReason;
+use crate::upstream::{FailoverReason, InFlight};
 
 /// A reply to the client: an upstream's streamed response, or the proxy's
 /// own short reply.
@@ -101,14 +101,15 @@ impl Proxy {
         // `[proxy]` and `[rate_limit]` of the configuration in force.
         let (response_timeout, retries, trusted) = {
             let table = self.router.current();
-            if let Some(limit) = &table.rate_limit
-                && let Err(wait) = limit.check(client.addr.ip())
-            {
-                return Err(ProxyError::RateLimited { retry_after: wait });
+            let trusted_proxies = &table.proxy.trusted_proxies;
+            if let Some(limit) = &table.rate_limit {
+                let origin =
+                    headers::original_client(req.headers(), client.addr.ip(), trusted_proxies);
+                if let Err(wait) = limit.check(origin) {
+                    return Err(ProxyError::RateLimited { retry_after: wait });
+                }
             }
-            let trusted = table
-                .proxy
-                .trusted_proxies
+            let trusted = trusted_proxies
                 .iter()
                 .any(|net| net.contains(&client.addr.ip()));
             (table.proxy.response_timeout, table.proxy.retries, trusted)
@@ -119,14 +120,17 @@ impl Proxy {
         let lacks_host = !req.headers().contains_key(HOST);
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let Some(peer) = self.router.pick(&tried) else {
+            let Some((peer, in_flight)) = self.router.pick(&tried) else {
                 return Err(ProxyError::NoUpstream);
             };
             let addr = peer.upstream.addr();
             if lacks_host {
                 req.headers_mut().insert(HOST, peer.upstream.host().clone());
             }
-            match self.attempt(&peer, req, response_timeout, &failure).await {
+            match self
+                .attempt(&peer, in_flight, req, response_timeout, &failure)
+                .await
+            {
                 Ok(response) => return Ok((response, addr)),
                 Err(Attempt::Failed(error)) => return Err(error),
                 Err(Attempt::NotSent {
@@ -153,17 +157,17 @@ impl Proxy {
         tried <= retries.map_or(others, |n| n as usize)
     }
 
-    /// One attempt on one upstream.
+    /// One attempt on one upstream, counted in flight there.
     async fn attempt(
         &self,
         peer: &Peer,
+        in_flight: InFlight,
         req: Request<RequestBody>,
         response_timeout: Duration,
         failure: &BodyFailure,
     ) -> Result<Response<ResponseBody>, Attempt> {
         let upstream = &peer.upstream;
         let addr = upstream.addr();
-        let in_flight = upstream.start_request();
         let mut connection = match upstream.pool.checkout().await {
             Ok(connection) => connection,
             Err(source) => {

@@ -1,5 +1,6 @@
-//! Accepting and serving connections: the connection limit, the header
-//! and idle timeouts, the request checks, and graceful shutdown.
+//! Accepting and serving connections: the connection limit, the header,
+//! idle and send timeouts, the request checks, parking idle connections,
+//! and graceful shutdown.
 //!
 //! Each connection is one task that drives hyper's HTTP/1 state machine and
 //! watches the clock beside it. Reading, calling the service and writing the
@@ -8,13 +9,16 @@
 //!
 //! | phase | from | deadline |
 //! |---|---|---|
-//! | head | the connection opened, or a first byte arrived after an idle spell | `header_timeout`, then closed (a slowloris ends here) |
+//! | head | the connection opened, or a first byte arrived after a reply | `header_timeout`, then closed (a slowloris ends here) |
 //! | busy | the head was read | none here: the body has its own ([`super::body`]), the upstream its own |
-//! | idle | the response was written | `idle_timeout`, then closed |
+//! | flushing | hyper took the whole reply | none here |
+//! | idle | hyper wrote the reply out | [`PARK_AFTER`], then parked; `idle_timeout`, then closed |
 //!
-//! hyper's own header timeout is not used: it starts counting when the
-//! connection becomes ready for a request, so it cannot tell a slow head
-//! from an idle keep-alive connection.
+//! In every phase, a write that waits for the client longer than
+//! `send_timeout` closes the connection. hyper's own header timeout is not
+//! used: it starts counting when the connection becomes ready for a
+//! request, so it cannot tell a slow head from an idle keep-alive
+//! connection.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -35,7 +39,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::{HttpService, Service, service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -189,7 +193,8 @@ impl Server {
                 Ok(permit) => permit,
                 Err(_) => {
                     // This connection waits for the next free permit; the
-                    // ones behind it wait in the kernel's backlog.
+                    // ones behind it wait in the kernel's backlog. Open
+                    // connections, idle ones included, are left alone.
                     self.shared.rejections.reject(
                         Rejection::ConnectionLimit,
                         peer,
@@ -270,10 +275,9 @@ impl Server {
                 match ended {
                     Ended::Done(Ok(())) => {
                         // Done by HTTP's rules (the client closed, or a reply
-                        // said `Connection: close`): end the stream as hyper
-                        // would have.
-                        let mut stream = connection.into_parts().io.into_inner();
-                        let _ = stream.inner.shutdown().await;
+                        // said `Connection: close`), and the reply flushed.
+                        let stream = connection.into_parts().io.into_inner();
+                        linger(&stream.inner, sleep.as_mut()).await;
                         return;
                     }
                     Ended::Done(Err(err)) => {
@@ -294,6 +298,10 @@ impl Server {
                             peer,
                             &"no complete head within header_timeout",
                         );
+                        return;
+                    }
+                    Ended::SendTimeout => {
+                        tracing::debug!(%peer, "the client stopped reading its reply: closed");
                         return;
                     }
                     Ended::IdleTimeout => return,
@@ -326,6 +334,46 @@ impl Server {
                     _ = cancelled.as_mut() => return,
                 }
             }
+        }
+    }
+}
+
+/// How long a closed connection's input is read and discarded: see
+/// [`linger`].
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Reads and discards what the client still sends after the reply that
+/// ended its connection, until it closes its side or [`LINGER`] passes
+/// (nginx's lingering close). Closing a socket with unread input resets
+/// the connection, and the reset can destroy the reply before the client
+/// has read it: a 413 to a client still sending its body, say.
+async fn linger(stream: &TcpStream, mut sleep: Pin<&mut Sleep>) {
+    sleep.as_mut().reset(Instant::now() + LINGER);
+    loop {
+        match discard(stream) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => return,
+        }
+        tokio::select! {
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+            }
+            _ = sleep.as_mut() => return,
+        }
+    }
+}
+
+/// Reads what `stream` has until it would block; true at its end.
+fn discard(stream: &TcpStream) -> io::Result<bool> {
+    let mut sink = [0u8; 4096];
+    loop {
+        match stream.try_read(&mut sink) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(err) => return Err(err),
         }
     }
 }
@@ -371,20 +419,23 @@ type Connection<S> = http1::Connection<TokioIo<WatchedStream>, S>;
 
 /// Why [`drive`] stopped driving a connection.
 enum Ended {
-    /// hyper finished the connection, with its result.
+    /// hyper finished the connection, with its result; a reply it was
+    /// writing is flushed and the socket's write side shut.
     Done(hyper::Result<()>),
     /// Idle for [`PARK_AFTER`]: hyper has let go of the connection, which
     /// may be served again.
     Parked,
     HeaderTimeout,
     IdleTimeout,
+    SendTimeout,
 }
 
-/// Drives hyper's state machine for one connection and keeps the deadline
-/// of its phase: the header timeout while a head arrives, none while
-/// busy, and while idle the moment to park it, or the idle timeout if that
-/// comes first. On shutdown, an idle connection ends at once and a busy one
-/// after its reply (hyper's graceful shutdown).
+/// Drives hyper's state machine for one connection and keeps its
+/// deadlines: the header timeout while a head arrives; while idle, the
+/// moment to park it, or the idle timeout if that comes first; and,
+/// whatever the phase, the send timeout while a write waits for the client.
+/// On shutdown, an idle connection ends at once and a busy one after its
+/// reply (hyper's graceful shutdown).
 async fn drive<S, B>(
     connection: &mut Connection<S>,
     phase: &PhaseClock,
@@ -399,35 +450,57 @@ where
     B: Body + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let mut armed_for = u64::MAX;
-    let (mut parking, mut draining) = (false, false);
+    let mut armed = None;
+    let (mut parking, mut draining, mut finishing) = (false, false, false);
     std::future::poll_fn(|cx| {
         loop {
-            if let Poll::Ready(result) = connection.poll_without_shutdown(cx) {
-                return Poll::Ready(match result {
-                    Ok(()) if parking => Ended::Parked,
-                    result => Ended::Done(result),
-                });
+            if finishing {
+                // Polled as a future, hyper flushes what it still holds and
+                // then shuts the socket's write side.
+                if let Poll::Ready(result) = Pin::new(&mut *connection).poll(cx) {
+                    return Poll::Ready(Ended::Done(result));
+                }
+            } else if let Poll::Ready(result) = connection.poll_without_shutdown(cx) {
+                match result {
+                    // Parked only once idle, when nothing is left to write.
+                    Ok(()) if parking => return Poll::Ready(Ended::Parked),
+                    Ok(()) => {
+                        finishing = true;
+                        continue;
+                    }
+                    Err(err) => return Poll::Ready(Ended::Done(Err(err))),
+                }
             }
-            if !draining && !parking && cancelled.as_mut().poll(cx).is_ready() {
+            if !draining && cancelled.as_mut().poll(cx).is_ready() {
                 draining = true;
                 Pin::new(&mut *connection).graceful_shutdown();
                 continue;
             }
-            if draining || parking {
-                return Poll::Pending;
-            }
             let (current, since) = phase.get();
-            let (limit, ended) = match current {
-                Phase::Head => (settings.header_timeout, Ended::HeaderTimeout),
-                Phase::Idle if PARK_AFTER < settings.idle_timeout => (PARK_AFTER, Ended::Parked),
-                Phase::Idle => (settings.idle_timeout, Ended::IdleTimeout),
-                Phase::Busy => return Poll::Pending,
+            let mut next = match current {
+                Phase::Head => Some((settings.header_timeout, Ended::HeaderTimeout)),
+                Phase::Idle
+                    if !(parking || draining || finishing)
+                        && PARK_AFTER < settings.idle_timeout =>
+                {
+                    Some((PARK_AFTER, Ended::Parked))
+                }
+                Phase::Idle => Some((settings.idle_timeout, Ended::IdleTimeout)),
+                Phase::Busy | Phase::Flushing => None,
+            }
+            .map(|(limit, ended)| (phase.deadline_after(since, limit), ended));
+            if let Some(stalled) = phase.write_stalled_since() {
+                let deadline = phase.deadline_after(stalled, settings.send_timeout);
+                if next.as_ref().is_none_or(|(other, _)| deadline < *other) {
+                    next = Some((deadline, Ended::SendTimeout));
+                }
+            }
+            let Some((deadline, ended)) = next else {
+                return Poll::Pending;
             };
-            let key = since * 4 + current as u64;
-            if armed_for != key {
-                sleep.as_mut().reset(phase.deadline_after(since, limit));
-                armed_for = key;
+            if armed != Some(deadline) {
+                sleep.as_mut().reset(deadline);
+                armed = Some(deadline);
             }
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -518,19 +591,26 @@ pub fn refusal(status: StatusCode, reason: Rejection, detail: &str) -> Response<
 enum Phase {
     Head = 0,
     Busy = 1,
-    Idle = 2,
+    /// The reply handed to hyper whole, not yet all written to the socket.
+    Flushing = 2,
+    Idle = 3,
 }
 
-/// A connection's phase and when it began (milliseconds since the
-/// connection opened). Shared by the stream, the service and the reply
-/// body of one connection, all driven by its one task: relaxed atomics only
-/// because the service must be `Send`.
+/// A connection's phase and when it began, and since when a write has
+/// been waiting for the client to read (milliseconds since the connection
+/// opened). Shared by the stream, the service and the reply body of one
+/// connection, all driven by its one task: relaxed atomics only because the
+/// service must be `Send`.
 #[derive(Debug)]
 struct PhaseClock {
     start: Instant,
     phase: AtomicU8,
     since: AtomicU64,
+    /// `NOT_STALLED` while writes go through.
+    stalled_since: AtomicU64,
 }
+
+const NOT_STALLED: u64 = u64::MAX;
 
 impl PhaseClock {
     fn new() -> Self {
@@ -538,6 +618,28 @@ impl PhaseClock {
             start: Instant::now(),
             phase: AtomicU8::new(Phase::Head as u8),
             since: AtomicU64::new(0),
+            stalled_since: AtomicU64::new(NOT_STALLED),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Since when a write has been waiting, if one is.
+    fn write_stalled_since(&self) -> Option<u64> {
+        let since = self.stalled_since.load(Ordering::Relaxed);
+        (since != NOT_STALLED).then_some(since)
+    }
+
+    /// Records how a write went: pending (the client is not reading) or
+    /// through.
+    fn wrote<T>(&self, write: &Poll<T>) {
+        let stalled = self.stalled_since.load(Ordering::Relaxed);
+        match (write.is_pending(), stalled == NOT_STALLED) {
+            (true, true) => self.stalled_since.store(self.now(), Ordering::Relaxed),
+            (false, false) => self.stalled_since.store(NOT_STALLED, Ordering::Relaxed),
+            _ => {}
         }
     }
 
@@ -545,6 +647,7 @@ impl PhaseClock {
         let phase = match self.phase.load(Ordering::Relaxed) {
             0 => Phase::Head,
             1 => Phase::Busy,
+            2 => Phase::Flushing,
             _ => Phase::Idle,
         };
         (phase, self.since.load(Ordering::Relaxed))
@@ -556,15 +659,16 @@ impl PhaseClock {
     }
 
     fn set(&self, phase: Phase) {
-        self.since
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.since.store(self.now(), Ordering::Relaxed);
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 }
 
-/// The client's TCP stream: the first byte read after an idle spell starts
-/// a head. `unread` holds bytes read from the socket before the connection
-/// was parked, to be read again first.
+/// The client's TCP stream, which keeps the phase: the first byte read after
+/// a reply starts a head, and the flush hyper asks for once it has written
+/// a whole reply makes the connection idle. It records stalled writes for
+/// the send timeout. `unread` holds bytes read from the socket before the
+/// connection was parked, to be read again first.
 #[derive(Debug)]
 struct WatchedStream {
     inner: TcpStream,
@@ -587,7 +691,9 @@ impl AsyncRead for WatchedStream {
             buf.put_slice(&this.unread.split_to(n));
             Poll::Ready(Ok(()))
         };
-        if buf.filled().len() > before && this.phase.get().0 == Phase::Idle {
+        if buf.filled().len() > before
+            && matches!(this.phase.get().0, Phase::Flushing | Phase::Idle)
+        {
             this.phase.set(Phase::Head);
         }
         read
@@ -600,7 +706,10 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let write = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.phase.wrote(&write);
+        write
     }
 
     fn poll_write_vectored(
@@ -608,15 +717,24 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let write = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.phase.wrote(&write);
+        write
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
+    /// hyper flushes its stream only once its own buffer is empty.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let flush = Pin::new(&mut this.inner).poll_flush(cx);
+        if flush.is_ready() && this.phase.get().0 == Phase::Flushing {
+            this.phase.set(Phase::Idle);
+        }
+        flush
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -624,7 +742,8 @@ impl AsyncWrite for WatchedStream {
     }
 }
 
-/// A reply body that, once written (dropped), makes its connection idle.
+/// A reply body that, once hyper has taken all of it (dropped), leaves the
+/// connection flushing its reply.
 #[derive(Debug)]
 pub struct Watched<B> {
     inner: B,
@@ -639,7 +758,7 @@ impl<B> Watched<B> {
 
 impl<B> Drop for Watched<B> {
     fn drop(&mut self) {
-        self.phase.set(Phase::Idle);
+        self.phase.set(Phase::Flushing);
     }
 }
 
@@ -660,5 +779,156 @@ impl<B: Body + Unpin> Body for Watched<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A server answering "ok" to everything on a loopback port, and a
+    /// client connected to it.
+    async fn serve(settings: ServerSettings) -> (Arc<ConnectionCounts>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::new(settings, Arc::default(), CancellationToken::new());
+        let counts = Arc::clone(server.connections());
+        tokio::spawn(async move {
+            server
+                .serve(listener, |_| {
+                    service_fn(|_req: Request<RequestBody>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    })
+                })
+                .await;
+        });
+        (counts, TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// Sends a GET and reads its whole reply (a 2-byte body).
+    async fn get(client: &mut TcpStream) -> String {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        while !reply.ends_with(b"\r\n\r\nok") {
+            let mut chunk = [0; 1024];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&reply));
+            reply.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8(reply).unwrap()
+    }
+
+    async fn closed(client: &mut TcpStream) -> bool {
+        matches!(client.read(&mut [0; 64]).await, Ok(0) | Err(_))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_parked_then_serves_its_next_request() {
+        let (counts, mut client) = serve(ServerSettings::default()).await;
+        assert!(get(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        while counts.parked() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!((counts.open(), counts.parked()), (1, 1));
+        assert!(get(&mut client).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert_eq!(counts.parked(), 0, "served again, no longer parked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_still_ends_at_the_idle_timeout() {
+        let settings = ServerSettings {
+            idle_timeout: Duration::from_secs(5),
+            ..ServerSettings::default()
+        };
+        let (counts, mut client) = serve(settings).await;
+        get(&mut client).await;
+        let served = Instant::now();
+        assert!(closed(&mut client).await);
+        let idle = served.elapsed();
+        assert!(
+            idle >= Duration::from_secs(5) && idle < Duration::from_secs(6),
+            "{idle:?}"
+        );
+        while counts.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_starts_after_an_idle_spell_has_the_header_timeout() {
+        let settings = ServerSettings {
+            header_timeout: Duration::from_secs(2),
+            ..ServerSettings::default()
+        };
+        let (_, mut client) = serve(settings).await;
+        get(&mut client).await;
+        // Parked, then half a head, which never ends.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let started = Instant::now();
+        assert!(closed(&mut client).await);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_reply_is_idle_only_once_hyper_flushed_it() {
+        let phase = Arc::new(PhaseClock::new());
+        phase.set(Phase::Busy);
+        drop(Watched::new((), Arc::clone(&phase)));
+        assert_eq!(phase.get().0, Phase::Flushing);
+    }
+
+    #[test]
+    fn a_write_the_client_does_not_take_is_timed_until_one_goes_through() {
+        let phase = PhaseClock::new();
+        assert_eq!(phase.write_stalled_since(), None);
+        phase.wrote(&Poll::<()>::Pending);
+        let since = phase.write_stalled_since().expect("stalled");
+        phase.wrote(&Poll::<()>::Pending);
+        assert_eq!(
+            phase.write_stalled_since(),
+            Some(since),
+            "from the first one"
+        );
+        phase.wrote(&Poll::Ready(()));
+        assert_eq!(phase.write_stalled_since(), None);
+    }
+
+    #[tokio::test]
+    async fn the_flush_after_a_whole_reply_makes_the_connection_idle_and_a_byte_starts_a_head() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (inner, _) = listener.accept().await.unwrap();
+        let phase = Arc::new(PhaseClock::new());
+        let mut stream = WatchedStream {
+            inner,
+            phase: Arc::clone(&phase),
+            unread: Bytes::new(),
+        };
+        phase.set(Phase::Busy);
+        stream.flush().await.unwrap();
+        assert_eq!(
+            phase.get().0,
+            Phase::Busy,
+            "a flush mid-reply changes nothing"
+        );
+        phase.set(Phase::Flushing);
+        stream.flush().await.unwrap();
+        assert_eq!(phase.get().0, Phase::Idle);
+        client.write_all(b"G").await.unwrap();
+        let mut byte = [0; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        assert_eq!(phase.get().0, Phase::Head);
     }
 }

@@ -43,6 +43,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// From the end of a request's head to the end of its body.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reply may wait for a client that does not read it (nginx's
+/// `send_timeout`).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// The request line and headers together (nginx: 4 buffers of 8 KiB;
 /// HAProxy: 16 KiB).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -61,6 +64,7 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
+    pub send_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: u64,
@@ -77,6 +81,7 @@ impl Default for ServerSettings {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -94,6 +99,7 @@ pub(crate) struct RawServer {
     header_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     body_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
     max_header_bytes: Option<Spanned<u64>>,
     max_headers: Option<Spanned<u64>>,
     max_body_bytes: Option<Spanned<u64>>,
@@ -113,6 +119,7 @@ impl ServerSettings {
             header_timeout: v.field(raw.header_timeout, d.header_timeout, source::duration),
             idle_timeout: v.field(raw.idle_timeout, d.idle_timeout, source::duration),
             body_timeout: v.field(raw.body_timeout, d.body_timeout, source::duration),
+            send_timeout: v.field(raw.send_timeout, d.send_timeout, source::duration),
             // A request line and a Host need some room.
             max_header_bytes: v.field(raw.max_header_bytes, d.max_header_bytes, count(256)),
             max_headers: v.field(raw.max_headers, d.max_headers, count(1)),
