@@ -107,10 +107,10 @@ impl Balancer {
     /// Serves the proxy on `listener` until shutdown, then lets requests in
     /// flight finish. Each worker runs one.
     pub async fn serve_proxy(&self, listener: TcpListener) {
-        let proxy = &self.proxy;
+        let proxy = Arc::clone(&self.proxy);
         self.proxy_server
-            .serve(listener, |client| {
-                let proxy = Arc::clone(proxy);
+            .serve(listener, move |client| {
+                let proxy = Arc::clone(&proxy);
                 let client = Arc::new(ClientAddr::new(client));
                 service_fn(move |req| {
                     let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
@@ -123,10 +123,10 @@ impl Balancer {
     /// Serves `/stats`, `/metrics` and runtime changes on `listener` until
     /// shutdown.
     pub async fn serve_admin(&self, listener: TcpListener) {
-        let admin = &self.admin;
+        let admin = Arc::clone(&self.admin);
         self.admin_server
-            .serve(listener, |_| {
-                let admin = Arc::clone(admin);
+            .serve(listener, move |_| {
+                let admin = Arc::clone(&admin);
                 service_fn(move |req| {
                     let admin = Arc::clone(&admin);
                     async move { admin.handle(req).await }

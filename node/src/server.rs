@@ -64,7 +64,7 @@ pub async fn run(
     let server = Server::new(config.server.clone(), rejections, shutdown);
     let handler = Arc::new(Handler::new(sale));
     server
-        .serve(listener, |_peer| {
+        .serve(listener, move |_peer| {
             let handler = Arc::clone(&handler);
             service_fn(move |req| {
                 let handler = Arc::clone(&handler);

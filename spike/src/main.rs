@@ -9,6 +9,11 @@ use spike::plan::Plan;
 use spike::status::Observer;
 use spike::up::UpOptions;
 
+/// The balancer's allocator, since this executable also runs the balancer
+/// (see `balancer/src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The ticket flash sale in one command: Redis, one node per upstream of
 /// the balancer, and the balancer, started, watched and stopped together.
 #[derive(Debug, Parser)]

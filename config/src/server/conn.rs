@@ -49,18 +49,20 @@ use tokio_util::task::TaskTracker;
 use super::ServerSettings;
 use super::body::RequestBody;
 use super::frame;
+use super::park::{Lot, Parked};
 use super::reject::{Rejection, Rejections};
 
 /// A pause after a failed accept (e.g. out of file descriptors), so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// How long a keep-alive connection stays idle before it is parked: hyper's
-/// state and its two 8 KiB buffers are freed, and only the socket is
-/// watched until the next request comes (nginx frees its buffers the same
-/// way). Setting that state up again costs about 10% of a proxied request's
-/// CPU, so a connection whose next request follows at once keeps it.
-const PARK_AFTER: Duration = Duration::from_millis(100);
+/// How long a keep-alive connection stays idle before it is parked
+/// ([`super::park`]): its task, hyper's state and its two 8 KiB buffers are
+/// freed, and only the socket is watched until the next request comes
+/// (nginx frees its buffers the same way). Setting that state up again
+/// costs about 10% of a proxied request's CPU, so a connection whose next
+/// request follows at once keeps it.
+pub(super) const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// What a server serves: a service from a checked request to a reply with
 /// a body `B`.
@@ -168,13 +170,36 @@ impl Server {
     /// `shutdown_grace`, and closes idle keep-alive connections at once.
     /// `make_service` builds the service of each connection from the
     /// client's address.
-    pub async fn serve<F, S, B>(&self, listener: TcpListener, mut make_service: F)
+    pub async fn serve<F, S, B>(&self, listener: TcpListener, make_service: F)
     where
-        F: FnMut(SocketAddr) -> S,
+        F: Fn(SocketAddr) -> S + Send + Sync + 'static,
         S: Handler<B>,
         B: HandlerBody,
     {
+        let make_service = Arc::new(make_service);
         let connections = TaskTracker::new();
+        let lot = match Lot::new(Arc::clone(&self.shared.connections)) {
+            Ok((lot, attendant)) => {
+                let (shared, tracker, park, make_service) = (
+                    Arc::clone(&self.shared),
+                    connections.clone(),
+                    Arc::clone(&lot),
+                    Arc::clone(&make_service),
+                );
+                let resume = move |kept: Kept, stream| {
+                    let service = make_service(kept.peer);
+                    let park = Some(Arc::clone(&park));
+                    tracker.spawn(connection(Arc::clone(&shared), stream, service, kept, park));
+                };
+                connections.spawn(attendant.run(resume, self.shared.shutdown.clone()));
+                Some(lot)
+            }
+            Err(err) => {
+                // Idle connections are then closed where they would be parked.
+                tracing::error!(error = %err, "cannot watch parked connections");
+                None
+            }
+        };
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -208,8 +233,14 @@ impl Server {
             };
             // Replies are written whole: send them without Nagle's delay.
             let _ = stream.set_nodelay(true);
+            let kept = Kept {
+                peer,
+                parked_before: false,
+                _permit: permit,
+                _open: Open::new(&self.shared.connections),
+            };
             let service = make_service(peer);
-            let serving = self.connection(stream, peer, service, permit);
+            let serving = connection(Arc::clone(&self.shared), stream, service, kept, lot.clone());
             connections.spawn(serving);
         }
         drop(listener);
@@ -224,116 +255,126 @@ impl Server {
             }
         }
     }
+}
 
-    /// Serves one connection until it ends, a deadline of its phase passes,
-    /// or shutdown.
-    fn connection<S, B>(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        service: S,
-        permit: OwnedSemaphorePermit,
-    ) -> impl Future<Output = ()> + Send + 'static
-    where
-        S: Handler<B>,
-        B: HandlerBody,
-    {
-        let phase = Arc::new(PhaseClock::new());
-        let mut stream = WatchedStream {
-            inner: stream,
-            phase: Arc::clone(&phase),
-            unread: Bytes::new(),
-        };
-        let mut service = checked_service(
-            service,
-            &self.shared.settings,
-            Arc::clone(&self.shared.rejections),
-            peer,
-            Arc::clone(&phase),
-        );
-        let shared = Arc::clone(&self.shared);
-        async move {
-            // Held until the connection ends, however it ends.
-            let _permit = permit;
-            let _open = Held::new(&shared.connections.open);
-            let mut cancelled = std::pin::pin!(shared.shutdown.clone().cancelled_owned());
-            let mut sleep: Pin<Box<Sleep>> =
-                Box::pin(tokio::time::sleep(shared.settings.header_timeout));
-            loop {
-                // Boxed, so that parking the connection frees hyper's state
-                // and buffers.
-                let mut connection =
-                    Box::new(shared.http.serve_connection(TokioIo::new(stream), service));
-                let ended = drive(
-                    &mut connection,
-                    &phase,
-                    &shared.settings,
-                    sleep.as_mut(),
-                    cancelled.as_mut(),
-                )
-                .await;
-                match ended {
-                    Ended::Done(Ok(())) => {
-                        // Done by HTTP's rules (the client closed, or a reply
-                        // said `Connection: close`), and the reply flushed.
-                        let stream = connection.into_parts().io.into_inner();
-                        linger(&stream.inner, sleep.as_mut()).await;
-                        return;
-                    }
-                    Ended::Done(Err(err)) => {
-                        if err.is_parse_too_large() {
-                            shared
-                                .rejections
-                                .reject(Rejection::HeadersTooLarge, peer, &err);
-                        } else if err.is_parse() {
-                            shared.rejections.reject(Rejection::BadRequest, peer, &err);
-                        } else {
-                            tracing::debug!(%peer, error = %err, "connection ended with an error");
-                        }
-                        return;
-                    }
-                    Ended::HeaderTimeout => {
-                        shared.rejections.reject(
-                            Rejection::HeaderTimeout,
-                            peer,
-                            &"no complete head within header_timeout",
-                        );
-                        return;
-                    }
-                    Ended::SendTimeout => {
-                        tracing::debug!(%peer, "the client stopped reading its reply: closed");
-                        return;
-                    }
-                    Ended::IdleTimeout => return,
-                    Ended::Parked => {}
+/// What a client connection keeps from one request to the next, parked or
+/// not: nothing on the heap, so that a parked connection holds no memory of
+/// its own but its place in the lot.
+struct Kept {
+    peer: SocketAddr,
+    /// Whether it has served a request, and so comes back from the lot.
+    parked_before: bool,
+    _permit: OwnedSemaphorePermit,
+    _open: Open,
+}
+
+/// Serves one connection with `service` until it ends, a deadline of its
+/// phase passes, or shutdown; or, once it is idle, parks it in `lot`.
+fn connection<S, B>(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    service: S,
+    mut kept: Kept,
+    lot: Option<Arc<Lot<Kept>>>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: Handler<B>,
+    B: HandlerBody,
+{
+    // Back from the lot, its socket readable: idle until hyper reads the
+    // first byte of a head, which starts the header timeout.
+    let phase = Arc::new(if kept.parked_before {
+        PhaseClock::idle()
+    } else {
+        PhaseClock::new()
+    });
+    let mut stream = WatchedStream {
+        inner: stream,
+        phase: Arc::clone(&phase),
+        unread: Bytes::new(),
+    };
+    let mut service = checked_service(
+        service,
+        &shared.settings,
+        Arc::clone(&shared.rejections),
+        kept.peer,
+        Arc::clone(&phase),
+    );
+    async move {
+        let peer = kept.peer;
+        let mut cancelled = std::pin::pin!(shared.shutdown.clone().cancelled_owned());
+        let mut sleep: Pin<Box<Sleep>> =
+            Box::pin(tokio::time::sleep(shared.settings.header_timeout));
+        loop {
+            // Boxed, so that parking the connection frees hyper's state and
+            // buffers.
+            let mut connection =
+                Box::new(shared.http.serve_connection(TokioIo::new(stream), service));
+            let ended = drive(
+                &mut connection,
+                &phase,
+                &shared.settings,
+                sleep.as_mut(),
+                cancelled.as_mut(),
+            )
+            .await;
+            match ended {
+                Ended::Done(Ok(())) => {
+                    // Done by HTTP's rules (the client closed, or a reply
+                    // said `Connection: close`), and the reply flushed.
+                    let stream = connection.into_parts().io.into_inner();
+                    linger(&stream.inner, sleep.as_mut()).await;
+                    return;
                 }
-                let parts = connection.into_parts();
-                service = parts.service;
-                stream = parts.io.into_inner();
-                if !parts.read_buf.is_empty() {
-                    // Bytes of a next request that hyper had read: kept,
-                    // copied out of hyper's buffer so that it is freed.
-                    stream.unread = Bytes::copy_from_slice(&parts.read_buf);
-                    continue;
-                }
-                drop(parts.read_buf);
-                // Parked: only the socket, the service and this task remain
-                // until the client sends its next request.
-                let (_, since) = phase.get();
-                sleep
-                    .as_mut()
-                    .reset(phase.deadline_after(since, shared.settings.idle_timeout));
-                let _parked = Held::new(&shared.connections.parked);
-                tokio::select! {
-                    ready = stream.inner.readable() => {
-                        if ready.is_err() {
-                            return;
-                        }
+                Ended::Done(Err(err)) => {
+                    if err.is_parse_too_large() {
+                        shared
+                            .rejections
+                            .reject(Rejection::HeadersTooLarge, peer, &err);
+                    } else if err.is_parse() {
+                        shared.rejections.reject(Rejection::BadRequest, peer, &err);
+                    } else {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
                     }
-                    _ = sleep.as_mut() => return,
-                    _ = cancelled.as_mut() => return,
+                    return;
                 }
+                Ended::HeaderTimeout => {
+                    shared.rejections.reject(
+                        Rejection::HeaderTimeout,
+                        peer,
+                        &"no complete head within header_timeout",
+                    );
+                    return;
+                }
+                Ended::SendTimeout => {
+                    tracing::debug!(%peer, "the client stopped reading its reply: closed");
+                    return;
+                }
+                Ended::IdleTimeout => return,
+                Ended::Parked => {}
             }
+            let parts = connection.into_parts();
+            service = parts.service;
+            stream = parts.io.into_inner();
+            if !parts.read_buf.is_empty() {
+                // Bytes of a next request that hyper had read: kept, copied
+                // out of hyper's buffer so that it is freed.
+                stream.unread = Bytes::copy_from_slice(&parts.read_buf);
+                continue;
+            }
+            // Parked: the socket leaves tokio's reactor for the lot, and
+            // this task ends. If it cannot, the idle connection is closed.
+            let (_, since) = phase.get();
+            let deadline = phase.deadline_after(since, shared.settings.idle_timeout);
+            kept.parked_before = true;
+            if let (Some(lot), Ok(stream)) = (lot, stream.inner.into_std()) {
+                lot.park(Parked {
+                    stream,
+                    deadline,
+                    conn: kept,
+                });
+            }
+            return;
         }
     }
 }
@@ -382,7 +423,7 @@ fn discard(stream: &TcpStream) -> io::Result<bool> {
 #[derive(Debug, Default)]
 pub struct ConnectionCounts {
     open: AtomicU64,
-    parked: AtomicU64,
+    pub(super) parked: AtomicU64,
 }
 
 impl ConnectionCounts {
@@ -398,19 +439,19 @@ impl ConnectionCounts {
     }
 }
 
-/// One unit of a count, held until dropped.
-struct Held<'a>(&'a AtomicU64);
+/// One open connection in a server's count, until dropped.
+struct Open(Arc<ConnectionCounts>);
 
-impl<'a> Held<'a> {
-    fn new(count: &'a AtomicU64) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
+impl Open {
+    fn new(counts: &Arc<ConnectionCounts>) -> Self {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counts))
     }
 }
 
-impl Drop for Held<'_> {
+impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -530,9 +571,11 @@ fn checked_service<S, B>(
     Response = Response<ReplyBody<B>>,
     Error = Infallible,
     Future: Send + Unpin + 'static,
-> + Send
+>
++ Send
 + Unpin
 + 'static
++ use<S, B>
 where
     S: Handler<B>,
     B: HandlerBody,
@@ -617,6 +660,16 @@ impl PhaseClock {
         Self {
             start: Instant::now(),
             phase: AtomicU8::new(Phase::Head as u8),
+            since: AtomicU64::new(0),
+            stalled_since: AtomicU64::new(NOT_STALLED),
+        }
+    }
+
+    /// The clock of a connection idle from now.
+    fn idle() -> Self {
+        Self {
+            start: Instant::now(),
+            phase: AtomicU8::new(Phase::Idle as u8),
             since: AtomicU64::new(0),
             stalled_since: AtomicU64::new(NOT_STALLED),
         }

@@ -8,7 +8,8 @@
 //! - [`conn`]: how long a connection may take to send a request's head
 //!   (from its first byte; a slowloris is cut there), how long it may idle
 //!   between requests, how many connections are open at once; an idle
-//!   connection is parked, its HTTP state freed, until its next request;
+//!   connection is parked ([`park`]), its task and HTTP state freed, until
+//!   its next request;
 //! - [`frame`]: requests whose framing could be read two ways (request
 //!   smuggling) are refused before any service sees them, header names with
 //!   `_` are dropped, and a body announced larger than the limit gets 413;
@@ -24,6 +25,7 @@
 pub mod body;
 pub mod conn;
 pub mod frame;
+mod park;
 pub mod reject;
 
 use std::time::Duration;
