@@ -4,15 +4,15 @@
 //! A connection idle for [`super::conn::PARK_AFTER`] gives up its task,
 //! hyper's state and buffers, and its registration with tokio's reactor.
 //! Its socket joins the lot's own epoll set, which tokio watches as one
-//! descriptor, and its idle deadline joins the lot's ordered set of
-//! deadlines, served by one timer. When the socket becomes readable (a next
+//! descriptor, and its idle deadline joins the lot's queue of deadlines,
+//! served by one timer. When the socket becomes readable (a next
 //! request, or the client's close), it leaves the lot and gets a task
 //! again; when its deadline passes first, it is closed. Parked, a
 //! connection costs its socket and about a hundred bytes in the lot, no
 //! allocation of its own: like nginx, which keeps a small struct for an
 //! idle keep-alive connection and frees its buffers.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::AsRawFd;
@@ -34,6 +34,10 @@ use super::conn::ConnectionCounts;
 /// Readiness events taken from the lot's epoll set at a time.
 const EVENTS: usize = 1024;
 
+/// How many more deadlines than twice the parked connections the queue
+/// holds before the items of connections that left are dropped from it.
+const COMPACT_ABOVE: usize = 1024;
+
 /// A connection handed to the lot: its socket, when it is to be closed if
 /// the client stays silent, and `conn`, what it keeps between requests.
 pub(super) struct Parked<T> {
@@ -46,7 +50,7 @@ pub(super) struct Parked<T> {
 /// through a [`Lot`]; [`Attendant::run`] watches them.
 pub(super) struct Lot<T> {
     spaces: Mutex<Spaces<T>>,
-    /// Told when a connection parks with the earliest deadline in the lot.
+    /// Told when a connection parks in a lot with no deadline queued.
     earliest: Notify,
 }
 
@@ -61,8 +65,12 @@ pub(super) struct Attendant<T> {
 struct Spaces<T> {
     registry: Registry,
     parked: Slab<Parked<T>>,
-    /// The deadline and token of every parked connection, earliest first.
-    deadlines: BTreeSet<(Instant, usize)>,
+    /// The deadline and token of every parked connection, earliest first
+    /// (a deadline earlier than the last one queued is raised to it: all
+    /// come from the same idle timeout, so they differ by little). Items
+    /// of connections that left stay until they come up or the queue is
+    /// compacted: parking costs no allocation of its own.
+    deadlines: VecDeque<(Instant, usize)>,
     counts: Arc<ConnectionCounts>,
     /// Set once the attendant has stopped: nothing parks any more.
     closed: bool,
@@ -84,7 +92,7 @@ impl<T> Lot<T> {
             spaces: Mutex::new(Spaces {
                 registry,
                 parked: Slab::new(),
-                deadlines: BTreeSet::new(),
+                deadlines: VecDeque::new(),
                 counts,
                 closed: false,
             }),
@@ -128,7 +136,7 @@ impl<T> Attendant<T> {
                 .lot
                 .spaces()
                 .deadlines
-                .first()
+                .front()
                 .map(|&(deadline, _)| deadline);
             if let Some(deadline) = next
                 && sleep.deadline() != deadline
@@ -174,7 +182,8 @@ impl<T> Attendant<T> {
 }
 
 impl<T> Spaces<T> {
-    /// Parks a connection; true if its deadline is now the earliest.
+    /// Parks a connection; true if it is the only one with a deadline
+    /// queued, which the attendant's timer is then not set for.
     fn park(&mut self, parked: Parked<T>) -> io::Result<bool> {
         if self.closed {
             return Err(io::Error::other("the server is shutting down"));
@@ -185,13 +194,22 @@ impl<T> Spaces<T> {
         // Edge-triggered: data that came before this call is reported too.
         self.registry
             .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)?;
-        let earliest = self
-            .deadlines
-            .first()
-            .is_none_or(|&(first, _)| parked.deadline < first);
-        self.deadlines.insert((parked.deadline, token));
+        let (mut parked, earliest) = (parked, self.deadlines.is_empty());
+        if let Some(&(last, _)) = self.deadlines.back() {
+            parked.deadline = parked.deadline.max(last);
+        }
+        self.deadlines.push_back((parked.deadline, token));
         space.insert(parked);
         self.counts.parked.fetch_add(1, Ordering::Relaxed);
+        if self.deadlines.len() > 2 * self.parked.len() + COMPACT_ABOVE {
+            // One item per parked connection: its own.
+            let parked = &self.parked;
+            let mut kept = vec![false; parked.capacity()];
+            self.deadlines.retain(|&(deadline, token)| {
+                let own = parked.get(token).is_some_and(|p| p.deadline == deadline);
+                own && !std::mem::replace(&mut kept[token], true)
+            });
+        }
         Ok(earliest)
     }
 
@@ -215,18 +233,22 @@ impl<T> Spaces<T> {
 
     /// Closes the connections whose deadline is not after `now`.
     fn expire(&mut self, now: Instant) {
-        while let Some(&(deadline, token)) = self.deadlines.first() {
+        while let Some(&(deadline, token)) = self.deadlines.front() {
             if deadline > now {
                 break;
             }
-            // Dropped: closing the socket also takes it out of the set.
-            self.leave(token);
+            self.deadlines.pop_front();
+            // The connection parked in this space now, if its own deadline
+            // has passed too (the item may be that of one that left).
+            if self.parked.get(token).is_some_and(|p| p.deadline <= now) {
+                // Dropped: closing the socket also takes it out of the set.
+                self.leave(token);
+            }
         }
     }
 
     fn leave(&mut self, token: usize) -> Option<Parked<T>> {
         let parked = self.parked.try_remove(token)?;
-        self.deadlines.remove(&(parked.deadline, token));
         self.counts.parked.fetch_sub(1, Ordering::Relaxed);
         Some(parked)
     }
@@ -238,5 +260,142 @@ impl<T> Spaces<T> {
         self.counts.parked.fetch_sub(parked, Ordering::Relaxed);
         self.parked.clear();
         self.deadlines.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A lot's spaces, and a socket to park in them.
+    fn spaces() -> (Spaces<&'static str>, impl FnMut() -> StdTcpStream) {
+        let poll = Poll::new().unwrap();
+        let spaces = Spaces {
+            registry: poll.registry().try_clone().unwrap(),
+            parked: Slab::new(),
+            deadlines: VecDeque::new(),
+            counts: Arc::default(),
+            closed: false,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = move || {
+            let _held = (poll.registry(), &listener);
+            StdTcpStream::connect(addr).unwrap()
+        };
+        (spaces, socket)
+    }
+
+    fn parked(stream: StdTcpStream, deadline: Instant, conn: &'static str) -> Parked<&'static str> {
+        Parked {
+            stream,
+            deadline,
+            conn,
+        }
+    }
+
+    fn names(spaces: &Spaces<&'static str>) -> Vec<&'static str> {
+        let mut names: Vec<_> = spaces.parked.iter().map(|(_, p)| p.conn).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn connections_close_at_their_deadline_and_not_before() {
+        let (mut spaces, mut socket) = spaces();
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        spaces.park(parked(socket(), now + second, "a")).unwrap();
+        spaces
+            .park(parked(socket(), now + 2 * second, "b"))
+            .unwrap();
+        assert_eq!(spaces.counts.parked(), 2);
+        spaces.expire(now);
+        assert_eq!(names(&spaces), ["a", "b"]);
+        spaces.expire(now + second);
+        assert_eq!(names(&spaces), ["b"]);
+        spaces.expire(now + 2 * second);
+        assert!(names(&spaces).is_empty());
+        assert_eq!(spaces.counts.parked(), 0);
+    }
+
+    #[test]
+    fn the_deadline_of_one_that_left_does_not_close_the_next_in_its_space() {
+        let (mut spaces, mut socket) = spaces();
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        spaces.park(parked(socket(), now + second, "a")).unwrap();
+        let left = spaces.leave(0).expect("parked in space 0");
+        assert_eq!(left.conn, "a");
+        spaces
+            .park(parked(socket(), now + 3 * second, "b"))
+            .unwrap();
+        assert_eq!(
+            spaces.parked.get(0).map(|p| p.conn),
+            Some("b"),
+            "same space"
+        );
+        spaces.expire(now + second);
+        assert_eq!(names(&spaces), ["b"]);
+        spaces.expire(now + 3 * second);
+        assert!(names(&spaces).is_empty());
+    }
+
+    #[test]
+    fn a_deadline_earlier_than_the_last_one_queued_waits_for_it() {
+        let (mut spaces, mut socket) = spaces();
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        assert!(
+            spaces
+                .park(parked(socket(), now + 2 * second, "a"))
+                .unwrap()
+        );
+        assert!(!spaces.park(parked(socket(), now + second, "b")).unwrap());
+        spaces.expire(now + second);
+        assert_eq!(names(&spaces), ["a", "b"]);
+        spaces.expire(now + 2 * second);
+        assert!(names(&spaces).is_empty());
+    }
+
+    #[test]
+    fn the_queue_drops_the_items_of_connections_that_left() {
+        let (mut spaces, mut socket) = spaces();
+        let now = Instant::now();
+        let stream = socket();
+        let mut stream = Some(stream);
+        for _ in 0..4 * COMPACT_ABOVE {
+            let deadline = now + Duration::from_secs(60);
+            spaces
+                .park(parked(stream.take().unwrap(), deadline, "a"))
+                .unwrap();
+            let left = spaces.leave(0).unwrap().stream;
+            let fd = left.as_raw_fd();
+            spaces.registry.deregister(&mut SourceFd(&fd)).unwrap();
+            stream = Some(left);
+        }
+        assert!(
+            spaces.deadlines.len() <= COMPACT_ABOVE + 1,
+            "{}",
+            spaces.deadlines.len()
+        );
+        spaces
+            .park(parked(stream.take().unwrap(), now, "b"))
+            .unwrap();
+        assert_eq!(names(&spaces), ["b"]);
+    }
+
+    #[test]
+    fn a_closed_lot_takes_no_more() {
+        let (mut spaces, mut socket) = spaces();
+        let now = Instant::now();
+        spaces.park(parked(socket(), now, "a")).unwrap();
+        spaces.close_all();
+        assert_eq!(spaces.counts.parked(), 0);
+        assert!(spaces.park(parked(socket(), now, "b")).is_err());
+        assert!(names(&spaces).is_empty());
     }
 }
