@@ -132,12 +132,13 @@ impl<T> Attendant<T> {
         let mut sleep = pin!(tokio::time::sleep_until(Instant::now()));
         let mut woken = Vec::new();
         loop {
-            let next = self
-                .lot
-                .spaces()
-                .deadlines
-                .front()
-                .map(|&(deadline, _)| deadline);
+            // Expired here as well as when the timer fires: while clients
+            // keep sending, the readable branch below may win every time.
+            let next = {
+                let mut spaces = self.lot.spaces();
+                spaces.expire(Instant::now());
+                spaces.deadlines.front().map(|&(deadline, _)| deadline)
+            };
             if let Some(deadline) = next
                 && sleep.deadline() != deadline
             {
@@ -174,9 +175,16 @@ impl<T> Attendant<T> {
                     }
                 }
                 _ = self.lot.earliest.notified() => {}
-                _ = sleep.as_mut(), if next.is_some() => self.lot.spaces().expire(Instant::now()),
+                _ = sleep.as_mut(), if next.is_some() => {}
             }
         }
+    }
+}
+
+impl<T> Drop for Attendant<T> {
+    /// However the attendant stops (shutdown, an error of its epoll set, a
+    /// panic), the lot's connections are closed and no more park.
+    fn drop(&mut self) {
         self.lot.spaces().close_all();
     }
 }
@@ -217,12 +225,7 @@ impl<T> Spaces<T> {
     /// the epoll set and back into tokio's reactor.
     fn unpark(&mut self, token: usize) -> Option<(T, TcpStream)> {
         let parked = self.leave(token)?;
-        let fd = parked.stream.as_raw_fd();
-        let registered = self
-            .registry
-            .deregister(&mut SourceFd(&fd))
-            .and_then(|()| TcpStream::from_std(parked.stream));
-        match registered {
+        match TcpStream::from_std(parked.stream) {
             Ok(stream) => Some((parked.conn, stream)),
             Err(err) => {
                 tracing::debug!(error = %err, "a parked connection could not be served again: closed");
@@ -241,14 +244,21 @@ impl<T> Spaces<T> {
             // The connection parked in this space now, if its own deadline
             // has passed too (the item may be that of one that left).
             if self.parked.get(token).is_some_and(|p| p.deadline <= now) {
-                // Dropped: closing the socket also takes it out of the set.
                 self.leave(token);
             }
         }
     }
 
+    /// Takes the connection of `token` out of the lot and its socket out of
+    /// the epoll set (explicitly: closing it would not, were the socket
+    /// open elsewhere too, and its events would then wake whichever
+    /// connection parks in its space next).
     fn leave(&mut self, token: usize) -> Option<Parked<T>> {
         let parked = self.parked.try_remove(token)?;
+        let fd = parked.stream.as_raw_fd();
+        if let Err(err) = self.registry.deregister(&mut SourceFd(&fd)) {
+            tracing::debug!(error = %err, "a parked socket could not leave the epoll set");
+        }
         self.counts.parked.fetch_sub(1, Ordering::Relaxed);
         Some(parked)
     }
@@ -256,9 +266,10 @@ impl<T> Spaces<T> {
     /// Closes every parked connection, and parks none from now on.
     fn close_all(&mut self) {
         self.closed = true;
-        let parked = self.parked.len() as u64;
-        self.counts.parked.fetch_sub(parked, Ordering::Relaxed);
-        self.parked.clear();
+        let tokens: Vec<usize> = self.parked.iter().map(|(token, _)| token).collect();
+        for token in tokens {
+            self.leave(token);
+        }
         self.deadlines.clear();
     }
 }
@@ -372,10 +383,7 @@ mod tests {
             spaces
                 .park(parked(stream.take().unwrap(), deadline, "a"))
                 .unwrap();
-            let left = spaces.leave(0).unwrap().stream;
-            let fd = left.as_raw_fd();
-            spaces.registry.deregister(&mut SourceFd(&fd)).unwrap();
-            stream = Some(left);
+            stream = Some(spaces.leave(0).unwrap().stream);
         }
         assert!(
             spaces.deadlines.len() <= COMPACT_ABOVE + 1,
