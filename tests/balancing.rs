@@ -51,11 +51,7 @@ async fn get_many(url: &str, count: usize, concurrency: usize) -> Vec<String> {
 }
 
 async fn admin_requests(balancer: &Balancer) -> Vec<u64> {
-    let stats = Client::new()
-        .get(&balancer.admin_url("/stats"))
-        .await
-        .json();
-    stats["upstreams"]
+    balancer.stats().await["upstreams"]
         .as_array()
         .unwrap()
         .iter()

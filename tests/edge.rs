@@ -497,9 +497,8 @@ async fn an_upstream_at_its_request_limit_is_passed_over_then_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_are_parked_small_and_serve_again() {
     let (backend, balancer) = setup("").await;
-    let client = Client::new();
     let parked = || async {
-        let stats = client.get(&balancer.admin_url("/stats")).await.json();
+        let stats = balancer.stats().await;
         let connections = &stats["client_connections"];
         (
             connections["open"].as_u64().unwrap(),
@@ -643,9 +642,8 @@ async fn a_client_that_stops_reading_is_cut_at_the_send_timeout() {
         .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let client = Client::new();
     let upstream_busy = || async {
-        let stats = client.get(&balancer.admin_url("/stats")).await.json();
+        let stats = balancer.stats().await;
         (
             stats["upstreams"][0]["in_flight"].as_u64().unwrap(),
             stats["client_connections"]["open"].as_u64().unwrap(),

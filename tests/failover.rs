@@ -30,10 +30,7 @@ fn backend_process(name: &str, listen: &str) -> Process {
 
 /// The `/stats` entry of the upstream at `addr`.
 async fn upstream(balancer: &Balancer, addr: SocketAddr) -> serde_json::Value {
-    let stats = Client::new()
-        .get(&balancer.admin_url("/stats"))
-        .await
-        .json();
+    let stats = balancer.stats().await;
     stats["upstreams"]
         .as_array()
         .unwrap()
@@ -326,10 +323,7 @@ async fn a_refused_request_goes_to_another_upstream() {
         stats["failovers"], 5,
         "every other pick was the dead upstream: {stats}"
     );
-    let all = Client::new()
-        .get(&balancer.admin_url("/stats"))
-        .await
-        .json();
+    let all = balancer.stats().await;
     assert_eq!(all["retries"], 5);
     let metrics = client.get(&balancer.admin_url("/metrics")).await.text();
     assert!(

@@ -14,11 +14,7 @@ use spike_tests::redis::free_port;
 use spike_tests::wait_until_async;
 
 async fn upstream_stats(balancer: &Balancer) -> serde_json::Value {
-    let stats = Client::new()
-        .get(&balancer.admin_url("/stats"))
-        .await
-        .json();
-    stats["upstreams"][0].clone()
+    balancer.stats().await["upstreams"][0].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

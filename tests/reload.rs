@@ -50,15 +50,8 @@ fn hits(backends: &[Backend]) -> Vec<usize> {
     backends.iter().map(Backend::hits).collect()
 }
 
-async fn stats(balancer: &Balancer) -> serde_json::Value {
-    Client::new()
-        .get(&balancer.admin_url("/stats"))
-        .await
-        .json()
-}
-
 async fn weights(balancer: &Balancer) -> Vec<u64> {
-    stats(balancer).await["upstreams"]
+    balancer.stats().await["upstreams"]
         .as_array()
         .unwrap()
         .iter()
@@ -145,10 +138,10 @@ async fn an_invalid_file_is_rejected_under_load_and_a_fixed_one_applies() {
     balancer.rewrite_config(&invalid);
     let path = balancer.config_path().display().to_string();
     wait_until_async("the rejection", APPLIED_WITHIN, || async {
-        !stats(&balancer).await["config"]["last_error"].is_null()
+        !balancer.stats().await["config"]["last_error"].is_null()
     })
     .await;
-    let error = stats(&balancer).await["config"]["last_error"].clone();
+    let error = balancer.stats().await["config"]["last_error"].clone();
     let message = error["message"].as_str().unwrap();
     assert!(
         message.starts_with(&format!("{path}:6:10: weight must be")),
@@ -181,7 +174,7 @@ async fn an_invalid_file_is_rejected_under_load_and_a_fixed_one_applies() {
         weights(&balancer).await == [1, 1, 1, 1]
     })
     .await;
-    assert!(stats(&balancer).await["config"]["last_error"].is_null());
+    assert!(balancer.stats().await["config"]["last_error"].is_null());
     assert_eq!(split(&balancer, &backends, 400).await, [100, 100, 100, 100]);
 }
 
@@ -225,7 +218,7 @@ async fn upstreams_added_and_removed_under_load_lose_nothing() {
         "d to be up",
         APPLIED_WITHIN + Duration::from_secs(1),
         || async {
-            let stats = stats(&balancer).await;
+            let stats = balancer.stats().await;
             let upstreams = stats["upstreams"].as_array().unwrap().clone();
             upstreams.len() == 3
                 && upstreams[2]["addr"] == d.addr().to_string()
@@ -269,7 +262,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
         (Some(3), Some(1))
     );
     assert_eq!(entry["overridden"], true);
-    assert_eq!(stats(&balancer).await["config"]["differs_from_file"], true);
+    assert_eq!(balancer.stats().await["config"]["differs_from_file"], true);
     assert_eq!(split(&balancer, &backends, 400).await, [300, 100]);
 
     // Drain: requests in flight on a finish, new ones go to b.
@@ -300,7 +293,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
         ),
         (Some(1), Some(false))
     );
-    assert_eq!(stats(&balancer).await["config"]["differs_from_file"], false);
+    assert_eq!(balancer.stats().await["config"]["differs_from_file"], false);
     assert_eq!(split(&balancer, &backends, 100).await, [50, 50]);
 
     // Refusals.
@@ -354,7 +347,7 @@ async fn a_new_listen_address_is_reported_as_needing_a_restart() {
     })
     .await;
 
-    let config = stats(&balancer).await["config"].clone();
+    let config = balancer.stats().await["config"].clone();
     assert_eq!(config["restart_required"], serde_json::json!(["listen"]));
     assert!(
         balancer

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use tempfile::TempDir;
 
+use crate::client::Client;
 use crate::process::Process;
 
 /// A `balancer.toml` on ephemeral ports with these `(address, weight)`
@@ -81,5 +82,10 @@ impl Balancer {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin())
+    }
+
+    /// The admin listener's `/stats`.
+    pub async fn stats(&self) -> serde_json::Value {
+        Client::new().get(&self.admin_url("/stats")).await.json()
     }
 }
