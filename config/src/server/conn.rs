@@ -283,11 +283,11 @@ where
 {
     // Back from the lot, its socket readable: idle until hyper reads the
     // first byte of a head, which starts the header timeout.
-    let phase = Arc::new(if kept.parked_before {
-        PhaseClock::idle()
+    let phase = Arc::new(PhaseClock::new(if kept.parked_before {
+        Phase::Idle
     } else {
-        PhaseClock::new()
-    });
+        Phase::Head
+    }));
     let mut stream = WatchedStream {
         inner: stream,
         phase: Arc::clone(&phase),
@@ -656,20 +656,11 @@ struct PhaseClock {
 const NOT_STALLED: u64 = u64::MAX;
 
 impl PhaseClock {
-    fn new() -> Self {
+    /// The clock of a connection in `phase` from now.
+    fn new(phase: Phase) -> Self {
         Self {
             start: Instant::now(),
-            phase: AtomicU8::new(Phase::Head as u8),
-            since: AtomicU64::new(0),
-            stalled_since: AtomicU64::new(NOT_STALLED),
-        }
-    }
-
-    /// The clock of a connection idle from now.
-    fn idle() -> Self {
-        Self {
-            start: Instant::now(),
-            phase: AtomicU8::new(Phase::Idle as u8),
+            phase: AtomicU8::new(phase as u8),
             since: AtomicU64::new(0),
             stalled_since: AtomicU64::new(NOT_STALLED),
         }
@@ -934,7 +925,7 @@ mod tests {
 
     #[test]
     fn a_reply_is_idle_only_once_hyper_flushed_it() {
-        let phase = Arc::new(PhaseClock::new());
+        let phase = Arc::new(PhaseClock::new(Phase::Head));
         phase.set(Phase::Busy);
         drop(Watched::new((), Arc::clone(&phase)));
         assert_eq!(phase.get().0, Phase::Flushing);
@@ -942,7 +933,7 @@ mod tests {
 
     #[test]
     fn a_write_the_client_does_not_take_is_timed_until_one_goes_through() {
-        let phase = PhaseClock::new();
+        let phase = PhaseClock::new(Phase::Head);
         assert_eq!(phase.write_stalled_since(), None);
         phase.wrote(&Poll::<()>::Pending);
         let since = phase.write_stalled_since().expect("stalled");
@@ -963,7 +954,7 @@ mod tests {
             .await
             .unwrap();
         let (inner, _) = listener.accept().await.unwrap();
-        let phase = Arc::new(PhaseClock::new());
+        let phase = Arc::new(PhaseClock::new(Phase::Head));
         let mut stream = WatchedStream {
             inner,
             phase: Arc::clone(&phase),

@@ -107,8 +107,7 @@ impl<T> Lot<T> {
 
     /// Parks a connection; if it cannot, the connection is closed.
     pub fn park(&self, parked: Parked<T>) {
-        let mut spaces = self.spaces.lock().unwrap_or_else(PoisonError::into_inner);
-        match spaces.park(parked) {
+        match self.spaces().park(parked) {
             Ok(true) => self.earliest.notify_one(),
             Ok(false) => {}
             Err(err) => {
