@@ -163,22 +163,35 @@ with_children() {
   echo "$pid" $(pgrep -P "$pid" || true)
 }
 
+# Prints the user-space CPU time of the given pids, in clock ticks.
+user_ticks() {
+  local total=0 pid fields
+  for pid in "$@"; do
+    read -r -a fields <"/proc/$pid/stat"
+    total=$((total + fields[13]))
+  done
+  echo "$total"
+}
+
 # wrk_once URL PIDS...: one wrk run of $DURATION seconds at $CONNECTIONS
-# connections; prints "requests_per_sec p50_ms p99_ms cpu_us_per_request",
-# the CPU being that of PIDS during the run.
+# connections; prints "requests_per_sec p50_ms p99_ms cpu_us_per_request
+# user_us_per_request", the CPU being that of PIDS during the run (user +
+# system, then user space alone).
 wrk_once() {
   local url=$1
   shift
-  local before after out requests rps p50 p99 hz
+  local before after user_before user_after out requests rps p50 p99 hz
   hz=$(getconf CLK_TCK)
   before=$(cpu_ticks "$@")
+  user_before=$(user_ticks "$@")
   out=$(wrk -t "${THREADS:-1}" -c "$CONNECTIONS" -d "${DURATION}s" --latency "$url")
   after=$(cpu_ticks "$@")
+  user_after=$(user_ticks "$@")
   requests=$(echo "$out" | awk '/requests in/ {print $1}')
   rps=$(echo "$out" | awk '/^Requests\/sec:/ {print $2}')
   p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
   p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')"
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $(awk -v t=$((after - before)) -v u=$((user_after - user_before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.1f %.1f", t * 1e6 / hz / n, u * 1e6 / hz / n}')"
 }
 
 # wrk's latencies carry a unit (us, ms, s); prints milliseconds.
@@ -194,7 +207,7 @@ to_ms() {
 # every target in turn, $RUNS rounds (interleaved, so that a noisy moment
 # of a shared machine does not fall on one target only), and fills the
 # associative array MEDIANS: name -> "requests_per_sec p50_ms p99_ms
-# cpu_us_per_request", each the median over the rounds.
+# cpu_us_per_request user_us_per_request", each the median over the rounds.
 declare -A MEDIANS
 compare() {
   local -A rows=()

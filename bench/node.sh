@@ -113,14 +113,14 @@ compare "nginx static 200|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_
 redis_after=$(cpu_ticks "$redis_pid")
 sold=$(( $(redis-cli -p "$redis_port" hget 'spike:{open}:stock' sold) - ${sold_before:-0} ))
 for name in "nginx static 200" "node, sold-out path" "node, selling path"; do
-  read -r rps p50 p99 cpu <<<"${MEDIANS[$name]}"
+  read -r rps p50 p99 cpu _ <<<"${MEDIANS[$name]}"
   printf '| %-22s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
 done
 redis_cpu=$(awk -v t=$((redis_after - redis_before)) -v hz="$(getconf CLK_TCK)" -v n="$sold" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
 echo
 echo "Selling path: $sold tickets sold; Redis used $redis_cpu us of CPU per sale."
-read -r n_rps _ _ n_cpu <<<"${MEDIANS[nginx static 200]}"
-read -r o_rps _ _ o_cpu <<<"${MEDIANS[node, sold-out path]}"
+read -r n_rps _ _ n_cpu _ <<<"${MEDIANS[nginx static 200]}"
+read -r o_rps _ _ o_cpu _ <<<"${MEDIANS[node, sold-out path]}"
 awk -v o="$o_cpu" -v n="$n_cpu" -v or="$o_rps" -v nr="$n_rps" 'BEGIN {
   printf "Node sold-out path / nginx static: CPU per request %.2fx (target <= 1.30), throughput %.2fx\n", o / n, or / nr
 }'

@@ -14,8 +14,8 @@
 #   reuse to the backends.
 # No proxy writes an access log. Prints the medians over RUNS of requests/s,
 # p50 and p99 latency and the proxy's CPU microseconds per request (user +
-# system, all its processes, from /proc), then this balancer's ratios to
-# nginx and HAProxy.
+# system, all its processes, from /proc, and the user-space part of it),
+# then this balancer's ratios to nginx and HAProxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -59,8 +59,8 @@ echo "Machine: $(machine)"
 echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3)"
 echo "wrk -t${THREADS:-1} -c$CONNECTIONS -d${DURATION}s, median of $RUNS interleaved runs; $WORKERS workers per proxy"
 echo
-printf '| %-17s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
-printf '|%s|%s|%s|%s|%s|\n' ------------------- ------------ ---------- ---------- ----------------
+printf '| %-17s | %10s | %8s | %8s | %14s | %10s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req" "of it user"
+printf '|%s|%s|%s|%s|%s|%s|\n' ------------------- ------------ ---------- ---------- ---------------- ------------
 
 compare "direct|http://127.0.0.1:${backend_ports[0]}/|$backends_pid" \
   "spike|http://127.0.0.1:$spike_port/|$spike_pid" \
@@ -68,19 +68,19 @@ compare "direct|http://127.0.0.1:${backend_ports[0]}/|$backends_pid" \
   "nginx|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_pid")" \
   "haproxy|http://127.0.0.1:$haproxy_port/|$haproxy_pid"
 for name in direct spike "spike, checks off" nginx haproxy; do
-  read -r rps p50 p99 cpu <<<"${MEDIANS[$name]}"
-  [ "$name" = direct ] && cpu=-
-  printf '| %-17s | %10.0f | %8.2f | %8.2f | %14s |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+  read -r rps p50 p99 cpu user <<<"${MEDIANS[$name]}"
+  [ "$name" = direct ] && cpu=- user=-
+  printf '| %-17s | %10.0f | %8.2f | %8.2f | %14s | %10s |\n' "$name" "$rps" "$p50" "$p99" "$cpu" "$user"
 done
 echo
-read -r s_rps _ s_p99 s_cpu <<<"${MEDIANS[spike]}"
-read -r _ _ _ u_cpu <<<"${MEDIANS[spike, checks off]}"
+read -r s_rps _ s_p99 s_cpu s_user <<<"${MEDIANS[spike]}"
+read -r _ _ _ u_cpu _ <<<"${MEDIANS[spike, checks off]}"
 awk -v on="$s_cpu" -v off="$u_cpu" 'BEGIN {
   printf "health checks on / off: CPU per request %+.1f%% (wall clock, noisy; bench/health_cost.sh counts instructions)\n", (on / off - 1) * 100
 }'
 for name in nginx haproxy; do
-  read -r rps _ p99 cpu <<<"${MEDIANS[$name]}"
-  awk -v name="$name" -v sc="$s_cpu" -v oc="$cpu" -v sr="$s_rps" -v or="$rps" -v sp="$s_p99" -v op="$p99" 'BEGIN {
-    printf "spike / %-7s: CPU per request %.2fx, throughput %.2fx, p99 %.2fx\n", name, sc / oc, sr / or, sp / op
+  read -r rps _ p99 cpu user <<<"${MEDIANS[$name]}"
+  awk -v name="$name" -v sc="$s_cpu" -v oc="$cpu" -v su="$s_user" -v ou="$user" -v sr="$s_rps" -v or="$rps" -v sp="$s_p99" -v op="$p99" 'BEGIN {
+    printf "spike / %-7s: CPU per request %.2fx (user space %.2fx, kernel %.2fx), throughput %.2fx, p99 %.2fx\n", name, sc / oc, su / ou, (sc - su) / (oc - ou), sr / or, sp / op
   }'
 done

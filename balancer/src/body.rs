@@ -6,9 +6,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
-use crate::pool::Connection;
+use crate::h1::{self, ExchangeError};
 use crate::upstream::InFlight;
 
 /// A client's request body, as sent to an upstream: streamed as it arrives,
@@ -19,22 +19,18 @@ pub use spike_config::server::body::RequestBody;
 ///
 /// The request counts as in flight on its upstream until this is dropped.
 /// When the body has ended, the connection it came on goes back to the
-/// upstream's pool; if the client goes away first, the connection is
-/// dropped with it (it is in the middle of a response and cannot be reused).
+/// upstream's pool if it may carry another exchange; if the client goes
+/// away first, the connection is dropped with it (it is in the middle of a
+/// response and cannot be reused).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Incoming,
-    connection: Option<Connection>,
+    inner: h1::ResponseBody,
     in_flight: InFlight,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, connection: Connection, in_flight: InFlight) -> Self {
-        let mut body = Self {
-            inner,
-            connection: Some(connection),
-            in_flight,
-        };
+    pub fn new(inner: h1::ResponseBody, in_flight: InFlight) -> Self {
+        let mut body = Self { inner, in_flight };
         // A response without a body (HEAD, 204, 304, length 0) has ended
         // already.
         if body.inner.is_end_stream() {
@@ -44,20 +40,20 @@ impl UpstreamBody {
     }
 
     fn release(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            self.in_flight.upstream().pool.release(connection);
+        if let Some(upstream) = self.inner.into_reusable() {
+            self.in_flight.upstream().pool.release(upstream);
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ExchangeError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
         match &frame {

@@ -14,6 +14,7 @@ use http_body_util::Full;
 use spike_config::server::Rejection;
 use spike_config::server::body::BodyError;
 
+use crate::h1::ExchangeError;
 use crate::pool::ConnectError;
 
 /// A request the proxy could not complete.
@@ -38,7 +39,7 @@ pub enum ProxyError {
     #[error("{upstream} failed: {source}")]
     Upstream {
         upstream: SocketAddr,
-        source: hyper::Error,
+        source: ExchangeError,
     },
     /// The client's request body failed: too large, too slow, malformed.
     #[error("{0}")]

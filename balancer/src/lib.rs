@@ -2,9 +2,9 @@
 //! over weighted upstreams with nginx's smooth weighted round-robin.
 //!
 //! [`balance`] picks the upstream, [`proxy`] forwards the request to it
-//! over a connection from the upstream's [`pool`] ([`headers`] rewrites what
-//! a proxy must, [`body`] streams the bodies, [`error`] maps failures to
-//! replies), [`upstream`] keeps each upstream's state and [`metrics`] its
+//! over a connection from the upstream's [`pool`] ([`h1`] speaks HTTP/1.1
+//! to it, [`headers`] rewrites what a proxy must, [`body`] streams the
+//! bodies, [`error`] maps failures to replies), [`upstream`] keeps each upstream's state and [`metrics`] its
 //! series, [`health`] decides who may take requests, [`reload`] applies
 //! changes to the configuration while it runs, and [`admin`] serves
 //! `/stats`, `/metrics` and runtime changes on a listener of its own.
@@ -15,6 +15,7 @@ pub mod balance;
 pub mod body;
 pub mod cli;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod limit;

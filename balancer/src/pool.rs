@@ -1,11 +1,11 @@
 //! Keep-alive connections to one upstream.
 //!
-//! Each upstream has its own pool: per worker thread, a stack of idle HTTP/1
-//! connections, most recently used on top (warm in every cache). A
-//! connection's I/O is driven by a task on the worker that opened it, its
-//! home: a request checks out a connection of its own worker's stack first,
-//! then one of another worker's (the pool is shared by all threads), and
-//! only then opens one; the connection goes back to its home stack when its
+//! Each upstream has its own pool: per worker thread, a stack of idle
+//! HTTP/1 connections, most recently used on top (warm in every cache). A
+//! connection is used only by the worker that opened it: its socket is
+//! registered with that worker's runtime, and the request that checks it out
+//! drives its I/O in the client connection's own task ([`crate::h1`]), so
+//! no other thread is ever woken for it. It goes back to its stack when its
 //! response has ended. Owning the pool, rather than going through a
 //! general-purpose client, gives the proxy what it needs to know:
 //!
@@ -14,23 +14,19 @@
 //!   another upstream safe;
 //! - the upstream a connection belongs to, without hashing a key per
 //!   request;
-//! - no task per request: a connection returns to its pool from the
-//!   response body that ends on it;
-//! - which thread drives each connection, so a request uses its own
-//!   thread's connections first.
+//! - no task per connection or request: a connection returns to its pool
+//!   from the response body that ends on it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use spike_config::balancer::ProxySettings;
 
-use crate::body::RequestBody;
+use crate::h1::Upstream;
 use crate::upstream::FailoverReason;
 use crate::workers;
 
@@ -60,8 +56,6 @@ pub enum ConnectError {
     Io(#[from] std::io::Error),
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
-    #[error("handshake: {0}")]
-    Handshake(#[from] hyper::Error),
 }
 
 impl ConnectError {
@@ -69,7 +63,7 @@ impl ConnectError {
     pub fn failover_reason(&self) -> FailoverReason {
         match self {
             ConnectError::Timeout(_) => FailoverReason::ConnectTimeout,
-            ConnectError::Io(_) | ConnectError::Handshake(_) => FailoverReason::Connect,
+            ConnectError::Io(_) => FailoverReason::Connect,
         }
     }
 }
@@ -80,23 +74,15 @@ pub struct ConnectionPool {
     addr: SocketAddr,
     /// From the configuration in force; a reload replaces them.
     settings: ArcSwap<PoolSettings>,
-    /// One stack per worker, of the connections that worker drives. Each is
+    /// One stack per worker, of the connections that worker opened. Each is
     /// held only to push or pop; never across an `.await`.
     idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 #[derive(Debug)]
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    upstream: Upstream,
     since: Instant,
-}
-
-/// A connection checked out for one request.
-#[derive(Debug)]
-pub struct Connection {
-    pub sender: SendRequest<RequestBody>,
-    /// The worker whose runtime drives it, and whose stack it returns to.
-    home: usize,
 }
 
 impl ConnectionPool {
@@ -118,41 +104,24 @@ impl ConnectionPool {
     }
 
     /// A connection ready to send a request: the most recently used idle
-    /// one that is still open, this worker's first, or a new one.
-    pub async fn checkout(&self) -> Result<Connection, ConnectError> {
+    /// one of this worker that is still open, or a new one.
+    pub async fn checkout(&self) -> Result<Upstream, ConnectError> {
         let settings = self.settings.load_full();
-        let me = workers::index() % self.idle.len();
-        let homes = (0..self.idle.len()).map(|i| (me + i) % self.idle.len());
-        for home in homes {
-            while let Some(mut idle) = self.pop(home) {
-                if idle.since.elapsed() > settings.idle_timeout || idle.sender.is_closed() {
-                    continue;
-                }
-                // A connection returned as its response ended may still be
-                // finishing it; `ready` waits for that, and fails if the
-                // upstream closed it meanwhile.
-                if idle.sender.ready().await.is_ok() {
-                    return Ok(Connection {
-                        sender: idle.sender,
-                        home,
-                    });
-                }
+        while let Some(mut idle) = self.pop() {
+            if idle.since.elapsed() <= settings.idle_timeout && idle.upstream.is_open() {
+                return Ok(idle.upstream);
             }
         }
-        let sender = self.connect(settings.connect_timeout).await?;
-        Ok(Connection { sender, home: me })
+        self.connect(settings.connect_timeout).await
     }
 
-    /// Returns a connection whose exchange has ended to its home stack.
-    pub fn release(&self, connection: Connection) {
-        if connection.sender.is_closed() {
-            return;
-        }
+    /// Returns a connection whose exchange has ended to this worker's stack.
+    pub fn release(&self, upstream: Upstream) {
         let max_idle = self.settings.load().max_idle.div_ceil(self.idle.len());
-        let mut idle = self.idle[connection.home].lock().expect("pool lock");
+        let mut idle = self.idle[self.home()].lock().expect("pool lock");
         if idle.len() < max_idle {
             idle.push(Idle {
-                sender: connection.sender,
+                upstream,
                 since: Instant::now(),
             });
         }
@@ -164,7 +133,7 @@ impl ConnectionPool {
         let timeout = self.settings.load().idle_timeout;
         for stack in &self.idle {
             let mut idle = stack.lock().expect("pool lock");
-            idle.retain(|conn| conn.since.elapsed() <= timeout && !conn.sender.is_closed());
+            idle.retain_mut(|conn| conn.since.elapsed() <= timeout && conn.upstream.is_open());
         }
     }
 
@@ -176,24 +145,20 @@ impl ConnectionPool {
             .sum()
     }
 
-    fn pop(&self, home: usize) -> Option<Idle> {
-        self.idle[home].lock().expect("pool lock").pop()
+    /// This worker's stack.
+    fn home(&self) -> usize {
+        workers::index() % self.idle.len()
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<SendRequest<RequestBody>, ConnectError> {
+    fn pop(&self) -> Option<Idle> {
+        self.idle[self.home()].lock().expect("pool lock").pop()
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<Upstream, ConnectError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??;
         stream.set_nodelay(true)?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(upstream = %addr, error = %err, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Upstream::new(stream))
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! Requests and responses stream through: bodies are handed on frame by
 //! frame, never buffered whole. Each upstream has a pool of keep-alive
-//! connections shared by every thread ([`crate::pool`]). Whatever the client
+//! connections per worker thread ([`crate::pool`]). Whatever the client
 //! spoke (HTTP/1.0 or 1.1), the upstream is spoken to in HTTP/1.1 with
-//! keep-alive.
+//! keep-alive ([`crate::h1`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use spike_config::server::body::BodyFailure;
 use crate::balance::{Peer, Router};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::error::ProxyError;
+use crate::h1::SendError;
 use crate::headers::{self, ClientAddr};
 use crate::upstream::{FailoverReason, InFlight};
 
@@ -168,7 +169,7 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, Attempt> {
         let upstream = &peer.upstream;
         let addr = upstream.addr();
-        let mut connection = match upstream.pool.checkout().await {
+        let connection = match upstream.pool.checkout().await {
             Ok(connection) => connection,
             Err(source) => {
                 // Nothing was sent: connecting failed.
@@ -183,22 +184,22 @@ impl Proxy {
                 });
             }
         };
-        let sent =
-            tokio::time::timeout(response_timeout, connection.sender.try_send_request(req)).await;
+        let sent = tokio::time::timeout(response_timeout, connection.send(req)).await;
         let response = match sent {
             Ok(Ok(response)) => response,
-            Ok(Err(mut err)) => {
-                if let Some(request) = err.take_message() {
-                    // The connection closed before the request went out.
-                    return Err(Attempt::NotSent {
-                        request: Box::new(request),
-                        reason: FailoverReason::Closed,
-                        error: ProxyError::Upstream {
-                            upstream: addr,
-                            source: err.into_error(),
-                        },
-                    });
-                }
+            Ok(Err(SendError::NotSent(request, source))) => {
+                // The connection was found closed before the request went
+                // out.
+                return Err(Attempt::NotSent {
+                    request,
+                    reason: FailoverReason::Closed,
+                    error: ProxyError::Upstream {
+                        upstream: addr,
+                        source,
+                    },
+                });
+            }
+            Ok(Err(SendError::Failed(source))) => {
                 // The client's body failing is the client's fault, not the
                 // upstream's: the exchange is cancelled and the client told.
                 if let Some(body) = failure.get() {
@@ -207,7 +208,7 @@ impl Proxy {
                 upstream.failed(peer.weight);
                 return Err(Attempt::Failed(ProxyError::Upstream {
                     upstream: addr,
-                    source: err.into_error(),
+                    source,
                 }));
             }
             Err(_) => {
@@ -229,7 +230,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_via(&mut parts.headers, parts.version);
-        let body = UpstreamBody::new(body, connection, in_flight);
+        let body = UpstreamBody::new(body, in_flight);
         Ok(Response::from_parts(parts, Either::Left(body)))
     }
 }

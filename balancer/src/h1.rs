@@ -1,0 +1,1027 @@
+//! HTTP/1.1 to an upstream, spoken by the request's own task.
+//!
+//! A proxied request needs little of a general HTTP client: its head is
+//! already parsed and checked by the server side, so it is written out as
+//! it stands; the upstream's response head is parsed with `httparse` into
+//! the [`http::Response`] the server side encodes for the client; and the
+//! response body is decoded by its framing (RFC 9112, section 6.3) as the
+//! client's connection asks for it. Everything runs inside the task that
+//! serves the client's connection: no task, channel or wake-up per
+//! connection or per exchange, and no copy of a body on its way through.
+//!
+//! An [`Upstream`] connection is reusable when an exchange on it ended
+//! cleanly: the whole request was sent, the whole response read, nothing
+//! more arrived and neither side asked to close.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+/// The most header fields a response head (or a trailer section) may have.
+const MAX_HEADERS: usize = 100;
+/// The largest response head, or trailer section, accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// The longest chunk-size line (with its extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// How much room a read into the buffer is given.
+const READ_SIZE: usize = 8 * 1024;
+
+/// Why an exchange with an upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the upstream closed the connection before its response was complete")]
+    Closed,
+    #[error("malformed response head: {0}")]
+    Head(#[from] httparse::Error),
+    #[error("response head over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+    #[error("malformed chunked response body")]
+    Chunked,
+    #[error("the request body failed")]
+    RequestBody,
+}
+
+/// The outcome of [`Upstream::send`] when it fails.
+#[derive(Debug)]
+pub enum SendError<B> {
+    /// Nothing reached the upstream: the request is handed back whole.
+    NotSent(Box<Request<B>>, ExchangeError),
+    /// The request may have reached the upstream.
+    Failed(ExchangeError),
+}
+
+/// A connection to an upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    stream: TcpStream,
+    /// What was read and not yet consumed; empty between exchanges.
+    read: BytesMut,
+    /// The request head and chunk framing being written.
+    write: Vec<u8>,
+}
+
+impl Upstream {
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            read: BytesMut::new(),
+            write: Vec::new(),
+        }
+    }
+
+    /// Whether the connection may carry another exchange, as far as can be
+    /// told without waiting: the upstream has neither closed it nor sent
+    /// anything unasked. Costs a system call only when the socket was
+    /// reported readable.
+    pub fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read(&mut [0; 1]),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Sends `req` (in origin form, its hop-by-hop headers gone) and reads
+    /// the response head. The response's body reads from this connection,
+    /// which it hands back through [`ResponseBody::into_reusable`].
+    pub async fn send<B>(mut self, req: Request<B>) -> Result<Response<ResponseBody>, SendError<B>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+    {
+        let body_framing = RequestFraming::of(&req);
+        encode_head(&mut self.write, &req, body_framing);
+        if let Err(err) = self.stream.write_all(&self.write).await {
+            // A head refused at once (the socket found reset) sent nothing.
+            return Err(SendError::NotSent(Box::new(req), err.into()));
+        }
+        let head_only = req.method() == Method::HEAD;
+        let body = req.into_body();
+        let mut body_sent = body_framing == RequestFraming::None;
+        let head = if body_sent {
+            let (mut read, _) = self.stream.split();
+            read_head(&mut read, &mut self.read).await
+        } else {
+            // The upstream may answer before the body is all sent (and
+            // stop reading it): read while writing.
+            let (mut read, mut write) = self.stream.split();
+            let sending = send_body(&mut write, &mut self.write, body, body_framing);
+            let receiving = read_head(&mut read, &mut self.read);
+            tokio::pin!(sending, receiving);
+            loop {
+                tokio::select! {
+                    sent = &mut sending, if !body_sent => {
+                        sent.map_err(SendError::Failed)?;
+                        body_sent = true;
+                    }
+                    head = &mut receiving => break head,
+                }
+            }
+        };
+        let head = head.map_err(SendError::Failed)?;
+        let framing = head.framing(head_only).map_err(SendError::Failed)?;
+        let reusable = body_sent && head.keep_alive && framing.delimited;
+        let mut response = Response::new(ResponseBody {
+            upstream: Some(self),
+            kind: framing.kind,
+            reusable,
+        });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        if response.body().kind.is_done() {
+            response.body_mut().end();
+        }
+        Ok(response)
+    }
+
+    /// Reads more into the buffer; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        reserve(&mut self.read);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
+    }
+}
+
+/// Room for one more read.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE);
+    }
+}
+
+/// How a request body is framed to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestFraming {
+    /// No body.
+    None,
+    /// As long as its `Content-Length`, which the server side checked.
+    Length,
+    /// Chunked: a body whose length was not given.
+    Chunked,
+}
+
+impl RequestFraming {
+    fn of<B: Body>(req: &Request<B>) -> Self {
+        if req.body().is_end_stream() {
+            RequestFraming::None
+        } else if req.headers().contains_key(header::CONTENT_LENGTH) {
+            RequestFraming::Length
+        } else {
+            RequestFraming::Chunked
+        }
+    }
+}
+
+/// Writes the request line and headers of `req` into `out`, in HTTP/1.1.
+fn encode_head<B>(out: &mut Vec<u8>, req: &Request<B>, framing: RequestFraming) {
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |path| path.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if framing == RequestFraming::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Streams the request body to the upstream, chunked if `framing` says so.
+async fn send_body<B: Body<Data = Bytes> + Unpin>(
+    stream: &mut WriteHalf<'_>,
+    scratch: &mut Vec<u8>,
+    mut body: B,
+    framing: RequestFraming,
+) -> Result<(), ExchangeError> {
+    let chunked = framing == RequestFraming::Chunked;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|_| ExchangeError::RequestBody)?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers of the client's own connection are not forwarded.
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            scratch.clear();
+            scratch.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            scratch.extend_from_slice(&data);
+            scratch.extend_from_slice(b"\r\n");
+            stream.write_all(scratch).await?;
+        } else {
+            stream.write_all(&data).await?;
+        }
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await?;
+    }
+    Ok(())
+}
+
+/// A response head as read.
+#[derive(Debug)]
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    /// Whether the upstream keeps the connection open after this response.
+    keep_alive: bool,
+}
+
+/// How a response body is delimited.
+#[derive(Debug)]
+struct Framing {
+    kind: Kind,
+    /// Whether its end is known without the connection closing, and the
+    /// framing was unambiguous: the connection may then be reused.
+    delimited: bool,
+}
+
+impl Head {
+    /// The framing of the body that follows this head (RFC 9112, 6.3).
+    fn framing(&self, head_only: bool) -> Result<Framing, ExchangeError> {
+        let status = self.status.as_u16();
+        if head_only || status == 204 || status == 304 {
+            return Ok(Framing {
+                kind: Kind::Done,
+                delimited: true,
+            });
+        }
+        let lengths = self.headers.get_all(header::CONTENT_LENGTH);
+        if let Some(last) = self
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            let chunked = last
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // With both, the length is ignored, and the connection not
+            // trusted for another exchange.
+            let unambiguous = lengths.iter().next().is_none();
+            return Ok(if chunked {
+                Framing {
+                    kind: Kind::Chunked(Chunked::Size),
+                    delimited: unambiguous,
+                }
+            } else {
+                Framing {
+                    kind: Kind::UntilClose,
+                    delimited: false,
+                }
+            });
+        }
+        let mut length = None;
+        for value in lengths {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_decimal(part.trim_ascii())
+                    .ok_or(ExchangeError::Invalid("Content-Length"))?;
+                if length.is_some_and(|seen| seen != n) {
+                    return Err(ExchangeError::Invalid("conflicting Content-Length"));
+                }
+                length = Some(n);
+            }
+        }
+        Ok(match length {
+            Some(0) => Framing {
+                kind: Kind::Done,
+                delimited: true,
+            },
+            Some(n) => Framing {
+                kind: Kind::Length(n),
+                delimited: true,
+            },
+            None => Framing {
+                kind: Kind::UntilClose,
+                delimited: false,
+            },
+        })
+    }
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Reads a final response head, passing over interim (1xx) ones.
+async fn read_head(stream: &mut ReadHalf<'_>, buf: &mut BytesMut) -> Result<Head, ExchangeError> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf)? {
+                return Ok(head);
+            }
+            if buf.len() > MAX_HEAD {
+                return Err(ExchangeError::HeadTooLarge);
+            }
+        }
+        reserve(buf);
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ExchangeError::Closed);
+        }
+    }
+}
+
+/// Parses a final response head off the front of `buf`: `None` while it is
+/// incomplete. Interim responses are consumed and passed over.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
+    loop {
+        // Where each field's name and value lie in the head.
+        let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
+        let (len, code, minor, count) = {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut fields);
+            let httparse::Status::Complete(len) = response.parse(buf)? else {
+                return Ok(None);
+            };
+            let base = buf.as_ptr() as usize;
+            let offset = |part: &[u8]| {
+                let start = part.as_ptr() as usize - base;
+                (start, start + part.len())
+            };
+            let count = response.headers.len();
+            for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+                *span = (offset(field.name.as_bytes()), offset(field.value));
+            }
+            let code = response.code.unwrap_or_default();
+            (len, code, response.version.unwrap_or_default(), count)
+        };
+        if (100..200).contains(&code) {
+            if code == 101 {
+                return Err(ExchangeError::Invalid("protocol upgrade"));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("status code"))?;
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &((name_start, name_end), (value_start, value_end)) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name_start..name_end])
+                .map_err(|_| ExchangeError::Invalid("header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                .map_err(|_| ExchangeError::Invalid("header value"))?;
+            headers.append(name, value);
+        }
+        let version = if minor == 0 {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let keep_alive = keeps_alive(&headers, version);
+        return Ok(Some(Head {
+            status,
+            version,
+            headers,
+            keep_alive,
+        }));
+    }
+}
+
+/// Whether a response of `version` with these headers leaves its connection
+/// open: HTTP/1.1 unless it says `close`, HTTP/1.0 only if it says
+/// `keep-alive`.
+fn keeps_alive(headers: &HeaderMap, version: Version) -> bool {
+    let says = |token: &str| {
+        headers.get_all(header::CONNECTION).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    if version == Version::HTTP_10 {
+        says("keep-alive")
+    } else {
+        !says("close")
+    }
+}
+
+/// Where the decoding of a response body stands.
+#[derive(Debug)]
+enum Kind {
+    /// This many bytes are still to come.
+    Length(u64),
+    /// Chunked.
+    Chunked(Chunked),
+    /// Everything until the upstream closes the connection.
+    UntilClose,
+    /// The body has ended.
+    Done,
+}
+
+impl Kind {
+    fn is_done(&self) -> bool {
+        matches!(self, Kind::Done)
+    }
+}
+
+/// Where a chunked body's decoding stands.
+#[derive(Debug)]
+enum Chunked {
+    /// At a chunk-size line.
+    Size,
+    /// Inside a chunk, with this much of it to come.
+    Data(u64),
+    /// At the CRLF that ends a chunk's data.
+    DataEnd,
+    /// At the trailer section after the last chunk.
+    Trailers,
+}
+
+/// A response body as it arrives from the upstream.
+#[derive(Debug)]
+pub struct ResponseBody {
+    /// The connection it arrives on; `None` once handed back or broken.
+    upstream: Option<Upstream>,
+    kind: Kind,
+    /// Whether the connection may carry another exchange once this body
+    /// has ended.
+    reusable: bool,
+}
+
+impl ResponseBody {
+    /// The connection, once the body has ended, if it may carry another
+    /// exchange.
+    pub fn into_reusable(&mut self) -> Option<Upstream> {
+        if !self.kind.is_done() || !self.reusable {
+            return None;
+        }
+        let upstream = self.upstream.take()?;
+        // Anything sent beyond the response is a broken upstream.
+        upstream.read.is_empty().then_some(upstream)
+    }
+
+    fn end(&mut self) {
+        self.kind = Kind::Done;
+    }
+
+    fn fail(&mut self, error: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        self.upstream = None;
+        self.kind = Kind::Done;
+        self.reusable = false;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+/// The next frame of a chunked body from what `buf` holds, with `kind` at
+/// `Kind::Chunked`: `None` when more must be read first, or when the body
+/// ended without trailers (`kind` is then `Kind::Done`).
+fn decode_chunked(
+    kind: &mut Kind,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame<Bytes>>, ExchangeError> {
+    loop {
+        let Kind::Chunked(state) = kind else {
+            return Ok(None);
+        };
+        match state {
+            Chunked::Size => {
+                let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(ExchangeError::Chunked);
+                    }
+                    return Ok(None);
+                };
+                let line = &buf[..end];
+                let digits = line
+                    .iter()
+                    .position(|b| !b.is_ascii_hexdigit())
+                    .unwrap_or(line.len());
+                // After the size: nothing, or extensions (ignored).
+                let rest = line[digits..].trim_ascii_start();
+                if digits == 0 || digits > 15 || !(rest.is_empty() || rest[0] == b';') {
+                    return Err(ExchangeError::Chunked);
+                }
+                let size = line[..digits].iter().fold(0u64, |n, &d| {
+                    n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
+                });
+                buf.advance(end + 2);
+                *state = if size == 0 {
+                    Chunked::Trailers
+                } else {
+                    Chunked::Data(size)
+                };
+            }
+            Chunked::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    *state = Chunked::DataEnd;
+                }
+                return Ok(Some(Frame::data(buf.split_to(n as usize).freeze())));
+            }
+            Chunked::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(ExchangeError::Chunked);
+                }
+                buf.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => {
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((len, fields))) => {
+                        let mut trailers = HeaderMap::new();
+                        for field in fields.iter() {
+                            let (Ok(name), Ok(value)) = (
+                                HeaderName::from_bytes(field.name.as_bytes()),
+                                HeaderValue::from_bytes(field.value),
+                            ) else {
+                                return Err(ExchangeError::Chunked);
+                            };
+                            trailers.append(name, value);
+                        }
+                        (len, trailers)
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {
+                        return Ok(None);
+                    }
+                    _ => return Err(ExchangeError::Chunked),
+                };
+                buf.advance(len);
+                *kind = Kind::Done;
+                return Ok((!trailers.is_empty()).then(|| Frame::trailers(trailers)));
+            }
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.kind {
+                Kind::Done => return Poll::Ready(None),
+                Kind::Length(left) => {
+                    let Some(upstream) = this.upstream.as_mut() else {
+                        return this.fail(ExchangeError::Closed);
+                    };
+                    if !upstream.read.is_empty() {
+                        let n = (*left).min(upstream.read.len() as u64);
+                        *left -= n;
+                        let data = upstream.read.split_to(n as usize).freeze();
+                        if *left == 0 {
+                            this.end();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Kind::UntilClose => {
+                    let Some(upstream) = this.upstream.as_mut() else {
+                        return this.fail(ExchangeError::Closed);
+                    };
+                    if !upstream.read.is_empty() {
+                        let data = upstream.read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Kind::Chunked(_) => {
+                    let Some(upstream) = this.upstream.as_mut() else {
+                        return this.fail(ExchangeError::Closed);
+                    };
+                    match decode_chunked(&mut this.kind, &mut upstream.read) {
+                        Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                        Ok(None) if this.kind.is_done() => return Poll::Ready(None),
+                        Ok(None) => {}
+                        Err(error) => return this.fail(error),
+                    }
+                }
+            }
+            let Some(upstream) = this.upstream.as_mut() else {
+                return this.fail(ExchangeError::Closed);
+            };
+            match ready!(upstream.poll_fill(cx)) {
+                Ok(0) if matches!(this.kind, Kind::UntilClose) => {
+                    this.upstream = None;
+                    this.end();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(ExchangeError::Closed),
+                Ok(_) => {}
+                Err(error) => return this.fail(error.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.kind.is_done()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self.kind {
+            Kind::Length(left) => hyper::body::SizeHint::with_exact(left),
+            Kind::Done => hyper::body::SizeHint::with_exact(0),
+            _ => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+
+    use http_body_util::BodyExt;
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    /// A request body of the given frames, then pending forever if
+    /// `endless`.
+    #[derive(Debug)]
+    struct Frames {
+        frames: VecDeque<&'static str>,
+        endless: bool,
+    }
+
+    impl Frames {
+        fn new(frames: &[&'static str], endless: bool) -> Self {
+            Self {
+                frames: frames.iter().copied().collect(),
+                endless,
+            }
+        }
+    }
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.frames.pop_front() {
+                Some(data) => {
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+                }
+                None if self.endless => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.frames.is_empty() && !self.endless
+        }
+    }
+
+    /// An upstream that reads a request head (and `body_len` bytes of body),
+    /// answers `reply`, closes if `close`, and yields all it read once the
+    /// connection is closed.
+    async fn scripted(
+        reply: &'static str,
+        body_len: usize,
+        close: bool,
+    ) -> (SocketAddr, JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut received = Vec::new();
+            let mut chunk = [0; 4096];
+            while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "request head cut short");
+                received.extend_from_slice(&chunk[..n]);
+            }
+            let head_len = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            while received.len() < head_len + body_len {
+                let n = stream.read(&mut chunk).await.unwrap();
+                received.extend_from_slice(&chunk[..n]);
+            }
+            stream.write_all(reply.as_bytes()).await.unwrap();
+            if !close {
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    received.extend_from_slice(&chunk[..n]);
+                }
+            }
+            String::from_utf8(received).unwrap()
+        });
+        (addr, task)
+    }
+
+    async fn connect(addr: SocketAddr) -> Upstream {
+        Upstream::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    /// The body's data, or its error.
+    async fn read_all(body: &mut ResponseBody) -> Result<String, ExchangeError> {
+        let mut data = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(chunk) = frame?.into_data() {
+                data.extend_from_slice(&chunk);
+            }
+        }
+        Ok(String::from_utf8(data).unwrap())
+    }
+
+    fn get(path: &str) -> Request<Frames> {
+        Request::get(path)
+            .header("host", "backend")
+            .header("x-test", "1")
+            .body(Frames::new(&[], false))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_out_in_http_1_1_and_a_sized_body_comes_back_whole() {
+        let (addr, upstream) = scripted(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-reply: yes\r\n\r\nhello",
+            0,
+            false,
+        )
+        .await;
+        let mut response = connect(addr).await.send(get("/buy?user=7")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-reply"], "yes");
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), "hello");
+        let reusable = response.body_mut().into_reusable();
+        assert!(
+            reusable.is_some(),
+            "a cleanly ended exchange keeps its connection"
+        );
+        drop(reusable);
+        assert_eq!(
+            upstream.await.unwrap(),
+            "GET /buy?user=7 HTTP/1.1\r\nhost: backend\r\nx-test: 1\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_chunked_and_one_of_known_length_as_is() {
+        let reply = "HTTP/1.1 204 No Content\r\n\r\n";
+        let chunked_body = "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+        let (addr, upstream) = scripted(reply, chunked_body.len(), false).await;
+        let req = Request::post("/")
+            .body(Frames::new(&["hello", " world"], false))
+            .unwrap();
+        let mut response = connect(addr).await.send(req).await.unwrap();
+        assert!(response.body_mut().into_reusable().is_some());
+        drop(response);
+        let received = upstream.await.unwrap();
+        assert!(
+            received.contains("transfer-encoding: chunked\r\n"),
+            "{received}"
+        );
+        assert!(
+            received.ends_with(&format!("\r\n\r\n{chunked_body}")),
+            "{received}"
+        );
+
+        let (addr, upstream) = scripted(reply, 11, false).await;
+        let req = Request::post("/")
+            .header("content-length", "11")
+            .body(Frames::new(&["hello", " world"], false))
+            .unwrap();
+        drop(connect(addr).await.send(req).await.unwrap());
+        let received = upstream.await.unwrap();
+        assert!(!received.contains("transfer-encoding"), "{received}");
+        assert!(received.ends_with("\r\n\r\nhello world"), "{received}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_ends_the_exchange_and_the_connection() {
+        let (addr, _upstream) = scripted(
+            "HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n",
+            0,
+            false,
+        )
+        .await;
+        let req = Request::post("/")
+            .body(Frames::new(&["part of a body"], true))
+            .unwrap();
+        let mut response = connect(addr).await.send(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(response.body().is_end_stream());
+        assert!(
+            response.body_mut().into_reusable().is_none(),
+            "a connection whose request was cut short is not reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_without_framing_ends_with_the_connection_and_a_cut_one_fails() {
+        let (addr, _upstream) = scripted("HTTP/1.1 200 OK\r\n\r\nall of it", 0, true).await;
+        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), "all of it");
+        assert!(response.body_mut().into_reusable().is_none());
+
+        let (addr, _upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 0, true).await;
+        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        assert!(matches!(
+            read_all(response.body_mut()).await,
+            Err(ExchangeError::Closed)
+        ));
+        assert!(response.body_mut().into_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_open() {
+        let (addr, _upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, true).await;
+        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        let mut upstream = response.body_mut().into_reusable().unwrap();
+        upstream.stream.readable().await.unwrap();
+        assert!(!upstream.is_open());
+
+        let (addr, _upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, false).await;
+        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        let mut upstream = response.body_mut().into_reusable().unwrap();
+        assert!(upstream.is_open());
+    }
+
+    /// Feeds `input` to the chunked decoder a byte at a time: the data, the
+    /// trailers and what is left after the body.
+    fn decode_bytewise(input: &str) -> Result<(String, Option<HeaderMap>, String), ExchangeError> {
+        let mut kind = Kind::Chunked(Chunked::Size);
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for &byte in input.as_bytes() {
+            if kind.is_done() {
+                buf.extend_from_slice(&[byte]);
+                continue;
+            }
+            buf.extend_from_slice(&[byte]);
+            while let Some(frame) = decode_chunked(&mut kind, &mut buf)? {
+                match frame.into_data() {
+                    Ok(chunk) => data.extend_from_slice(&chunk),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+        }
+        assert!(kind.is_done(), "the body did not end");
+        Ok((
+            String::from_utf8(data).unwrap(),
+            trailers,
+            String::from_utf8(buf.to_vec()).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_from_any_split() {
+        let (data, trailers, rest) = decode_bytewise(
+            "4;name=value\r\nWiki\r\n5 ; x\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nx-sum: 7\r\n\r\nNEXT",
+        )
+        .unwrap();
+        assert_eq!(data, "Wikipedia in\r\n\r\nchunks.");
+        assert_eq!(trailers.unwrap()["x-sum"], "7");
+        assert_eq!(rest, "NEXT");
+        let (data, trailers, rest) = decode_bytewise("3\r\nabc\r\n0\r\n\r\n").unwrap();
+        assert_eq!((data.as_str(), trailers, rest.as_str()), ("abc", None, ""));
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [
+            "zz\r\n",
+            "\r\n",
+            "3\r\nabcX\r\n",
+            "10000000000000000\r\n",
+            "3 x\r\nabc\r\n",
+        ] {
+            assert!(
+                matches!(decode_bytewise(bad), Err(ExchangeError::Chunked)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    fn head(text: &str) -> Head {
+        let mut buf = BytesMut::from(text);
+        parse_head(&mut buf).unwrap().unwrap()
+    }
+
+    #[test]
+    fn interim_responses_are_passed_over() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nx-a: 1\r\n\r\nbody",
+        );
+        let head = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::CREATED);
+        assert_eq!(head.headers["x-a"], "1");
+        assert!(!head.headers.contains_key("link"));
+        assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_for_more() {
+        let partial = "HTTP/1.1 200 OK\r\ncontent-le";
+        let mut buf = BytesMut::from(partial);
+        assert!(parse_head(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), partial.len());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let framing = |text: &str, head_only: bool| head(text).framing(head_only);
+        let length = framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false).unwrap();
+        assert!(matches!(length.kind, Kind::Length(5)) && length.delimited);
+        let same = framing(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\ncontent-length: 5\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert!(matches!(same.kind, Kind::Length(5)));
+        assert!(
+            framing(
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+                false
+            )
+            .is_err()
+        );
+        assert!(framing("HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n", false).is_err());
+        let chunked = framing(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert!(matches!(chunked.kind, Kind::Chunked(_)) && chunked.delimited);
+        let both = framing(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert!(matches!(both.kind, Kind::Chunked(_)) && !both.delimited);
+        let not_chunked =
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false).unwrap();
+        assert!(matches!(not_chunked.kind, Kind::UntilClose) && !not_chunked.delimited);
+        let unframed = framing("HTTP/1.1 200 OK\r\n\r\n", false).unwrap();
+        assert!(matches!(unframed.kind, Kind::UntilClose));
+        for empty in [
+            ("HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true),
+            ("HTTP/1.1 204 No Content\r\n\r\n", false),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+                false,
+            ),
+        ] {
+            assert!(
+                framing(empty.0, empty.1).unwrap().kind.is_done(),
+                "{empty:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn keep_alive_depends_on_version_and_connection() {
+        assert!(head("HTTP/1.1 200 OK\r\n\r\n").keep_alive);
+        assert!(!head("HTTP/1.1 200 OK\r\nconnection: x, close\r\n\r\n").keep_alive);
+        assert!(!head("HTTP/1.0 200 OK\r\n\r\n").keep_alive);
+        assert!(head("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\r\n").keep_alive);
+    }
+
+    #[test]
+    fn an_upgrade_or_a_bad_head_is_an_error() {
+        let mut upgrade = BytesMut::from("HTTP/1.1 101 Switching Protocols\r\n\r\n");
+        assert!(parse_head(&mut upgrade).is_err());
+        let mut garbage = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
+        assert!(parse_head(&mut garbage).is_err());
+    }
+}
