@@ -24,12 +24,12 @@ pub use spike_config::server::body::RequestBody;
 /// response and cannot be reused).
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: h1::ResponseBody,
+    inner: h1::ResponseBody<RequestBody>,
     in_flight: InFlight,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: h1::ResponseBody, in_flight: InFlight) -> Self {
+    pub fn new(inner: h1::ResponseBody<RequestBody>, in_flight: InFlight) -> Self {
         let mut body = Self { inner, in_flight };
         // A response without a body (HEAD, 204, 304, length 0) has ended
         // already.

@@ -13,22 +13,24 @@
 //! cleanly: the whole request was sent, the whole response read, nothing
 //! more arrived and neither side asked to close.
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hyper::ext::ReasonPhrase;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 /// The most header fields a response head (or a trailer section) may have.
 const MAX_HEADERS: usize = 100;
 /// The largest response head, or trailer section, accepted.
-const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 400 * 1024;
 /// The longest chunk-size line (with its extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 /// How much room a read into the buffer is given.
@@ -83,69 +85,80 @@ impl Upstream {
 
     /// Whether the connection may carry another exchange, as far as can be
     /// told without waiting: the upstream has neither closed it nor sent
-    /// anything unasked. Costs a system call only when the socket was
-    /// reported readable.
+    /// anything unasked. From tokio's readiness, with a system call only if
+    /// the socket was reported readable (what it read is of no use: the
+    /// connection is then closed).
     pub fn is_open(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => matches!(
-                self.stream.try_read(&mut [0; 1]),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock
-            ),
-        }
+        matches!(
+            self.stream.try_read(&mut [0; 1]),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     /// Sends `req` (in origin form, its hop-by-hop headers gone) and reads
     /// the response head. The response's body reads from this connection,
-    /// which it hands back through [`ResponseBody::into_reusable`].
-    pub async fn send<B>(mut self, req: Request<B>) -> Result<Response<ResponseBody>, SendError<B>>
+    /// and goes on sending the request body if the upstream answered before
+    /// it had all gone out; the connection comes back through
+    /// [`ResponseBody::into_reusable`].
+    pub async fn send<B>(
+        mut self,
+        req: Request<B>,
+    ) -> Result<Response<ResponseBody<B>>, SendError<B>>
     where
         B: Body<Data = Bytes> + Unpin,
     {
-        let body_framing = RequestFraming::of(&req);
-        encode_head(&mut self.write, &req, body_framing);
+        let framing = RequestFraming::of(&req);
+        encode_head(&mut self.write, &req, framing);
         if let Err(err) = self.stream.write_all(&self.write).await {
-            // A head refused at once (the socket found reset) sent nothing.
+            // A head refused at once (the socket found reset) sent nothing
+            // the upstream could act on.
             return Err(SendError::NotSent(Box::new(req), err.into()));
         }
         let head_only = req.method() == Method::HEAD;
-        let body = req.into_body();
-        let mut body_sent = body_framing == RequestFraming::None;
-        let head = if body_sent {
-            let (mut read, _) = self.stream.split();
-            read_head(&mut read, &mut self.read).await
-        } else {
-            // The upstream may answer before the body is all sent (and
-            // stop reading it): read while writing.
-            let (mut read, mut write) = self.stream.split();
-            let sending = send_body(&mut write, &mut self.write, body, body_framing);
-            let receiving = read_head(&mut read, &mut self.read);
-            tokio::pin!(sending, receiving);
-            loop {
-                tokio::select! {
-                    sent = &mut sending, if !body_sent => {
-                        sent.map_err(SendError::Failed)?;
-                        body_sent = true;
+        let mut sending = match framing {
+            RequestFraming::None => None,
+            RequestFraming::Length(length) => Some(BodySender::new(req.into_body(), Some(length))),
+            RequestFraming::Chunked => Some(BodySender::new(req.into_body(), None)),
+        };
+        // The upstream may answer before the body is all sent: read while
+        // writing. If writing fails, the upstream's answer (a 413 before it
+        // closed, say) is still read and passed on.
+        let mut write_error = None;
+        let head = std::future::poll_fn(|cx| {
+            if let Some(sender) = sending.as_mut() {
+                match sender.poll_send(&mut self.stream, cx) {
+                    Poll::Ready(Ok(())) => sending = None,
+                    // The client's body failed: the exchange is void.
+                    Poll::Ready(Err(ExchangeError::RequestBody)) => {
+                        return Poll::Ready(Err(ExchangeError::RequestBody));
                     }
-                    head = &mut receiving => break head,
+                    Poll::Ready(Err(error)) => {
+                        sending = None;
+                        write_error = Some(error);
+                    }
+                    Poll::Pending => {}
                 }
             }
+            poll_read_head(&mut self.stream, &mut self.read, cx)
+        })
+        .await;
+        let head = match head {
+            Ok(head) => head,
+            Err(error) => return Err(SendError::Failed(write_error.unwrap_or(error))),
         };
-        let head = head.map_err(SendError::Failed)?;
         let framing = head.framing(head_only).map_err(SendError::Failed)?;
-        let reusable = body_sent && head.keep_alive && framing.delimited;
+        let reusable = write_error.is_none() && head.keep_alive && framing.delimited;
         let mut response = Response::new(ResponseBody {
             upstream: Some(self),
+            sending,
             kind: framing.kind,
             reusable,
         });
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
-        if response.body().kind.is_done() {
-            response.body_mut().end();
+        if let Some(reason) = head.reason {
+            response.extensions_mut().insert(reason);
         }
         Ok(response)
     }
@@ -169,8 +182,8 @@ fn reserve(buf: &mut BytesMut) {
 enum RequestFraming {
     /// No body.
     None,
-    /// As long as its `Content-Length`, which the server side checked.
-    Length,
+    /// By its `Content-Length` (which the server side checked).
+    Length(u64),
     /// Chunked: a body whose length was not given.
     Chunked,
 }
@@ -178,11 +191,12 @@ enum RequestFraming {
 impl RequestFraming {
     fn of<B: Body>(req: &Request<B>) -> Self {
         if req.body().is_end_stream() {
-            RequestFraming::None
-        } else if req.headers().contains_key(header::CONTENT_LENGTH) {
-            RequestFraming::Length
-        } else {
-            RequestFraming::Chunked
+            return RequestFraming::None;
+        }
+        let length = req.headers().get(header::CONTENT_LENGTH);
+        match length.and_then(|value| parse_decimal(value.as_bytes().trim_ascii())) {
+            Some(length) => RequestFraming::Length(length),
+            None => RequestFraming::Chunked,
         }
     }
 }
@@ -207,37 +221,98 @@ fn encode_head<B>(out: &mut Vec<u8>, req: &Request<B>, framing: RequestFraming) 
     out.extend_from_slice(b"\r\n");
 }
 
-/// Streams the request body to the upstream, chunked if `framing` says so.
-async fn send_body<B: Body<Data = Bytes> + Unpin>(
-    stream: &mut WriteHalf<'_>,
-    scratch: &mut Vec<u8>,
-    mut body: B,
-    framing: RequestFraming,
-) -> Result<(), ExchangeError> {
-    let chunked = framing == RequestFraming::Chunked;
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|_| ExchangeError::RequestBody)?;
-        let Ok(data) = frame.into_data() else {
+/// A request body on its way to the upstream, written as the client's side
+/// yields it: its data as they came (no copy), framed by its length or
+/// chunked.
+#[derive(Debug)]
+struct BodySender<B> {
+    body: B,
+    /// Framed by `Content-Length`: how much is still due; `None`: chunked.
+    due: Option<u64>,
+    /// Taken from the body, not yet written: a chunk's size line, its data,
+    /// its CRLF.
+    queue: VecDeque<Bytes>,
+    /// The body has ended; what is queued is the last of it.
+    ended: bool,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> BodySender<B> {
+    fn new(body: B, due: Option<u64>) -> Self {
+        Self {
+            body,
+            due,
+            queue: VecDeque::with_capacity(3),
+            ended: false,
+        }
+    }
+
+    /// Writes the body to `stream` until all of it went out (`Ok`), the
+    /// body or the socket failed, or either has to wait. A body that does
+    /// not match its `Content-Length` fails rather than desynchronise the
+    /// connection.
+    fn poll_send(
+        &mut self,
+        stream: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), ExchangeError>> {
+        loop {
+            if !self.queue.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 3];
+                for (slice, bytes) in slices.iter_mut().zip(&self.queue) {
+                    *slice = IoSlice::new(bytes);
+                }
+                let count = self.queue.len().min(slices.len());
+                let mut written =
+                    ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count]))?;
+                if written == 0 {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                }
+                while let Some(front) = self.queue.front_mut() {
+                    if written < front.len() {
+                        front.advance(written);
+                        break;
+                    }
+                    written -= front.len();
+                    self.queue.pop_front();
+                }
+                continue;
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(frame) = ready!(Pin::new(&mut self.body).poll_frame(cx)) else {
+                match self.due {
+                    Some(0) => {}
+                    Some(_) => return Poll::Ready(Err(ExchangeError::RequestBody)),
+                    None => self.queue.push_back(Bytes::from_static(b"0\r\n\r\n")),
+                }
+                self.ended = true;
+                continue;
+            };
+            let frame = frame.map_err(|_| ExchangeError::RequestBody)?;
             // Trailers of the client's own connection are not forwarded.
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
-        if chunked {
-            scratch.clear();
-            scratch.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-            scratch.extend_from_slice(&data);
-            scratch.extend_from_slice(b"\r\n");
-            stream.write_all(scratch).await?;
-        } else {
-            stream.write_all(&data).await?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            match &mut self.due {
+                Some(due) => {
+                    *due = due
+                        .checked_sub(data.len() as u64)
+                        .ok_or(ExchangeError::RequestBody)?;
+                    self.queue.push_back(data);
+                }
+                None => {
+                    self.queue
+                        .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                    self.queue.push_back(data);
+                    self.queue.push_back(Bytes::from_static(b"\r\n"));
+                }
+            }
         }
     }
-    if chunked {
-        stream.write_all(b"0\r\n\r\n").await?;
-    }
-    Ok(())
 }
 
 /// A response head as read.
@@ -248,6 +323,8 @@ struct Head {
     headers: HeaderMap,
     /// Whether the upstream keeps the connection open after this response.
     keep_alive: bool,
+    /// The reason phrase, if it is not the status code's usual one.
+    reason: Option<ReasonPhrase>,
 }
 
 /// How a response body is delimited.
@@ -332,19 +409,28 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 }
 
 /// Reads a final response head, passing over interim (1xx) ones.
-async fn read_head(stream: &mut ReadHalf<'_>, buf: &mut BytesMut) -> Result<Head, ExchangeError> {
+fn poll_read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, ExchangeError>> {
     loop {
         if !buf.is_empty() {
             if let Some(head) = parse_head(buf)? {
-                return Ok(head);
+                return Poll::Ready(Ok(head));
             }
             if buf.len() > MAX_HEAD {
-                return Err(ExchangeError::HeadTooLarge);
+                return Poll::Ready(Err(ExchangeError::HeadTooLarge));
             }
         }
         reserve(buf);
-        if stream.read_buf(buf).await? == 0 {
-            return Err(ExchangeError::Closed);
+        if ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *stream),
+            cx,
+            buf
+        ))? == 0
+        {
+            return Poll::Ready(Err(ExchangeError::Closed));
         }
     }
 }
@@ -353,26 +439,50 @@ async fn read_head(stream: &mut ReadHalf<'_>, buf: &mut BytesMut) -> Result<Head
 /// incomplete. Interim responses are consumed and passed over.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
     loop {
-        // Where each field's name and value lie in the head.
-        let mut spans = [((0, 0), (0, 0)); MAX_HEADERS];
-        let (len, code, minor, count) = {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut fields);
-            let httparse::Status::Complete(len) = response.parse(buf)? else {
+        // Where each field's name and value, and the reason phrase, lie in
+        // the head.
+        let mut spans = [[0u32; 4]; MAX_HEADERS];
+        let (len, code, minor, count, reason) = {
+            let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            let httparse::Status::Complete(len) = httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut response, buf, &mut fields)?
+            else {
                 return Ok(None);
             };
             let base = buf.as_ptr() as usize;
+            // Offsets within a head of at most `MAX_HEAD` bytes.
             let offset = |part: &[u8]| {
-                let start = part.as_ptr() as usize - base;
-                (start, start + part.len())
+                let start = (part.as_ptr() as usize - base) as u32;
+                (start, start + part.len() as u32)
             };
             let count = response.headers.len();
             for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
-                *span = (offset(field.name.as_bytes()), offset(field.value));
+                let (name, value) = (offset(field.name.as_bytes()), offset(field.value));
+                *span = [name.0, name.1, value.0, value.1];
             }
             let code = response.code.unwrap_or_default();
-            (len, code, response.version.unwrap_or_default(), count)
+            let reason = response
+                .reason
+                .filter(|reason| {
+                    !reason.is_empty()
+                        && StatusCode::from_u16(code)
+                            .ok()
+                            .and_then(|status| status.canonical_reason())
+                            != Some(*reason)
+                })
+                .map(|reason| offset(reason.as_bytes()));
+            (
+                len,
+                code,
+                response.version.unwrap_or_default(),
+                count,
+                reason,
+            )
         };
+        if len > MAX_HEAD {
+            return Err(ExchangeError::HeadTooLarge);
+        }
         if (100..200).contains(&code) {
             if code == 101 {
                 return Err(ExchangeError::Invalid("protocol upgrade"));
@@ -383,11 +493,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
         let status =
             StatusCode::from_u16(code).map_err(|_| ExchangeError::Invalid("status code"))?;
         let head = buf.split_to(len).freeze();
+        let slice = |start: u32, end: u32| head.slice(start as usize..end as usize);
         let mut headers = HeaderMap::with_capacity(count);
-        for &((name_start, name_end), (value_start, value_end)) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[name_start..name_end])
+        for &[name_start, name_end, value_start, value_end] in &spans[..count] {
+            let name = HeaderName::from_bytes(&slice(name_start, name_end))
                 .map_err(|_| ExchangeError::Invalid("header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            let value = HeaderValue::from_maybe_shared(slice(value_start, value_end))
                 .map_err(|_| ExchangeError::Invalid("header value"))?;
             headers.append(name, value);
         }
@@ -396,12 +507,19 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
         } else {
             Version::HTTP_11
         };
+        // HTTP/1.0 has no transfer codings: such framing is faulty (RFC
+        // 9112, 6.1).
+        if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+            return Err(ExchangeError::Invalid("Transfer-Encoding in HTTP/1.0"));
+        }
         let keep_alive = keeps_alive(&headers, version);
+        let reason = reason.and_then(|(start, end)| ReasonPhrase::try_from(slice(start, end)).ok());
         return Ok(Some(Head {
             status,
             version,
             headers,
             keep_alive,
+            reason,
         }));
     }
 }
@@ -457,22 +575,26 @@ enum Chunked {
     Trailers,
 }
 
-/// A response body as it arrives from the upstream.
+/// A response body as it arrives from the upstream, on a connection that
+/// may still be carrying the rest of the request body (`B`) the other way.
 #[derive(Debug)]
-pub struct ResponseBody {
+pub struct ResponseBody<B> {
     /// The connection it arrives on; `None` once handed back or broken.
     upstream: Option<Upstream>,
+    /// The rest of the request body, if the upstream answered before it had
+    /// all gone out.
+    sending: Option<BodySender<B>>,
     kind: Kind,
     /// Whether the connection may carry another exchange once this body
-    /// has ended.
+    /// has ended and the request body has all gone out.
     reusable: bool,
 }
 
-impl ResponseBody {
+impl<B: Body<Data = Bytes> + Unpin> ResponseBody<B> {
     /// The connection, once the body has ended, if it may carry another
     /// exchange.
     pub fn into_reusable(&mut self) -> Option<Upstream> {
-        if !self.kind.is_done() || !self.reusable {
+        if !self.kind.is_done() || !self.reusable || self.sending.is_some() {
             return None;
         }
         let upstream = self.upstream.take()?;
@@ -486,9 +608,27 @@ impl ResponseBody {
 
     fn fail(&mut self, error: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         self.upstream = None;
+        self.sending = None;
         self.kind = Kind::Done;
         self.reusable = false;
         Poll::Ready(Some(Err(error)))
+    }
+
+    /// Goes on sending the request body, as far as it can without waiting.
+    /// If that fails, the response still comes, but the connection is not
+    /// reused.
+    fn poll_send(&mut self, cx: &mut Context<'_>) {
+        let (Some(sender), Some(upstream)) = (self.sending.as_mut(), self.upstream.as_mut()) else {
+            return;
+        };
+        match sender.poll_send(&mut upstream.stream, cx) {
+            Poll::Ready(Ok(())) => self.sending = None,
+            Poll::Ready(Err(_)) => {
+                self.sending = None;
+                self.reusable = false;
+            }
+            Poll::Pending => {}
+        }
     }
 }
 
@@ -516,9 +656,14 @@ fn decode_chunked(
                     .iter()
                     .position(|b| !b.is_ascii_hexdigit())
                     .unwrap_or(line.len());
-                // After the size: nothing, or extensions (ignored).
+                // After the size: nothing, or extensions (ignored), with no
+                // control character but tab.
                 let rest = line[digits..].trim_ascii_start();
-                if digits == 0 || digits > 15 || !(rest.is_empty() || rest[0] == b';') {
+                if digits == 0
+                    || digits > 15
+                    || !(rest.is_empty() || rest[0] == b';')
+                    || rest.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+                {
                     return Err(ExchangeError::Chunked);
                 }
                 let size = line[..digits].iter().fold(0u64, |n, &d| {
@@ -581,7 +726,7 @@ fn decode_chunked(
     }
 }
 
-impl Body for ResponseBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for ResponseBody<B> {
     type Data = Bytes;
     type Error = ExchangeError;
 
@@ -590,6 +735,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let this = self.get_mut();
+        this.poll_send(cx);
         loop {
             match &mut this.kind {
                 Kind::Done => return Poll::Ready(None),
@@ -659,11 +805,12 @@ impl Body for ResponseBody {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
     use std::net::SocketAddr;
 
     use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
     use tokio::task::JoinHandle;
 
     use super::*;
@@ -704,6 +851,24 @@ mod tests {
 
         fn is_end_stream(&self) -> bool {
             self.frames.is_empty() && !self.endless
+        }
+    }
+
+    /// A request body whose frames the test sends when it likes.
+    #[derive(Debug)]
+    struct Sent(mpsc::UnboundedReceiver<&'static str>);
+
+    impl Body for Sent {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|data| Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
         }
     }
 
@@ -750,7 +915,9 @@ mod tests {
     }
 
     /// The body's data, or its error.
-    async fn read_all(body: &mut ResponseBody) -> Result<String, ExchangeError> {
+    async fn read_all<B: Body<Data = Bytes> + Unpin>(
+        body: &mut ResponseBody<B>,
+    ) -> Result<String, ExchangeError> {
         let mut data = Vec::new();
         while let Some(frame) = body.frame().await {
             if let Ok(chunk) = frame?.into_data() {
@@ -877,6 +1044,87 @@ mod tests {
         assert!(upstream.is_open());
     }
 
+    #[tokio::test]
+    async fn an_upstream_that_answers_before_the_body_still_gets_all_of_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // It answers at once, then echoes the chunked request body, as a
+        // streaming upstream does.
+        let upstream = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut received = Vec::new();
+            let mut chunk = [0; 4096];
+            while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).await.unwrap();
+                received.extend_from_slice(&chunk[..n]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            while !received.ends_with(b"0\r\n\r\n") {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the request body was cut short");
+                received.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8(received).unwrap();
+            let echo = body.split_once("\r\n\r\n").unwrap().1;
+            let reply = format!("{:x}\r\n{echo}\r\n0\r\n\r\n", echo.len());
+            stream.write_all(reply.as_bytes()).await.unwrap();
+            stream.read(&mut chunk).await.unwrap()
+        });
+        let (frames, body) = mpsc::unbounded_channel();
+        let req = Request::post("/echo").body(Sent(body)).unwrap();
+        frames.send("first").unwrap();
+        let mut response = connect(addr).await.send(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // The rest of the body goes out while the response comes in.
+        frames.send("second").unwrap();
+        drop(frames);
+        let echoed = read_all(response.body_mut()).await.unwrap();
+        assert_eq!(echoed, "5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
+        assert!(response.body_mut().into_reusable().is_some());
+        drop(response);
+        assert_eq!(upstream.await.unwrap(), 0, "the connection was closed");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_match_its_length_fails_the_exchange() {
+        for (length, frames) in [("3", ["abcd"]), ("9", ["abcd"])] {
+            let (addr, _upstream) =
+                scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 99, false).await;
+            let req = Request::post("/")
+                .header("content-length", length)
+                .body(Frames::new(&frames, false))
+                .unwrap();
+            assert!(matches!(
+                connect(addr).await.send(req).await,
+                Err(SendError::Failed(ExchangeError::RequestBody))
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unusual_reason_phrase_is_kept() {
+        let (addr, _upstream) = scripted(
+            "HTTP/1.1 409 Sold Out\r\ncontent-length: 0\r\n\r\n",
+            0,
+            false,
+        )
+        .await;
+        let response = connect(addr).await.send(get("/")).await.unwrap();
+        let reason = response.extensions().get::<ReasonPhrase>().unwrap();
+        assert_eq!(reason.as_bytes(), b"Sold Out");
+        let (addr, _upstream) = scripted(
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+            0,
+            false,
+        )
+        .await;
+        let response = connect(addr).await.send(get("/")).await.unwrap();
+        assert!(response.extensions().get::<ReasonPhrase>().is_none());
+    }
+
     /// Feeds `input` to the chunked decoder a byte at a time: the data, the
     /// trailers and what is left after the body.
     fn decode_bytewise(input: &str) -> Result<(String, Option<HeaderMap>, String), ExchangeError> {
@@ -925,6 +1173,7 @@ mod tests {
             "3\r\nabcX\r\n",
             "10000000000000000\r\n",
             "3 x\r\nabc\r\n",
+            "5;x\nhello\r\n",
         ] {
             assert!(
                 matches!(decode_bytewise(bad), Err(ExchangeError::Chunked)),
@@ -1023,5 +1272,8 @@ mod tests {
         assert!(parse_head(&mut upgrade).is_err());
         let mut garbage = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
         assert!(parse_head(&mut garbage).is_err());
+        let mut chunked_1_0 =
+            BytesMut::from("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert!(parse_head(&mut chunked_1_0).is_err());
     }
 }

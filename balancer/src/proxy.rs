@@ -184,7 +184,9 @@ impl Proxy {
                 });
             }
         };
-        let sent = tokio::time::timeout(response_timeout, connection.send(req)).await;
+        // Boxed: the exchange's state is most of a request's future, which is
+        // moved, whole, each time a caller's future is built around it.
+        let sent = tokio::time::timeout(response_timeout, Box::pin(connection.send(req))).await;
         let response = match sent {
             Ok(Ok(response)) => response,
             Ok(Err(SendError::NotSent(request, source))) => {

@@ -15,10 +15,12 @@
 //! - a `Content-Length` over the body limit: 413, before the body is read;
 //! - header names holding `_` are dropped, as nginx does: a proxy or an
 //!   application that maps `-` and `_` to the same name (CGI does) could
-//!   read `Transfer_Encoding` as `Transfer-Encoding`.
+//!   read `Transfer_Encoding` as `Transfer-Encoding`;
+//! - `CONNECT`: 400, as nginx answers it: neither binary opens tunnels, and
+//!   its authority-form target names no resource here.
 
 use http::header::{CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING};
-use http::{Request, Version};
+use http::{Method, Request, Version};
 
 use super::reject::Rejection;
 
@@ -33,6 +35,9 @@ pub struct Refused {
 /// bytes. `Ok(true)` asks to close the connection after the response.
 pub fn check<B>(req: &mut Request<B>, max_body: u64) -> Result<bool, Refused> {
     let refuse = |reason, detail| Err(Refused { reason, detail });
+    if req.method() == Method::CONNECT {
+        return refuse(Rejection::BadRequest, "CONNECT: no tunnels here");
+    }
     let headers = req.headers_mut();
     let chunked = headers.contains_key(TRANSFER_ENCODING);
     let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
@@ -112,6 +117,15 @@ mod tests {
             );
         }
         assert_eq!(refusal(v11, &[("content-length", "5")]), None);
+    }
+
+    #[test]
+    fn connect_is_refused() {
+        let mut req = Request::connect("example.com:443").body(()).unwrap();
+        assert_eq!(
+            check(&mut req, 100).err().map(|r| r.reason),
+            Some(Rejection::BadRequest)
+        );
     }
 
     #[test]
