@@ -112,7 +112,9 @@ impl ConnectionPool {
                 return Ok(idle.upstream);
             }
         }
-        self.connect(settings.connect_timeout).await
+        // Boxed: connecting is rare, and its state would otherwise be part
+        // of every request's future.
+        Box::pin(self.connect(settings.connect_timeout)).await
     }
 
     /// Returns a connection whose exchange has ended to this worker's stack.
