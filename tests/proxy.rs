@@ -12,6 +12,9 @@ use spike_tests::client::Client;
 use spike_tests::raw::RawConnection;
 use spike_tests::redis::free_port;
 use spike_tests::wait_until_async;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 async fn upstream_stats(balancer: &Balancer) -> serde_json::Value {
     balancer.stats().await["upstreams"][0].clone()
@@ -340,4 +343,126 @@ async fn the_access_log_has_a_line_per_request() {
         assert!(line.contains(&upstream), "{line}");
         assert!(line.contains("duration_ms="), "{line}");
     }
+}
+
+/// Reads from `stream` until what was read contains `pattern`; all of it.
+async fn read_until(stream: &mut TcpStream, read: &mut Vec<u8>, pattern: &str) {
+    let mut chunk = [0; 4096];
+    while !String::from_utf8_lossy(read).contains(pattern) {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| {
+                let read = String::from_utf8_lossy(read);
+                panic!("no {pattern:?} within 10 s in {read:?}")
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {pattern:?}: {:?}",
+            String::from_utf8_lossy(read)
+        );
+        read.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closing_its_idle_connections_costs_no_request() {
+    // Each connection answers one request, without saying it will close,
+    // then closes: as an upstream does when its keep-alive timeout ends.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed, mut closes) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                read_until(&mut stream, &mut Vec::new(), "\r\n\r\n").await;
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                drop(stream);
+                closed.send(()).unwrap();
+            });
+        }
+    });
+    let balancer = Balancer::start(
+        &[(addr, 1)],
+        "[server]\nworkers = 1\n[health]\nenabled = false\n",
+    );
+
+    for _ in 0..5 {
+        let reply = Client::new().get(&balancer.url("/")).await;
+        assert_eq!(
+            (reply.status.as_u16(), reply.body.as_ref()),
+            (200, &b"ok"[..])
+        );
+        // The next request comes once the upstream has closed this one's
+        // connection, pooled by then.
+        closes.recv().await.unwrap();
+    }
+    let stats = upstream_stats(&balancer).await;
+    assert_eq!(
+        (stats["requests"].as_u64(), stats["failures"].as_u64()),
+        (Some(5), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_may_answer_while_the_request_body_still_streams() {
+    // An echo that answers at once and sends back what it reads as it
+    // reads it, until the request body's last chunk.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut read = Vec::new();
+        read_until(&mut stream, &mut read, "\r\n\r\n").await;
+        let head_end = read.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let mut pending = read.split_off(head_end);
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0; 4096];
+        loop {
+            if !pending.is_empty() {
+                let echo = format!("{:x}\r\n", pending.len());
+                stream.write_all(echo.as_bytes()).await.unwrap();
+                stream.write_all(&pending).await.unwrap();
+                stream.write_all(b"\r\n").await.unwrap();
+                seen.append(&mut pending);
+            }
+            if seen.ends_with(b"0\r\n\r\n") {
+                stream.write_all(b"0\r\n\r\n").await.unwrap();
+                break;
+            }
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request body was cut short");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    });
+    let balancer = Balancer::start(&[(addr, 1)], "[health]\nenabled = false\n");
+    let proxy = balancer
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    client
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+        )
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    // The first chunk's echo comes back before the body has ended.
+    read_until(&mut client, &mut reply, "first").await;
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200 OK\r\n"));
+    client.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await.unwrap();
+    read_until(&mut client, &mut reply, "second").await;
+    read_until(&mut client, &mut reply, "\r\n0\r\n\r\n").await;
 }
