@@ -277,7 +277,10 @@ impl<B: Body<Data = Bytes> + Unpin> BodySender<B> {
                 }
                 continue;
             }
-            if self.ended {
+            // A body of known length is done when it has all gone out,
+            // whether or not the client's side has said so yet.
+            if self.ended || self.due == Some(0) {
+                self.ended = true;
                 return Poll::Ready(Ok(()));
             }
             let Some(frame) = ready!(Pin::new(&mut self.body).poll_frame(cx)) else {
@@ -615,20 +618,23 @@ impl<B: Body<Data = Bytes> + Unpin> ResponseBody<B> {
     }
 
     /// Goes on sending the request body, as far as it can without waiting.
-    /// If that fails, the response still comes, but the connection is not
-    /// reused.
-    fn poll_send(&mut self, cx: &mut Context<'_>) {
+    /// If writing fails, the response still comes, but the connection is
+    /// not reused; if the client's body fails, so does the exchange (the
+    /// upstream would wait for the rest of it).
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
         let (Some(sender), Some(upstream)) = (self.sending.as_mut(), self.upstream.as_mut()) else {
-            return;
+            return Ok(());
         };
         match sender.poll_send(&mut upstream.stream, cx) {
             Poll::Ready(Ok(())) => self.sending = None,
+            Poll::Ready(Err(ExchangeError::RequestBody)) => return Err(ExchangeError::RequestBody),
             Poll::Ready(Err(_)) => {
                 self.sending = None;
                 self.reusable = false;
             }
             Poll::Pending => {}
         }
+        Ok(())
     }
 }
 
@@ -735,7 +741,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ResponseBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let this = self.get_mut();
-        this.poll_send(cx);
+        if let Err(error) = this.poll_send(cx) {
+            return this.fail(error);
+        }
         loop {
             match &mut this.kind {
                 Kind::Done => return Poll::Ready(None),
@@ -806,6 +814,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ResponseBody<B> {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     use http_body_util::BodyExt;
     use tokio::io::AsyncReadExt;
@@ -854,21 +863,25 @@ mod tests {
         }
     }
 
-    /// A request body whose frames the test sends when it likes.
+    /// A request body whose frames (`None`: a failure) the test sends when
+    /// it likes.
     #[derive(Debug)]
-    struct Sent(mpsc::UnboundedReceiver<&'static str>);
+    struct Sent(mpsc::UnboundedReceiver<Option<&'static str>>);
 
     impl Body for Sent {
         type Data = Bytes;
-        type Error = std::convert::Infallible;
+        type Error = io::Error;
 
         fn poll_frame(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|data| data.map(|data| Ok(Frame::data(Bytes::from_static(data.as_bytes())))))
+            self.0.poll_recv(cx).map(|sent| {
+                sent.map(|data| match data {
+                    Some(data) => Ok(Frame::data(Bytes::from_static(data.as_bytes()))),
+                    None => Err(io::Error::other("the client's body failed")),
+                })
+            })
         }
     }
 
@@ -1075,17 +1088,42 @@ mod tests {
         });
         let (frames, body) = mpsc::unbounded_channel();
         let req = Request::post("/echo").body(Sent(body)).unwrap();
-        frames.send("first").unwrap();
+        frames.send(Some("first")).unwrap();
         let mut response = connect(addr).await.send(req).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         // The rest of the body goes out while the response comes in.
-        frames.send("second").unwrap();
+        frames.send(Some("second")).unwrap();
         drop(frames);
         let echoed = read_all(response.body_mut()).await.unwrap();
         assert_eq!(echoed, "5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
         assert!(response.body_mut().into_reusable().is_some());
         drop(response);
         assert_eq!(upstream.await.unwrap(), 0, "the connection was closed");
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_is_done_once_all_of_it_went_out() {
+        let (addr, _upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 5, false).await;
+        // The body never says it ended: its length does.
+        let req = Request::post("/")
+            .header("content-length", "5")
+            .body(Frames::new(&["hello"], true))
+            .unwrap();
+        let mut response = connect(addr).await.send(req).await.unwrap();
+        assert!(response.body_mut().into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_client_body_failing_after_the_answer_fails_the_response() {
+        let (addr, _upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", 0, false).await;
+        let (frames, body) = mpsc::unbounded_channel();
+        let req = Request::post("/").body(Sent(body)).unwrap();
+        let mut response = connect(addr).await.send(req).await.unwrap();
+        frames.send(None).unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), read_all(response.body_mut()));
+        assert!(matches!(read.await, Ok(Err(ExchangeError::RequestBody))));
     }
 
     #[tokio::test]
