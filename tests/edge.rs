@@ -16,7 +16,9 @@ use spike_tests::raw::{RawBackend, RawConnection, RawResponse};
 use spike_tests::wait_until_async;
 
 /// Short timeouts and small limits, so the tests can reach them quickly.
-const EDGE: &str = "[server]\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"\nmax_body_bytes = 1000\n\
+/// Active health checks are off: these tests are about the client's side,
+/// and a probe timing out on a loaded machine would take the backend out.
+const EDGE: &str = "[health]\nenabled = false\n[server]\nheader_timeout = \"1s\"\nbody_timeout = \"1s\"\nmax_body_bytes = 1000\n\
                     max_header_bytes = 2048\nmax_headers = 20\n";
 
 async fn setup(extra: &str) -> (RawBackend, Balancer) {
