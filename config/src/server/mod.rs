@@ -13,8 +13,8 @@
 //! - [`frame`]: requests whose framing could be read two ways (request
 //!   smuggling) are refused before any service sees them, header names with
 //!   `_` are dropped, and a body announced larger than the limit gets 413;
-//! - [`body`]: the body must arrive whole within the body timeout and stay
-//!   within the size limit while it streams;
+//! - [`body`]: the body must not keep the server waiting longer than the
+//!   body timeout in all, and stays within the size limit while it streams;
 //! - [`reject`]: every refusal is counted by reason and logged at most once
 //!   a second per reason.
 //!
