@@ -27,6 +27,8 @@ use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::headers::connection_tokens;
+
 /// The most header fields a response head (or a trailer section) may have.
 const MAX_HEADERS: usize = 100;
 /// The largest response head, or trailer section, accepted.
@@ -531,18 +533,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
 /// open: HTTP/1.1 unless it says `close`, HTTP/1.0 only if it says
 /// `keep-alive`.
 fn keeps_alive(headers: &HeaderMap, version: Version) -> bool {
-    let says = |token: &str| {
-        headers.get_all(header::CONNECTION).iter().any(|value| {
-            value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-        })
-    };
+    let says =
+        |option: &[u8]| connection_tokens(headers).any(|token| token.eq_ignore_ascii_case(option));
     if version == Version::HTTP_10 {
-        says("keep-alive")
+        says(b"keep-alive")
     } else {
-        !says("close")
+        !says(b"close")
     }
 }
 

@@ -50,17 +50,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if named_by_connection {
-        for list in headers.get_all(header::CONNECTION) {
-            let Ok(list) = list.to_str() else { continue };
-            for token in list.split(',').map(str::trim) {
-                // The usual tokens name no header of their own (`close`) or
-                // one removed anyway (`keep-alive`).
-                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    present.push(name);
-                }
+        for token in connection_tokens(headers) {
+            // The usual tokens name no header of their own (`close`) or one
+            // removed anyway (`keep-alive`).
+            if token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                present.push(name);
             }
         }
         present.push(header::CONNECTION);
@@ -68,6 +65,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in present {
         headers.remove(name);
     }
+}
+
+/// The options of every `Connection` header, trimmed.
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers.get_all(header::CONNECTION).iter().flat_map(|list| {
+        list.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+    })
 }
 
 /// Appends this proxy, named `spike`, to `Via`, as received over `version`.
