@@ -72,7 +72,7 @@ pub struct Upstream {
     stream: TcpStream,
     /// What was read and not yet consumed; empty between exchanges.
     read: BytesMut,
-    /// The request head and chunk framing being written.
+    /// The request head being written.
     write: Vec<u8>,
 }
 
