@@ -35,8 +35,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an upstream may take to answer with its response head before
 /// the client gets 504.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an idle keep-alive connection to an upstream stays in the pool.
+/// How long an idle keep-alive connection to an upstream stays in the pool
+/// (nginx's `keepalive_timeout` in an `upstream`): less than the upstream
+/// keeps it open, or a request may go out on a connection the upstream is
+/// closing. Less than the nodes' own default.
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const _: () = assert!(
+    DEFAULT_UPSTREAM_IDLE_TIMEOUT.as_secs() < crate::server::DEFAULT_IDLE_TIMEOUT.as_secs()
+);
 /// The most idle keep-alive connections kept per upstream.
 pub const DEFAULT_MAX_IDLE_PER_UPSTREAM: usize = 1024;
 /// The clients whose `X-Forwarded-For` is kept (appended to) rather than

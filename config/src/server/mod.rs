@@ -41,8 +41,12 @@ use crate::source::{self, Validator};
 
 /// From the first byte of a request to the end of its head.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// A keep-alive connection with no request in progress.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A keep-alive connection with no request in progress (nginx's
+/// `keepalive_timeout`). Longer than the balancer's pool keeps an idle
+/// connection to a node ([`crate::balancer::DEFAULT_UPSTREAM_IDLE_TIMEOUT`]):
+/// a node never closes a connection the balancer may be reusing at that
+/// very moment, which would fail the request sent on it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// From the end of a request's head to the end of its body.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a reply may wait for a client that does not read it (nginx's
