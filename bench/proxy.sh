@@ -15,7 +15,8 @@
 # No proxy writes an access log. Prints the medians over RUNS of requests/s,
 # p50 and p99 latency and the proxy's CPU microseconds per request (user +
 # system, all its processes, from /proc, and the user-space part of it),
-# then this balancer's ratios to nginx and HAProxy.
+# then this balancer's ratios to nginx and HAProxy, and the lowest CPU ratio
+# to nginx that any proxy doing nginx's kernel work could reach here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -84,3 +85,10 @@ for name in nginx haproxy; do
     printf "spike / %-7s: CPU per request %.2fx (user space %.2fx, kernel %.2fx), throughput %.2fx, p99 %.2fx\n", name, sc / oc, su / ou, (sc - su) / (oc - ou), sr / or, sp / op
   }'
 done
+# Most of a proxied request's CPU is the kernel's: on loopback each socket
+# write also runs the receiving side's TCP work. A proxy with nginx's kernel
+# work per request and none at all in user space would be at this ratio.
+read -r _ _ _ n_cpu n_user <<<"${MEDIANS[nginx]}"
+awk -v c="$n_cpu" -v u="$n_user" 'BEGIN {
+  printf "floor: nginx spends %.1f of its %.1f us per request in the kernel; the same kernel work with no user-space work at all would be %.2fx nginx'"'"'s CPU\n", c - u, c, (c - u) / c
+}'
