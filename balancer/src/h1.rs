@@ -104,7 +104,7 @@ impl Upstream {
     /// [`ResponseBody::into_reusable`].
     pub async fn send<B>(
         mut self,
-        req: Request<B>,
+        req: Box<Request<B>>,
     ) -> Result<Response<ResponseBody<B>>, SendError<B>>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -114,13 +114,15 @@ impl Upstream {
         if let Err(err) = self.stream.write_all(&self.write).await {
             // A head refused at once (the socket found reset) sent nothing
             // the upstream could act on.
-            return Err(SendError::NotSent(Box::new(req), err.into()));
+            return Err(SendError::NotSent(req, err.into()));
         }
         let head_only = req.method() == Method::HEAD;
         let mut sending = match framing {
             RequestFraming::None => None,
-            RequestFraming::Length(length) => Some(BodySender::new(req.into_body(), Some(length))),
-            RequestFraming::Chunked => Some(BodySender::new(req.into_body(), None)),
+            RequestFraming::Length(length) => {
+                Some(Box::new(BodySender::new(req.into_body(), Some(length))))
+            }
+            RequestFraming::Chunked => Some(Box::new(BodySender::new(req.into_body(), None))),
         };
         // The upstream may answer before the body is all sent: read while
         // writing. If writing fails, the upstream's answer (a 413 before it
@@ -581,8 +583,9 @@ pub struct ResponseBody<B> {
     /// The connection it arrives on; `None` once handed back or broken.
     upstream: Option<Upstream>,
     /// The rest of the request body, if the upstream answered before it had
-    /// all gone out.
-    sending: Option<BodySender<B>>,
+    /// all gone out. Boxed: most requests have no body, and a response is
+    /// moved several times on its way to the client.
+    sending: Option<Box<BodySender<B>>>,
     kind: Kind,
     /// Whether the connection may carry another exchange once this body
     /// has ended and the request body has all gone out.
@@ -952,7 +955,11 @@ mod tests {
             false,
         )
         .await;
-        let mut response = connect(addr).await.send(get("/buy?user=7")).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(get("/buy?user=7")))
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-reply"], "yes");
         assert_eq!(read_all(response.body_mut()).await.unwrap(), "hello");
@@ -976,7 +983,7 @@ mod tests {
         let req = Request::post("/")
             .body(Frames::new(&["hello", " world"], false))
             .unwrap();
-        let mut response = connect(addr).await.send(req).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
         assert!(response.body_mut().into_reusable().is_some());
         drop(response);
         let received = upstream.await.unwrap();
@@ -994,7 +1001,7 @@ mod tests {
             .header("content-length", "11")
             .body(Frames::new(&["hello", " world"], false))
             .unwrap();
-        drop(connect(addr).await.send(req).await.unwrap());
+        drop(connect(addr).await.send(Box::new(req)).await.unwrap());
         let received = upstream.await.unwrap();
         assert!(!received.contains("transfer-encoding"), "{received}");
         assert!(received.ends_with("\r\n\r\nhello world"), "{received}");
@@ -1011,7 +1018,7 @@ mod tests {
         let req = Request::post("/")
             .body(Frames::new(&["part of a body"], true))
             .unwrap();
-        let mut response = connect(addr).await.send(req).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert!(response.body().is_end_stream());
         assert!(
@@ -1023,13 +1030,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_without_framing_ends_with_the_connection_and_a_cut_one_fails() {
         let (addr, _upstream) = scripted("HTTP/1.1 200 OK\r\n\r\nall of it", 0, true).await;
-        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
         assert_eq!(read_all(response.body_mut()).await.unwrap(), "all of it");
         assert!(response.body_mut().into_reusable().is_none());
 
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 0, true).await;
-        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
         assert!(matches!(
             read_all(response.body_mut()).await,
             Err(ExchangeError::Closed)
@@ -1041,14 +1048,14 @@ mod tests {
     async fn a_connection_the_upstream_closed_is_not_open() {
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, true).await;
-        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
         let mut upstream = response.body_mut().into_reusable().unwrap();
         upstream.stream.readable().await.unwrap();
         assert!(!upstream.is_open());
 
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, false).await;
-        let mut response = connect(addr).await.send(get("/")).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
         let mut upstream = response.body_mut().into_reusable().unwrap();
         assert!(upstream.is_open());
     }
@@ -1085,7 +1092,7 @@ mod tests {
         let (frames, body) = mpsc::unbounded_channel();
         let req = Request::post("/echo").body(Sent(body)).unwrap();
         frames.send(Some("first")).unwrap();
-        let mut response = connect(addr).await.send(req).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         // The rest of the body goes out while the response comes in.
         frames.send(Some("second")).unwrap();
@@ -1106,7 +1113,7 @@ mod tests {
             .header("content-length", "5")
             .body(Frames::new(&["hello"], true))
             .unwrap();
-        let mut response = connect(addr).await.send(req).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
         assert!(response.body_mut().into_reusable().is_some());
     }
 
@@ -1116,7 +1123,7 @@ mod tests {
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", 0, false).await;
         let (frames, body) = mpsc::unbounded_channel();
         let req = Request::post("/").body(Sent(body)).unwrap();
-        let mut response = connect(addr).await.send(req).await.unwrap();
+        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
         frames.send(None).unwrap();
         let read = tokio::time::timeout(Duration::from_secs(10), read_all(response.body_mut()));
         assert!(matches!(read.await, Ok(Err(ExchangeError::RequestBody))));
@@ -1132,7 +1139,7 @@ mod tests {
                 .body(Frames::new(&frames, false))
                 .unwrap();
             assert!(matches!(
-                connect(addr).await.send(req).await,
+                connect(addr).await.send(Box::new(req)).await,
                 Err(SendError::Failed(ExchangeError::RequestBody))
             ));
         }
@@ -1146,7 +1153,7 @@ mod tests {
             false,
         )
         .await;
-        let response = connect(addr).await.send(get("/")).await.unwrap();
+        let response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
         let reason = response.extensions().get::<ReasonPhrase>().unwrap();
         assert_eq!(reason.as_bytes(), b"Sold Out");
         let (addr, _upstream) = scripted(
@@ -1155,7 +1162,7 @@ mod tests {
             false,
         )
         .await;
-        let response = connect(addr).await.send(get("/")).await.unwrap();
+        let response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
         assert!(response.extensions().get::<ReasonPhrase>().is_none());
     }
 

@@ -113,10 +113,7 @@ impl Balancer {
             .serve(listener, move |client| {
                 let proxy = Arc::clone(&proxy);
                 let client = Arc::new(ClientAddr::new(client));
-                service_fn(move |req| {
-                    let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
-                })
+                service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&client)))
             })
             .await;
     }

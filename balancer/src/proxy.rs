@@ -6,6 +6,7 @@
 //! spoke (HTTP/1.0 or 1.1), the upstream is spoken to in HTTP/1.1 with
 //! keep-alive ([`crate::h1`]).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,12 +52,14 @@ impl Proxy {
     }
 
     /// Proxies one request from `client`, answering with the upstream's
-    /// response or with the failure's reply.
+    /// response or with the failure's reply: it never fails (the `Result`
+    /// is a service's). The future owns what it uses, so that it is the
+    /// service's future itself, not one more future around it, moved whole.
     pub async fn handle(
-        &self,
+        self: Arc<Self>,
         req: Request<RequestBody>,
-        client: &ClientAddr,
-    ) -> Response<ResponseBody> {
+        client: Arc<ClientAddr>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         // What the access log needs of the request, copied only when it is on.
         let logged = self.access_log.then(|| {
             (
@@ -65,7 +68,7 @@ impl Proxy {
                 std::time::Instant::now(),
             )
         });
-        let (response, upstream) = match self.forward(req, client).await {
+        let (response, upstream) = match self.forward(req, &client).await {
             Ok((response, upstream)) => (response, Some(upstream)),
             Err(err) => {
                 match err.rejection() {
@@ -88,7 +91,7 @@ impl Proxy {
                 duration_ms = started.elapsed().as_secs_f64() * 1e3,
             );
         }
-        response
+        Ok(response)
     }
 
     /// Sends the request to the picked upstream and, as long as it could
@@ -116,7 +119,10 @@ impl Proxy {
             (table.proxy.response_timeout, table.proxy.retries, trusted)
         };
         let failure = req.body().failure();
-        let mut req = upstream_request(req, client, trusted);
+        // Boxed once, here: it is handed down to the exchange and, if it
+        // could not be sent, back, without being copied at each step.
+        let mut req = Box::new(req);
+        rewrite_for_upstream(&mut req, client, trusted);
         // A request without Host (HTTP/1.0) gets its upstream's address.
         let lacks_host = !req.headers().contains_key(HOST);
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -145,7 +151,7 @@ impl Proxy {
                     }
                     peer.upstream.failed_over(reason, &error);
                     self.router.registry().metrics().retries.inc();
-                    req = *request;
+                    req = request;
                 }
             }
         }
@@ -163,7 +169,7 @@ impl Proxy {
         &self,
         peer: &Peer,
         in_flight: InFlight,
-        req: Request<RequestBody>,
+        req: Box<Request<RequestBody>>,
         response_timeout: Duration,
         failure: &BodyFailure,
     ) -> Result<Response<ResponseBody>, Attempt> {
@@ -175,7 +181,7 @@ impl Proxy {
                 // Nothing was sent: connecting failed.
                 upstream.failed(peer.weight);
                 return Err(Attempt::NotSent {
-                    request: Box::new(req),
+                    request: req,
                     reason: source.failover_reason(),
                     error: ProxyError::Connect {
                         upstream: addr,
@@ -251,29 +257,24 @@ enum Attempt {
     Failed(ProxyError),
 }
 
-/// The request as the upstream gets it: the same method, path, headers and
-/// body, in HTTP/1.1 and origin form, without hop-by-hop headers, with `Via`
-/// and the `X-Forwarded-*` headers added (kept and appended to if the client
-/// is a `trusted` proxy, replaced if not).
-fn upstream_request(
-    req: Request<RequestBody>,
-    client: &ClientAddr,
-    trusted: bool,
-) -> Request<RequestBody> {
-    let (mut parts, body) = req.into_parts();
-    let received = parts.version;
+/// Makes the request what the upstream gets: the same method, path, headers
+/// and body, in HTTP/1.1 and origin form, without hop-by-hop headers, with
+/// `Via` and the `X-Forwarded-*` headers added (kept and appended to if the
+/// client is a `trusted` proxy, replaced if not).
+fn rewrite_for_upstream(req: &mut Request<RequestBody>, client: &ClientAddr, trusted: bool) {
+    let received = req.version();
     // A request in absolute form (`GET http://host/path`) keeps only its path.
-    if parts.uri.scheme().is_some() {
-        let path = parts
-            .uri
+    if req.uri().scheme().is_some() {
+        let path = req
+            .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::from(path);
+        *req.uri_mut() = Uri::from(path);
     }
-    parts.version = Version::HTTP_11;
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::forwarded(&mut parts.headers, client, trusted);
-    headers::add_via(&mut parts.headers, received);
-    Request::from_parts(parts, body)
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    headers::strip_hop_by_hop(headers);
+    headers::forwarded(headers, client, trusted);
+    headers::add_via(headers, received);
 }

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -584,37 +584,79 @@ where
     let (max_body, body_timeout) = (settings.max_body_bytes, settings.body_timeout);
     service_fn(move |mut req: Request<Incoming>| {
         phase.set(Phase::Busy);
-        let checked = frame::check(&mut req, max_body);
-        let (inner, rejections, phase) = (
-            Arc::clone(&inner),
-            Arc::clone(&rejections),
-            Arc::clone(&phase),
-        );
+        let phase = Arc::clone(&phase);
         // Boxed: hyper can hand back a connection (to park it) only if its
-        // service's future is `Unpin`.
-        Box::pin(async move {
-            let close = match checked {
-                Ok(close) => close,
-                Err(refused) => {
-                    rejections.reject(refused.reason, peer, &refused.detail);
-                    let status = match refused.reason {
-                        Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                        _ => StatusCode::BAD_REQUEST,
-                    };
-                    let reply = refusal(status, refused.reason, refused.detail);
-                    return Ok(reply.map(|body| Watched::new(Either::Right(body), phase)));
+        // service's future is `Unpin`. The handler's future is made here,
+        // and moved once, into the box.
+        Box::pin(match frame::check(&mut req, max_body) {
+            Ok(close) => {
+                let req = req.map(|body| RequestBody::new(body, max_body, body_timeout));
+                Checked::Serving {
+                    handler: inner.call(req),
+                    close,
+                    phase: Some(phase),
                 }
-            };
-            let req = req.map(|body| RequestBody::new(body, max_body, body_timeout));
-            let mut reply = inner.call(req).await?;
-            if close {
-                reply
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            Ok(reply.map(|body| Watched::new(Either::Left(body), phase)))
+            Err(refused) => {
+                rejections.reject(refused.reason, peer, &refused.detail);
+                let status = match refused.reason {
+                    Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                let reply = refusal(status, refused.reason, refused.detail);
+                Checked::Refused {
+                    reply: Some(reply.map(|body| Watched::new(Either::Right(body), phase))),
+                }
+            }
         })
     })
+}
+
+pin_project_lite::pin_project! {
+    /// The future of one request through [`checked_service`]: its handler's,
+    /// or the server's own refusal, ready at once.
+    #[project = CheckedProj]
+    enum Checked<F, B> {
+        Serving {
+            #[pin]
+            handler: F,
+            // Whether the reply must close the connection.
+            close: bool,
+            phase: Option<Arc<PhaseClock>>,
+        },
+        Refused {
+            reply: Option<Response<ReplyBody<B>>>,
+        },
+    }
+}
+
+impl<F, B> Future for Checked<F, B>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+{
+    type Output = Result<Response<ReplyBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CheckedProj::Serving {
+                handler,
+                close,
+                phase,
+            } => {
+                let Ok(mut reply) = ready!(handler.poll(cx));
+                if *close {
+                    reply
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                let phase = phase.take().expect("polled after completion");
+                Poll::Ready(Ok(reply.map(|body| Watched::new(Either::Left(body), phase))))
+            }
+            CheckedProj::Refused { reply } => {
+                Poll::Ready(Ok(reply.take().expect("polled after completion")))
+            }
+        }
+    }
 }
 
 /// The server's own refusal: a short JSON body, and the connection closed.
