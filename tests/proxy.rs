@@ -466,3 +466,46 @@ async fn an_upstream_may_answer_while_the_request_body_still_streams() {
     read_until(&mut client, &mut reply, "second").await;
     read_until(&mut client, &mut reply, "\r\n0\r\n\r\n").await;
 }
+
+/// An upstream that answers each connection's first request with `reply`,
+/// then closes it.
+async fn replying(reply: &'static str) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                read_until(&mut stream, &mut Vec::new(), "\r\n\r\n").await;
+                stream.write_all(reply.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_both_framings_reaches_the_client_by_its_chunks() {
+    let addr = replying(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let balancer = Balancer::start(&[(addr, 1)], "[health]\nenabled = false\n");
+    let mut client = RawConnection::connect(balancer.proxy()).await;
+    client.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let response = client.response(false).await.expect("a response");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"hello");
+    assert_ne!(response.header("content-length"), Some("3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_is_refused() {
+    let addr = replying(
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    let balancer = Balancer::start(&[(addr, 1)], "[health]\nenabled = false\n");
+    let reply = Client::new().get(&balancer.url("/")).await;
+    assert_eq!(reply.status.as_u16(), 502);
+}

@@ -146,7 +146,7 @@ impl Upstream {
             poll_read_head(&mut self.stream, &mut self.read, cx)
         })
         .await;
-        let head = match head {
+        let mut head = match head {
             Ok(head) => head,
             Err(error) => return Err(SendError::Failed(write_error.unwrap_or(error))),
         };
@@ -344,8 +344,10 @@ struct Framing {
 }
 
 impl Head {
-    /// The framing of the body that follows this head (RFC 9112, 6.3).
-    fn framing(&self, head_only: bool) -> Result<Framing, ExchangeError> {
+    /// The framing of the body that follows this head (RFC 9112, 6.3). A
+    /// `Content-Length` beside `Transfer-Encoding` is removed, as a proxy
+    /// must before forwarding: the client would frame the body by it.
+    fn framing(&mut self, head_only: bool) -> Result<Framing, ExchangeError> {
         let status = self.status.as_u16();
         if head_only || status == 204 || status == 304 {
             return Ok(Framing {
@@ -353,35 +355,35 @@ impl Head {
                 delimited: true,
             });
         }
-        let lengths = self.headers.get_all(header::CONTENT_LENGTH);
-        if let Some(last) = self
-            .headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
-            let chunked = last
-                .as_bytes()
-                .rsplit(|&b| b == b',')
+        if self.headers.contains_key(header::TRANSFER_ENCODING) {
+            // Chunked is the only coding understood, as in nginx: the
+            // header goes (hop-by-hop), so any other would reach the client
+            // undone and unnamed.
+            let mut codings = self
+                .headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+                .map(<[u8]>::trim_ascii)
+                .filter(|coding| !coding.is_empty());
+            let chunked = codings
                 .next()
-                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"));
+            if !chunked || codings.next().is_some() {
+                return Err(ExchangeError::Invalid(
+                    "a transfer coding other than chunked",
+                ));
+            }
             // With both, the length is ignored, and the connection not
             // trusted for another exchange.
-            let unambiguous = lengths.iter().next().is_none();
-            return Ok(if chunked {
-                Framing {
-                    kind: Kind::Chunked(Chunked::Size),
-                    delimited: unambiguous,
-                }
-            } else {
-                Framing {
-                    kind: Kind::UntilClose,
-                    delimited: false,
-                }
+            let unambiguous = self.headers.remove(header::CONTENT_LENGTH).is_none();
+            return Ok(Framing {
+                kind: Kind::Chunked(Chunked::Size),
+                delimited: unambiguous,
             });
         }
         let mut length = None;
-        for value in lengths {
+        for value in self.headers.get_all(header::CONTENT_LENGTH) {
             for part in value.as_bytes().split(|&b| b == b',') {
                 let n = parse_decimal(part.trim_ascii())
                     .ok_or(ExchangeError::Invalid("Content-Length"))?;
@@ -1268,20 +1270,30 @@ mod tests {
         );
         assert!(framing("HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n", false).is_err());
         let chunked = framing(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n",
             false,
         )
         .unwrap();
         assert!(matches!(chunked.kind, Kind::Chunked(_)) && chunked.delimited);
-        let both = framing(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert!(matches!(both.kind, Kind::Chunked(_)) && !both.delimited);
-        let not_chunked =
-            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false).unwrap();
-        assert!(matches!(not_chunked.kind, Kind::UntilClose) && !not_chunked.delimited);
+        let mut both =
+            head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n");
+        let framing_of_both = both.framing(false).unwrap();
+        assert!(matches!(framing_of_both.kind, Kind::Chunked(_)) && !framing_of_both.delimited);
+        assert!(
+            !both.headers.contains_key(header::CONTENT_LENGTH),
+            "the ignored length is not passed on"
+        );
+        // Codings other than chunked are not undone: refused, not passed on
+        // without their name.
+        for other in [
+            "transfer-encoding: gzip, chunked",
+            "transfer-encoding: gzip\r\ntransfer-encoding: chunked",
+            "transfer-encoding: gzip",
+            "transfer-encoding: chunked, chunked",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\n{other}\r\n\r\n");
+            assert!(framing(&text, false).is_err(), "{other}");
+        }
         let unframed = framing("HTTP/1.1 200 OK\r\n\r\n", false).unwrap();
         assert!(matches!(unframed.kind, Kind::UntilClose));
         for empty in [
