@@ -468,8 +468,8 @@ async fn an_upstream_may_answer_while_the_request_body_still_streams() {
 }
 
 /// An upstream that answers each connection's first request with `reply`,
-/// then closes it.
-async fn replying(reply: &'static str) -> std::net::SocketAddr {
+/// then closes it, or if `hold`, keeps it open until the other side closes.
+async fn replying(reply: &'static str, hold: bool) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -478,6 +478,9 @@ async fn replying(reply: &'static str) -> std::net::SocketAddr {
             tokio::spawn(async move {
                 read_until(&mut stream, &mut Vec::new(), "\r\n\r\n").await;
                 stream.write_all(reply.as_bytes()).await.unwrap();
+                if hold {
+                    while stream.read(&mut [0; 1024]).await.is_ok_and(|n| n > 0) {}
+                }
             });
         }
     });
@@ -488,6 +491,7 @@ async fn replying(reply: &'static str) -> std::net::SocketAddr {
 async fn a_response_with_both_framings_reaches_the_client_by_its_chunks() {
     let addr = replying(
         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
     )
     .await;
     let balancer = Balancer::start(&[(addr, 1)], "[health]\nenabled = false\n");
@@ -503,9 +507,57 @@ async fn a_response_with_both_framings_reaches_the_client_by_its_chunks() {
 async fn a_transfer_coding_other_than_chunked_is_refused() {
     let addr = replying(
         "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        false,
     )
     .await;
     let balancer = Balancer::start(&[(addr, 1)], "[health]\nenabled = false\n");
     let reply = Client::new().get(&balancer.url("/")).await;
     assert_eq!(reply.status.as_u16(), 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_the_upstream_s_delay() {
+    let backend = Backend::start(|_| Reply::ok("bought")).await;
+    let balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        "[proxy]\nresponse_timeout = \"1s\"\n[server]\nbody_timeout = \"5s\"\n[health]\nenabled = false\n",
+    );
+    let mut client = RawConnection::connect(balancer.proxy()).await;
+    client
+        .send(b"POST /buy HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n")
+        .await;
+    // The body takes twice the response timeout, well within the body
+    // timeout.
+    for byte in [b"a", b"b", b"c"] {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        client.send(byte).await;
+    }
+    let response = client.response(false).await.expect("a response");
+    assert_eq!(
+        (response.status, response.body.as_slice()),
+        (200, &b"bought"[..])
+    );
+    assert_eq!(
+        upstream_stats(&balancer).await["failures"].as_u64(),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_stalling_mid_body_is_cut_off_after_the_response_timeout() {
+    let addr = replying("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", true).await;
+    let balancer = Balancer::start(
+        &[(addr, 1)],
+        "[proxy]\nresponse_timeout = \"1s\"\n[health]\nenabled = false\n",
+    );
+    let mut client = RawConnection::connect(balancer.proxy()).await;
+    client.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    // The client sees the connection end with the body incomplete (the
+    // harness's reads give up after 10 s).
+    let started = std::time::Instant::now();
+    let received = client.read_to_close().await;
+    assert!(started.elapsed() < Duration::from_secs(8), "not cut off");
+    assert!(String::from_utf8_lossy(&received).ends_with("\r\n\r\nabc"));
+    let stats = upstream_stats(&balancer).await;
+    assert_eq!(stats["in_flight"].as_i64(), Some(0));
 }

@@ -18,6 +18,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -26,6 +27,7 @@ use hyper::body::{Body, Frame};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::headers::connection_tokens;
 
@@ -55,6 +57,8 @@ pub enum ExchangeError {
     Chunked,
     #[error("the request body failed")]
     RequestBody,
+    #[error("the upstream kept the exchange waiting past the response timeout")]
+    TimedOut,
 }
 
 /// The outcome of [`Upstream::send`] when it fails.
@@ -70,6 +74,8 @@ pub enum SendError<B> {
 #[derive(Debug)]
 pub struct Upstream {
     stream: TcpStream,
+    /// How long the upstream may keep the current exchange waiting.
+    patience: Patience,
     /// What was read and not yet consumed; empty between exchanges.
     read: BytesMut,
     /// The request head being written.
@@ -80,6 +86,7 @@ impl Upstream {
     pub fn new(stream: TcpStream) -> Self {
         Self {
             stream,
+            patience: Patience::default(),
             read: BytesMut::new(),
             write: Vec::new(),
         }
@@ -102,18 +109,38 @@ impl Upstream {
     /// and goes on sending the request body if the upstream answered before
     /// it had all gone out; the connection comes back through
     /// [`ResponseBody::into_reusable`].
+    ///
+    /// The upstream may keep the exchange waiting at most `timeout` for the
+    /// response head, and then between two reads of the body (nginx's
+    /// `proxy_read_timeout`); time spent waiting for the client's request
+    /// body does not count (the client's own body timeout bounds it).
     pub async fn send<B>(
         mut self,
         req: Box<Request<B>>,
+        timeout: Duration,
     ) -> Result<Response<ResponseBody<B>>, SendError<B>>
     where
         B: Body<Data = Bytes> + Unpin,
     {
+        self.patience.limit = timeout;
+        self.patience.reset();
         let framing = RequestFraming::of(&req);
         encode_head(&mut self.write, &req, framing);
-        if let Err(err) = self.stream.write_all(&self.write).await {
-            // A head refused at once (the socket found reset) sent nothing
-            // the upstream could act on.
+        let written = {
+            let (stream, patience) = (&mut self.stream, &mut self.patience);
+            let mut write = std::pin::pin!(stream.write_all(&self.write));
+            std::future::poll_fn(|cx| match write.as_mut().poll(cx) {
+                Poll::Ready(result) => Poll::Ready(result),
+                Poll::Pending if patience.poll_expired(cx) => {
+                    Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+                }
+                Poll::Pending => Poll::Pending,
+            })
+            .await
+        };
+        if let Err(err) = written {
+            // A head refused (the socket found reset), or not taken at all,
+            // sent nothing the upstream could act on.
             return Err(SendError::NotSent(req, err.into()));
         }
         let head_only = req.method() == Method::HEAD;
@@ -143,9 +170,21 @@ impl Upstream {
                     Poll::Pending => {}
                 }
             }
-            poll_read_head(&mut self.stream, &mut self.read, cx)
+            if let Poll::Ready(head) = poll_read_head(&mut self.stream, &mut self.read, cx) {
+                return Poll::Ready(head);
+            }
+            if sending
+                .as_ref()
+                .is_some_and(|sender| sender.waiting_on_client)
+            {
+                self.patience.reset();
+            } else if self.patience.poll_expired(cx) {
+                return Poll::Ready(Err(ExchangeError::TimedOut));
+            }
+            Poll::Pending
         })
         .await;
+        self.patience.reset();
         let mut head = match head {
             Ok(head) => head,
             Err(error) => return Err(SendError::Failed(write_error.unwrap_or(error))),
@@ -178,6 +217,44 @@ impl Upstream {
 fn reserve(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_SIZE / 4 {
         buf.reserve(READ_SIZE);
+    }
+}
+
+/// How long an upstream may keep an exchange waiting: `limit` for the
+/// response head, then between two reads of the body. The clock stops
+/// while the exchange waits for the client's request body, and starts
+/// afresh after.
+#[derive(Debug, Default)]
+struct Patience {
+    limit: Duration,
+    /// Kept with the connection from one exchange to the next: moving a
+    /// deadline later is cheap, registering a new timer is not.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the timer is set for a wait under way.
+    waiting: bool,
+}
+
+impl Patience {
+    /// The exchange waits on the upstream: whether it has waited `limit`
+    /// since this wait began (registering to be woken when it has).
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+    }
+
+    /// The upstream sent something, or the exchange waits on the client:
+    /// the next wait on the upstream starts afresh.
+    fn reset(&mut self) {
+        self.waiting = false;
     }
 }
 
@@ -238,6 +315,8 @@ struct BodySender<B> {
     queue: VecDeque<Bytes>,
     /// The body has ended; what is queued is the last of it.
     ended: bool,
+    /// Whether the last poll found the client's body with nothing to give.
+    waiting_on_client: bool,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> BodySender<B> {
@@ -247,6 +326,7 @@ impl<B: Body<Data = Bytes> + Unpin> BodySender<B> {
             due,
             queue: VecDeque::with_capacity(3),
             ended: false,
+            waiting_on_client: false,
         }
     }
 
@@ -287,7 +367,9 @@ impl<B: Body<Data = Bytes> + Unpin> BodySender<B> {
                 self.ended = true;
                 return Poll::Ready(Ok(()));
             }
-            let Some(frame) = ready!(Pin::new(&mut self.body).poll_frame(cx)) else {
+            let polled = Pin::new(&mut self.body).poll_frame(cx);
+            self.waiting_on_client = polled.is_pending();
+            let Some(frame) = ready!(polled) else {
                 match self.due {
                     Some(0) => {}
                     Some(_) => return Poll::Ready(Err(ExchangeError::RequestBody)),
@@ -786,7 +868,20 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ResponseBody<B> {
             let Some(upstream) = this.upstream.as_mut() else {
                 return this.fail(ExchangeError::Closed);
             };
-            match ready!(upstream.poll_fill(cx)) {
+            let Poll::Ready(filled) = upstream.poll_fill(cx) else {
+                if this
+                    .sending
+                    .as_ref()
+                    .is_some_and(|sender| sender.waiting_on_client)
+                {
+                    upstream.patience.reset();
+                } else if upstream.patience.poll_expired(cx) {
+                    return this.fail(ExchangeError::TimedOut);
+                }
+                return Poll::Pending;
+            };
+            upstream.patience.reset();
+            match filled {
                 Ok(0) if matches!(this.kind, Kind::UntilClose) => {
                     this.upstream = None;
                     this.end();
@@ -815,7 +910,6 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ResponseBody<B> {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::time::Duration;
 
     use http_body_util::BodyExt;
     use tokio::io::AsyncReadExt;
@@ -824,6 +918,9 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
+
+    /// A response timeout no test here reaches.
+    const PATIENT: Duration = Duration::from_secs(10);
 
     /// A request body of the given frames, then pending forever if
     /// `endless`.
@@ -959,7 +1056,7 @@ mod tests {
         .await;
         let mut response = connect(addr)
             .await
-            .send(Box::new(get("/buy?user=7")))
+            .send(Box::new(get("/buy?user=7")), PATIENT)
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -985,7 +1082,11 @@ mod tests {
         let req = Request::post("/")
             .body(Frames::new(&["hello", " world"], false))
             .unwrap();
-        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(req), PATIENT)
+            .await
+            .unwrap();
         assert!(response.body_mut().into_reusable().is_some());
         drop(response);
         let received = upstream.await.unwrap();
@@ -1003,7 +1104,13 @@ mod tests {
             .header("content-length", "11")
             .body(Frames::new(&["hello", " world"], false))
             .unwrap();
-        drop(connect(addr).await.send(Box::new(req)).await.unwrap());
+        drop(
+            connect(addr)
+                .await
+                .send(Box::new(req), PATIENT)
+                .await
+                .unwrap(),
+        );
         let received = upstream.await.unwrap();
         assert!(!received.contains("transfer-encoding"), "{received}");
         assert!(received.ends_with("\r\n\r\nhello world"), "{received}");
@@ -1020,7 +1127,11 @@ mod tests {
         let req = Request::post("/")
             .body(Frames::new(&["part of a body"], true))
             .unwrap();
-        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(req), PATIENT)
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert!(response.body().is_end_stream());
         assert!(
@@ -1032,13 +1143,21 @@ mod tests {
     #[tokio::test]
     async fn a_body_without_framing_ends_with_the_connection_and_a_cut_one_fails() {
         let (addr, _upstream) = scripted("HTTP/1.1 200 OK\r\n\r\nall of it", 0, true).await;
-        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(get("/")), PATIENT)
+            .await
+            .unwrap();
         assert_eq!(read_all(response.body_mut()).await.unwrap(), "all of it");
         assert!(response.body_mut().into_reusable().is_none());
 
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 0, true).await;
-        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(get("/")), PATIENT)
+            .await
+            .unwrap();
         assert!(matches!(
             read_all(response.body_mut()).await,
             Err(ExchangeError::Closed)
@@ -1050,16 +1169,85 @@ mod tests {
     async fn a_connection_the_upstream_closed_is_not_open() {
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, true).await;
-        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(get("/")), PATIENT)
+            .await
+            .unwrap();
         let mut upstream = response.body_mut().into_reusable().unwrap();
         upstream.stream.readable().await.unwrap();
         assert!(!upstream.is_open());
 
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, false).await;
-        let mut response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(get("/")), PATIENT)
+            .await
+            .unwrap();
         let mut upstream = response.body_mut().into_reusable().unwrap();
         assert!(upstream.is_open());
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_or_a_stalled_body_times_out() {
+        let limit = Duration::from_millis(300);
+        // Reads the request and never answers.
+        let (addr, _upstream) = scripted("", 0, false).await;
+        let started = std::time::Instant::now();
+        let sent = connect(addr).await.send(Box::new(get("/")), limit).await;
+        assert!(matches!(
+            sent,
+            Err(SendError::Failed(ExchangeError::TimedOut))
+        ));
+        assert!(started.elapsed() >= limit);
+
+        // Answers part of its body, then nothing more.
+        let (addr, _upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 0, false).await;
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(get("/")), limit)
+            .await
+            .unwrap();
+        let body = response.body_mut();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "abc");
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            body.frame().await,
+            Some(Err(ExchangeError::TimedOut))
+        ));
+        assert!(started.elapsed() >= limit);
+        assert!(body.into_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_client_body_does_not_count_against_the_upstream() {
+        let limit = Duration::from_millis(500);
+        let (addr, upstream) =
+            scripted("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", 6, false).await;
+        let (frames, body) = mpsc::unbounded_channel();
+        let req = Request::post("/")
+            .header("content-length", "6")
+            .body(Sent(body))
+            .unwrap();
+        frames.send(Some("abc")).unwrap();
+        // The rest of the body comes three times the limit later.
+        let slow_client = tokio::spawn(async move {
+            tokio::time::sleep(3 * limit).await;
+            frames.send(Some("def")).unwrap();
+            frames
+        });
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(req), limit)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(read_all(response.body_mut()).await.unwrap(), "ok");
+        drop((response, slow_client.await.unwrap()));
+        assert!(upstream.await.unwrap().ends_with("\r\n\r\nabcdef"));
     }
 
     #[tokio::test]
@@ -1094,7 +1282,11 @@ mod tests {
         let (frames, body) = mpsc::unbounded_channel();
         let req = Request::post("/echo").body(Sent(body)).unwrap();
         frames.send(Some("first")).unwrap();
-        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(req), PATIENT)
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         // The rest of the body goes out while the response comes in.
         frames.send(Some("second")).unwrap();
@@ -1115,7 +1307,11 @@ mod tests {
             .header("content-length", "5")
             .body(Frames::new(&["hello"], true))
             .unwrap();
-        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(req), PATIENT)
+            .await
+            .unwrap();
         assert!(response.body_mut().into_reusable().is_some());
     }
 
@@ -1125,7 +1321,11 @@ mod tests {
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", 0, false).await;
         let (frames, body) = mpsc::unbounded_channel();
         let req = Request::post("/").body(Sent(body)).unwrap();
-        let mut response = connect(addr).await.send(Box::new(req)).await.unwrap();
+        let mut response = connect(addr)
+            .await
+            .send(Box::new(req), PATIENT)
+            .await
+            .unwrap();
         frames.send(None).unwrap();
         let read = tokio::time::timeout(Duration::from_secs(10), read_all(response.body_mut()));
         assert!(matches!(read.await, Ok(Err(ExchangeError::RequestBody))));
@@ -1141,7 +1341,7 @@ mod tests {
                 .body(Frames::new(&frames, false))
                 .unwrap();
             assert!(matches!(
-                connect(addr).await.send(Box::new(req)).await,
+                connect(addr).await.send(Box::new(req), PATIENT).await,
                 Err(SendError::Failed(ExchangeError::RequestBody))
             ));
         }
@@ -1155,7 +1355,11 @@ mod tests {
             false,
         )
         .await;
-        let response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
+        let response = connect(addr)
+            .await
+            .send(Box::new(get("/")), PATIENT)
+            .await
+            .unwrap();
         let reason = response.extensions().get::<ReasonPhrase>().unwrap();
         assert_eq!(reason.as_bytes(), b"Sold Out");
         let (addr, _upstream) = scripted(
@@ -1164,7 +1368,11 @@ mod tests {
             false,
         )
         .await;
-        let response = connect(addr).await.send(Box::new(get("/"))).await.unwrap();
+        let response = connect(addr)
+            .await
+            .send(Box::new(get("/")), PATIENT)
+            .await
+            .unwrap();
         assert!(response.extensions().get::<ReasonPhrase>().is_none());
     }
 

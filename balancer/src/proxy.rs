@@ -22,7 +22,7 @@ use spike_config::server::body::BodyFailure;
 use crate::balance::{Peer, Router};
 use crate::body::{RequestBody, UpstreamBody};
 use crate::error::ProxyError;
-use crate::h1::SendError;
+use crate::h1::{ExchangeError, SendError};
 use crate::headers::{self, ClientAddr};
 use crate::upstream::{FailoverReason, InFlight};
 
@@ -192,10 +192,9 @@ impl Proxy {
         };
         // Boxed: the exchange's state is most of a request's future, which is
         // moved, whole, each time a caller's future is built around it.
-        let sent = tokio::time::timeout(response_timeout, Box::pin(connection.send(req))).await;
-        let response = match sent {
-            Ok(Ok(response)) => response,
-            Ok(Err(SendError::NotSent(request, source))) => {
+        let response = match Box::pin(connection.send(req, response_timeout)).await {
+            Ok(response) => response,
+            Err(SendError::NotSent(request, source)) => {
                 // The connection was found closed before the request went
                 // out.
                 return Err(Attempt::NotSent {
@@ -207,26 +206,22 @@ impl Proxy {
                     },
                 });
             }
-            Ok(Err(SendError::Failed(source))) => {
+            Err(SendError::Failed(source)) => {
                 // The client's body failing is the client's fault, not the
                 // upstream's: the exchange is cancelled and the client told.
                 if let Some(body) = failure.get() {
                     return Err(Attempt::Failed(ProxyError::ClientBody(body)));
                 }
                 upstream.failed(peer.weight);
-                return Err(Attempt::Failed(ProxyError::Upstream {
-                    upstream: addr,
-                    source,
-                }));
-            }
-            Err(_) => {
-                if let Some(body) = failure.get() {
-                    return Err(Attempt::Failed(ProxyError::ClientBody(body)));
-                }
-                upstream.failed(peer.weight);
-                return Err(Attempt::Failed(ProxyError::Timeout {
-                    upstream: addr,
-                    timeout: response_timeout,
+                return Err(Attempt::Failed(match source {
+                    ExchangeError::TimedOut => ProxyError::Timeout {
+                        upstream: addr,
+                        timeout: response_timeout,
+                    },
+                    source => ProxyError::Upstream {
+                        upstream: addr,
+                        source,
+                    },
                 }));
             }
         };

@@ -33,7 +33,8 @@ pub const MAX_WEIGHT: u32 = 10_000;
 /// How long connecting to an upstream may take before the client gets 502.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an upstream may take to answer with its response head before
-/// the client gets 504.
+/// the client gets 504, and then between two reads of its body (nginx's
+/// `proxy_read_timeout`).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle keep-alive connection to an upstream stays in the pool
 /// (nginx's `keepalive_timeout` in an `upstream`): less than the upstream
