@@ -280,6 +280,13 @@ async fn purchases_whose_outcome_is_unknown_never_oversell() {
     let frozen = buy_many(&nodes, 30, 30, |i| Some(format!("frozen-{i}"))).await;
     redis.resume();
     assert_eq!(count_status(&frozen, StatusCode::SERVICE_UNAVAILABLE), 30);
+    for (_, reply) in &frozen {
+        let detail = reply.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(detail.contains("may have been made"), "{detail}");
+    }
 
     wait_for_redis(&nodes[0], "up").await;
     let after = buy_many(&nodes, 300, 16, |i| Some(format!("after-{i}"))).await;
@@ -298,6 +305,74 @@ async fn purchases_whose_outcome_is_unknown_never_oversell() {
     );
     let answered = count_status(&after, StatusCode::OK);
     assert_eq!(1 + frozen_sold + answered, 100, "every ticket sold once");
+
+    // The sale is over; a frozen buyer asking again learns the outcome:
+    // their order if Redis made one, else sold out.
+    let orders: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("spike:{{{EVENT}}}:buyers"))
+        .query(&mut conn)
+        .unwrap();
+    let again = buy_many(&nodes, 30, 8, |i| Some(format!("frozen-{i}"))).await;
+    for (_, reply) in &again {
+        let body = reply.json();
+        let buyer = body["buyer"].as_str().map(str::to_owned);
+        match buyer.as_ref().and_then(|buyer| orders.get(buyer)) {
+            Some(order_id) => {
+                assert_eq!(reply.status, StatusCode::OK, "{body}");
+                assert_eq!(
+                    (&body["order_id"], &body["existing"]),
+                    (&serde_json::json!(order_id), &serde_json::json!(true))
+                );
+            }
+            None => assert_eq!(reply.status, StatusCode::CONFLICT, "{body}"),
+        }
+    }
+    assert_eq!(count_status(&again, StatusCode::OK), frozen_sold);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_holding_a_ticket_gets_it_from_a_node_with_nothing_left_to_sell() {
+    let Cluster {
+        redis,
+        dir: _dir,
+        nodes,
+    } = Cluster::start(RedisServer::start(), 3, 2, 2).await;
+    let buy = async |node: &Process, buyer: &str| {
+        let reply = Client::new()
+            .get(&node.url(&format!("/buy/ticket?user={buyer}")))
+            .await;
+        let body = reply.json();
+        (
+            reply.status.as_u16(),
+            body["order_id"].as_str().map(str::to_owned),
+            body["existing"].clone(),
+        )
+    };
+
+    let (status, alice, _) = buy(&nodes[0], "alice").await;
+    assert_eq!(status, 200);
+    assert_eq!(buy(&nodes[0], "bob").await.0, 200);
+    // The first node's share is gone, the sale is not: alice still gets
+    // her ticket there, a newcomer does not.
+    assert_eq!(
+        buy(&nodes[0], "alice").await,
+        (200, alice.clone(), true.into())
+    );
+    assert_eq!(buy(&nodes[0], "carol").await.0, 409);
+
+    // Sold out; once the second node has loaded the buyers, it answers
+    // them from memory, with Redis frozen.
+    assert_eq!(buy(&nodes[1], "dave").await.0, 200);
+    let loaded = "answered from memory";
+    spike_tests::wait_until(&format!("{loaded} in the node's log"), READY, || {
+        nodes[1].log().contains(loaded)
+    });
+    redis.pause();
+    assert_eq!(buy(&nodes[1], "alice").await, (200, alice, true.into()));
+    assert_eq!(buy(&nodes[1], "erin").await.0, 409);
+    redis.resume();
+    let truth = sale_in_redis(&mut redis.conn(), EVENT);
+    assert_eq!((truth.sold, truth.buyers), (3, 3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

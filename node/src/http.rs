@@ -36,6 +36,7 @@ pub struct Handler {
     /// hot path once a sale is over.
     sold_out: Bytes,
     unavailable: Bytes,
+    unknown: Bytes,
     no_sale: Bytes,
 }
 
@@ -77,6 +78,14 @@ impl Handler {
         Self {
             sold_out: failure("sold_out"),
             unavailable: failure("store_unavailable"),
+            unknown: json_bytes(&Failure {
+                error: "store_unavailable",
+                node: Some(sale.name()),
+                detail: Some(
+                    "redis did not answer the purchase, which may have been made: \
+                     ask again with the same buyer id to learn its outcome",
+                ),
+            }),
             no_sale: failure("no_sale"),
             sale,
         }
@@ -132,6 +141,7 @@ impl Handler {
             Purchase::Unavailable(why) => {
                 let body = match why {
                     Unavailable::Store => self.unavailable.clone(),
+                    Unavailable::Unknown => self.unknown.clone(),
                     Unavailable::NoSale => self.no_sale.clone(),
                 };
                 let mut reply = json(StatusCode::SERVICE_UNAVAILABLE, body);

@@ -2,10 +2,12 @@
 //! knows of the global stock, and the background task that keeps that
 //! knowledge fresh.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -22,15 +24,20 @@ pub enum Purchase {
         order_id: String,
     },
     SoldOut,
-    /// Redis failed or timed out, or holds no sale: nothing was granted and
-    /// the local unit was given back.
+    /// Redis failed or timed out, or holds no sale; the local unit was given
+    /// back.
     Unavailable(Unavailable),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
-    /// Redis did not answer, or has not answered yet since start-up.
+    /// Redis did not answer, or has not answered yet since start-up, before
+    /// anything was asked of it: nothing was granted.
     Store,
+    /// Redis did not answer the purchase itself: it may have run it, and
+    /// the buyer may hold a ticket. Asking again with the same buyer id
+    /// tells.
+    Unknown,
     /// Redis answers but holds no such sale.
     NoSale,
 }
@@ -67,6 +74,10 @@ pub struct Sale {
     /// the first look); a new one means the sale was started over, and the
     /// local stock is refilled.
     epoch: AtomicU64,
+    /// Once the sale is sold out, every buyer and their order: the set is
+    /// final then, and a buyer asking again is answered from memory, as
+    /// everyone else is. Cleared when the sale is started over.
+    buyers: ArcSwapOption<HashMap<String, String>>,
 }
 
 const UNKNOWN_EPOCH: u64 = u64::MAX;
@@ -129,6 +140,7 @@ impl Sale {
             redis: RedisHealth::default(),
             sold_out: AtomicBool::new(false),
             epoch: AtomicU64::new(UNKNOWN_EPOCH),
+            buyers: ArcSwapOption::empty(),
         }
     }
 
@@ -149,7 +161,14 @@ impl Sale {
     pub async fn buy(self: &Arc<Self>, buyer: Option<String>) -> Purchase {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if self.sold_out.load(Ordering::Relaxed) || self.stock.remaining() == 0 {
-            return self.record(Purchase::SoldOut);
+            // Nothing to sell here; a named buyer may hold a ticket already
+            // (bought through another node, or by a purchase whose answer
+            // was lost), and gets it.
+            let purchase = match &buyer {
+                Some(buyer) => self.held_by(buyer).await,
+                None => Purchase::SoldOut,
+            };
+            return self.record(purchase);
         }
         if !self.ready.load(Ordering::Relaxed) {
             return self.record(Purchase::Unavailable(Unavailable::Store));
@@ -167,6 +186,33 @@ impl Sale {
             Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
             // The runtime is shutting down.
             Err(_) => Purchase::Unavailable(Unavailable::Store),
+        }
+    }
+
+    /// The order `buyer` holds, when this node has nothing left to sell:
+    /// from memory once the sale is sold out and its buyers are loaded,
+    /// from Redis before (this node's share gone while others sell on).
+    async fn held_by(&self, buyer: &str) -> Purchase {
+        let held = |order: Option<&String>| match order {
+            Some(order_id) => Purchase::AlreadyBought {
+                order_id: order_id.clone(),
+            },
+            None => Purchase::SoldOut,
+        };
+        if self.sold_out.load(Ordering::Relaxed)
+            && let Some(buyers) = self.buyers.load().as_deref()
+        {
+            return held(buyers.get(buyer));
+        }
+        match self.store.order_of(buyer).await {
+            Ok(order) => {
+                self.redis.answered();
+                held(order.as_ref())
+            }
+            Err(err) => {
+                self.redis.failed(&err);
+                Purchase::Unavailable(Unavailable::Store)
+            }
         }
     }
 
@@ -194,7 +240,7 @@ impl Sale {
             }
             Err(err) => {
                 self.redis.failed(&err);
-                Purchase::Unavailable(Unavailable::Store)
+                Purchase::Unavailable(Unavailable::Unknown)
             }
         }
     }
@@ -208,6 +254,7 @@ impl Sale {
             Purchase::AlreadyBought { .. } => (&c.already_bought, "already_bought"),
             Purchase::SoldOut => (&c.sold_out, "sold_out"),
             Purchase::Unavailable(Unavailable::Store) => (&c.errors, "store_unavailable"),
+            Purchase::Unavailable(Unavailable::Unknown) => (&c.errors, "outcome_unknown"),
             Purchase::Unavailable(Unavailable::NoSale) => (&c.errors, "no_sale"),
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -287,6 +334,26 @@ impl Sale {
                 }
                 let sold_out = state.total.is_some_and(|total| state.sold >= total);
                 self.sold_out.store(sold_out, Ordering::Relaxed);
+                if !sold_out {
+                    self.buyers.store(None);
+                } else if self.buyers.load().is_none() {
+                    self.load_buyers().await;
+                }
+            }
+            Err(err) => self.redis.failed(&err),
+        }
+    }
+
+    /// Loads the buyers of a sold-out sale; until it succeeds (a later sync
+    /// tries again), a named buyer's order is looked up in Redis.
+    async fn load_buyers(&self) {
+        match self.store.buyers().await {
+            Ok(buyers) => {
+                tracing::info!(
+                    buyers = buyers.len(),
+                    "sold out; buyers asking again are answered from memory"
+                );
+                self.buyers.store(Some(Arc::new(buyers)));
             }
             Err(err) => self.redis.failed(&err),
         }

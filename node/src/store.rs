@@ -16,6 +16,7 @@
 //! loaded again whenever Redis answers NOSCRIPT (after a restart or a
 //! failover).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -149,6 +150,37 @@ impl Store {
             (0, _) => Ok(Outcome::SoldOut),
             (-1, _) => Ok(Outcome::NoSale),
             (code, _) => Err(StoreError::Reply(code)),
+        }
+    }
+
+    /// The order `buyer` holds, if any.
+    pub async fn order_of(&self, buyer: &str) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(conn.hget(&self.keys.buyers, buyer)).await
+    }
+
+    /// Every buyer and their order, read in batches (`HSCAN`) so that a large
+    /// sale does not hold Redis up; each batch is bounded by the timeout.
+    pub async fn buyers(&self) -> Result<HashMap<String, String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut buyers = HashMap::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<(String, String)>) = self
+                .bounded(
+                    redis::cmd("HSCAN")
+                        .arg(&self.keys.buyers)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            buyers.extend(batch);
+            if next == 0 {
+                return Ok(buyers);
+            }
+            cursor = next;
         }
     }
 
