@@ -306,8 +306,13 @@ async fn purchases_whose_outcome_is_unknown_never_oversell() {
     let answered = count_status(&after, StatusCode::OK);
     assert_eq!(1 + frozen_sold + answered, 100, "every ticket sold once");
 
-    // The sale is over; a frozen buyer asking again learns the outcome:
-    // their order if Redis made one, else sold out.
+    // The sale is over; once the node has loaded its buyers, a frozen buyer
+    // asking again learns the outcome: their order if Redis made one, else
+    // sold out.
+    let loaded = "answered from memory";
+    spike_tests::wait_until(&format!("{loaded} in the node's log"), READY, || {
+        nodes[0].log().contains(loaded)
+    });
     let orders: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("spike:{{{EVENT}}}:buyers"))
         .query(&mut conn)
@@ -331,7 +336,7 @@ async fn purchases_whose_outcome_is_unknown_never_oversell() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_buyer_holding_a_ticket_gets_it_from_a_node_with_nothing_left_to_sell() {
+async fn once_sold_out_a_buyer_holding_a_ticket_gets_it_from_any_node() {
     let Cluster {
         redis,
         dir: _dir,
@@ -352,16 +357,12 @@ async fn a_buyer_holding_a_ticket_gets_it_from_a_node_with_nothing_left_to_sell(
     let (status, alice, _) = buy(&nodes[0], "alice").await;
     assert_eq!(status, 200);
     assert_eq!(buy(&nodes[0], "bob").await.0, 200);
-    // The first node's share is gone, the sale is not: alice still gets
-    // her ticket there, a newcomer does not.
-    assert_eq!(
-        buy(&nodes[0], "alice").await,
-        (200, alice.clone(), true.into())
-    );
+    // The first node's share is gone, the sale is not: it answers from
+    // memory, without asking Redis.
     assert_eq!(buy(&nodes[0], "carol").await.0, 409);
 
-    // Sold out; once the second node has loaded the buyers, it answers
-    // them from memory, with Redis frozen.
+    // Sold out; once the second node, which never sold to alice, has
+    // loaded the buyers, it answers them from memory, with Redis frozen.
     assert_eq!(buy(&nodes[1], "dave").await.0, 200);
     let loaded = "answered from memory";
     spike_tests::wait_until(&format!("{loaded} in the node's log"), READY, || {
@@ -654,4 +655,64 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         (self.0 % n as u64) as usize
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_started_over_is_never_answered_from_the_last_one_s_buyers() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str, sync: &str| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "redis_url = \"{}\"\nevent = \"{EVENT}\"\ntotal_stock = 2\nlocal_stock = 2\n\
+             stat_log = \"\"\nredis_timeout = \"200ms\"\nsync_interval = \"{sync}\"\n",
+            redis.url(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let fast_config = config("fast.toml", "50ms");
+    let fast = start_node(&fast_config, "fast");
+    let slow = start_node(&config("slow.toml", "2s"), "slow");
+    wait_for_redis(&fast, "up").await;
+    wait_for_redis(&slow, "up").await;
+    let buy = async |node: &Process, buyer: &str| {
+        let reply = Client::new()
+            .get(&node.url(&format!("/buy/ticket?user={buyer}")))
+            .await;
+        let order = reply.json()["order_id"].as_str().map(str::to_owned);
+        (reply.status.as_u16(), order)
+    };
+    let loads = |node: &Process| node.log().matches("answered from memory").count();
+
+    assert_eq!(buy(&fast, "alice").await.0, 200);
+    assert_eq!(buy(&fast, "bob").await.0, 200);
+    spike_tests::wait_until("the slow node loads the buyers", READY, || {
+        loads(&slow) == 1
+    });
+
+    // Started over, and sold out again, between two syncs of the slow node.
+    let (status, _, stderr) = spike_tests::process::run(
+        "node",
+        &[
+            "reset",
+            "--config",
+            fast_config.to_str().unwrap(),
+            "--total",
+            "2",
+        ],
+    );
+    assert!(status.success(), "{stderr}");
+    spike_tests::wait_until("the fast node sees the new sale", READY, || {
+        fast.log().contains("started over")
+    });
+    let (status, carol) = buy(&fast, "carol").await;
+    assert_eq!(status, 200);
+    assert_eq!(buy(&fast, "dave").await.0, 200);
+
+    spike_tests::wait_until("the slow node loads the new buyers", READY, || {
+        loads(&slow) == 2
+    });
+    assert_eq!(buy(&slow, "carol").await, (200, carol));
+    assert_eq!(buy(&slow, "alice").await.0, 409);
 }

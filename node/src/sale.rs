@@ -76,8 +76,17 @@ pub struct Sale {
     epoch: AtomicU64,
     /// Once the sale is sold out, every buyer and their order: the set is
     /// final then, and a buyer asking again is answered from memory, as
-    /// everyone else is. Cleared when the sale is started over.
-    buyers: ArcSwapOption<HashMap<String, String>>,
+    /// everyone else is. Kept with the epoch it belongs to: once the node
+    /// has seen the sale started over, it no longer answers from the last
+    /// one's buyers.
+    buyers: ArcSwapOption<Buyers>,
+}
+
+/// The buyers of a sold-out sale, by buyer id, with their order ids.
+#[derive(Debug)]
+struct Buyers {
+    epoch: u64,
+    orders: HashMap<String, String>,
 }
 
 const UNKNOWN_EPOCH: u64 = u64::MAX;
@@ -161,11 +170,12 @@ impl Sale {
     pub async fn buy(self: &Arc<Self>, buyer: Option<String>) -> Purchase {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if self.sold_out.load(Ordering::Relaxed) || self.stock.remaining() == 0 {
-            // Nothing to sell here; a named buyer may hold a ticket already
-            // (bought through another node, or by a purchase whose answer
-            // was lost), and gets it.
-            let purchase = match &buyer {
-                Some(buyer) => self.held_by(buyer).await,
+            // Nothing to sell here, and nothing asked of Redis; a named buyer
+            // who holds a ticket (bought through another node, or by a
+            // purchase whose answer was lost) gets it once the sale's buyers
+            // are known.
+            let purchase = match buyer.as_deref().and_then(|buyer| self.held_by(buyer)) {
+                Some(order_id) => Purchase::AlreadyBought { order_id },
                 None => Purchase::SoldOut,
             };
             return self.record(purchase);
@@ -189,31 +199,14 @@ impl Sale {
         }
     }
 
-    /// The order `buyer` holds, when this node has nothing left to sell:
-    /// from memory once the sale is sold out and its buyers are loaded,
-    /// from Redis before (this node's share gone while others sell on).
-    async fn held_by(&self, buyer: &str) -> Purchase {
-        let held = |order: Option<&String>| match order {
-            Some(order_id) => Purchase::AlreadyBought {
-                order_id: order_id.clone(),
-            },
-            None => Purchase::SoldOut,
-        };
-        if self.sold_out.load(Ordering::Relaxed)
-            && let Some(buyers) = self.buyers.load().as_deref()
-        {
-            return held(buyers.get(buyer));
-        }
-        match self.store.order_of(buyer).await {
-            Ok(order) => {
-                self.redis.answered();
-                held(order.as_ref())
-            }
-            Err(err) => {
-                self.redis.failed(&err);
-                Purchase::Unavailable(Unavailable::Store)
-            }
-        }
+    /// The order `buyer` holds, from the buyers of the sale as loaded once
+    /// it sold out (`None` before).
+    fn held_by(&self, buyer: &str) -> Option<String> {
+        let buyers = self.buyers.load();
+        let buyers = buyers.as_deref()?;
+        (buyers.epoch == self.epoch.load(Ordering::Relaxed))
+            .then(|| buyers.orders.get(buyer).cloned())
+            .flatten()
     }
 
     async fn sell(&self, buyer: Option<&str>) -> Purchase {
@@ -334,27 +327,39 @@ impl Sale {
                 }
                 let sold_out = state.total.is_some_and(|total| state.sold >= total);
                 self.sold_out.store(sold_out, Ordering::Relaxed);
+                let loaded = self
+                    .buyers
+                    .load()
+                    .as_deref()
+                    .is_some_and(|buyers| buyers.epoch == state.epoch);
                 if !sold_out {
                     self.buyers.store(None);
-                } else if self.buyers.load().is_none() {
-                    self.load_buyers().await;
+                } else if !loaded {
+                    self.load_buyers(state.epoch).await;
                 }
             }
             Err(err) => self.redis.failed(&err),
         }
     }
 
-    /// Loads the buyers of a sold-out sale; until it succeeds (a later sync
-    /// tries again), a named buyer's order is looked up in Redis.
-    async fn load_buyers(&self) {
-        match self.store.buyers().await {
-            Ok(buyers) => {
+    /// Loads the buyers of the sold-out sale of `epoch`, and keeps them only
+    /// if the sale was not started over meanwhile; until then (a later sync
+    /// tries again), buyers asking again are answered "sold out".
+    async fn load_buyers(&self, epoch: u64) {
+        let loaded = async {
+            let orders = self.store.buyers().await?;
+            let state = self.store.state().await?;
+            Ok::<_, StoreError>((state.epoch == epoch).then_some(orders))
+        };
+        match loaded.await {
+            Ok(Some(orders)) => {
                 tracing::info!(
-                    buyers = buyers.len(),
+                    buyers = orders.len(),
                     "sold out; buyers asking again are answered from memory"
                 );
-                self.buyers.store(Some(Arc::new(buyers)));
+                self.buyers.store(Some(Arc::new(Buyers { epoch, orders })));
             }
+            Ok(None) => {}
             Err(err) => self.redis.failed(&err),
         }
     }

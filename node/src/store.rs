@@ -153,12 +153,6 @@ impl Store {
         }
     }
 
-    /// The order `buyer` holds, if any.
-    pub async fn order_of(&self, buyer: &str) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.clone();
-        self.bounded(conn.hget(&self.keys.buyers, buyer)).await
-    }
-
     /// Every buyer and their order, read in batches (`HSCAN`) so that a large
     /// sale does not hold Redis up; each batch is bounded by the timeout.
     pub async fn buyers(&self) -> Result<HashMap<String, String>, StoreError> {
