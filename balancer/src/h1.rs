@@ -131,7 +131,7 @@ impl Upstream {
             let mut write = std::pin::pin!(stream.write_all(&self.write));
             std::future::poll_fn(|cx| match write.as_mut().poll(cx) {
                 Poll::Ready(result) => Poll::Ready(result),
-                Poll::Pending if patience.poll_expired(cx) => {
+                Poll::Pending if patience.poll_expired(false, cx) => {
                     Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
                 }
                 Poll::Pending => Poll::Pending,
@@ -173,12 +173,10 @@ impl Upstream {
             if let Poll::Ready(head) = poll_read_head(&mut self.stream, &mut self.read, cx) {
                 return Poll::Ready(head);
             }
-            if sending
+            let on_client = sending
                 .as_ref()
-                .is_some_and(|sender| sender.waiting_on_client)
-            {
-                self.patience.reset();
-            } else if self.patience.poll_expired(cx) {
+                .is_some_and(|sender| sender.waiting_on_client);
+            if self.patience.poll_expired(on_client, cx) {
                 return Poll::Ready(Err(ExchangeError::TimedOut));
             }
             Poll::Pending
@@ -235,9 +233,14 @@ struct Patience {
 }
 
 impl Patience {
-    /// The exchange waits on the upstream: whether it has waited `limit`
-    /// since this wait began (registering to be woken when it has).
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+    /// The exchange has to wait: whether it has waited on the upstream for
+    /// `limit` since this wait began (registering to be woken when it has).
+    /// A wait on the client's request body does not count.
+    fn poll_expired(&mut self, on_client: bool, cx: &mut Context<'_>) -> bool {
+        if on_client {
+            self.reset();
+            return false;
+        }
         if !self.waiting {
             self.waiting = true;
             let deadline = Instant::now() + self.limit;
@@ -869,13 +872,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ResponseBody<B> {
                 return this.fail(ExchangeError::Closed);
             };
             let Poll::Ready(filled) = upstream.poll_fill(cx) else {
-                if this
-                    .sending
-                    .as_ref()
-                    .is_some_and(|sender| sender.waiting_on_client)
-                {
-                    upstream.patience.reset();
-                } else if upstream.patience.poll_expired(cx) {
+                let on_client =
+                    (this.sending.as_ref()).is_some_and(|sender| sender.waiting_on_client);
+                if upstream.patience.poll_expired(on_client, cx) {
                     return this.fail(ExchangeError::TimedOut);
                 }
                 return Poll::Pending;
