@@ -120,6 +120,25 @@ async fn buy_many(
     workers.join_all().await.into_iter().flatten().collect()
 }
 
+/// One purchase by `buyer` at `node`: the status, the order id and whether
+/// the buyer held it already.
+async fn buy(node: &Process, buyer: &str) -> (u16, Option<String>, serde_json::Value) {
+    let reply = Client::new()
+        .get(&node.url(&format!("/buy/ticket?user={buyer}")))
+        .await;
+    let body = reply.json();
+    (
+        reply.status.as_u16(),
+        body["order_id"].as_str().map(str::to_owned),
+        body["existing"].clone(),
+    )
+}
+
+/// How often `node` has loaded the buyers of a sold-out sale.
+fn buyer_loads(node: &Process) -> usize {
+    node.log().matches("answered from memory").count()
+}
+
 /// The distinct order ids of 200 replies.
 fn order_ids<'a>(replies: impl IntoIterator<Item = &'a (usize, Reply)>) -> HashSet<String> {
     replies
@@ -309,9 +328,8 @@ async fn purchases_whose_outcome_is_unknown_never_oversell() {
     // The sale is over; once the node has loaded its buyers, a frozen buyer
     // asking again learns the outcome: their order if Redis made one, else
     // sold out.
-    let loaded = "answered from memory";
-    spike_tests::wait_until(&format!("{loaded} in the node's log"), READY, || {
-        nodes[0].log().contains(loaded)
+    spike_tests::wait_until("the node loads the buyers", READY, || {
+        buyer_loads(&nodes[0]) == 1
     });
     let orders: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("spike:{{{EVENT}}}:buyers"))
@@ -342,18 +360,6 @@ async fn once_sold_out_a_buyer_holding_a_ticket_gets_it_from_any_node() {
         dir: _dir,
         nodes,
     } = Cluster::start(RedisServer::start(), 3, 2, 2).await;
-    let buy = async |node: &Process, buyer: &str| {
-        let reply = Client::new()
-            .get(&node.url(&format!("/buy/ticket?user={buyer}")))
-            .await;
-        let body = reply.json();
-        (
-            reply.status.as_u16(),
-            body["order_id"].as_str().map(str::to_owned),
-            body["existing"].clone(),
-        )
-    };
-
     let (status, alice, _) = buy(&nodes[0], "alice").await;
     assert_eq!(status, 200);
     assert_eq!(buy(&nodes[0], "bob").await.0, 200);
@@ -364,9 +370,8 @@ async fn once_sold_out_a_buyer_holding_a_ticket_gets_it_from_any_node() {
     // Sold out; once the second node, which never sold to alice, has
     // loaded the buyers, it answers them from memory, with Redis frozen.
     assert_eq!(buy(&nodes[1], "dave").await.0, 200);
-    let loaded = "answered from memory";
-    spike_tests::wait_until(&format!("{loaded} in the node's log"), READY, || {
-        nodes[1].log().contains(loaded)
+    spike_tests::wait_until("the node loads the buyers", READY, || {
+        buyer_loads(&nodes[1]) == 1
     });
     redis.pause();
     assert_eq!(buy(&nodes[1], "alice").await, (200, alice, true.into()));
@@ -676,19 +681,11 @@ async fn a_sale_started_over_is_never_answered_from_the_last_one_s_buyers() {
     let slow = start_node(&config("slow.toml", "2s"), "slow");
     wait_for_redis(&fast, "up").await;
     wait_for_redis(&slow, "up").await;
-    let buy = async |node: &Process, buyer: &str| {
-        let reply = Client::new()
-            .get(&node.url(&format!("/buy/ticket?user={buyer}")))
-            .await;
-        let order = reply.json()["order_id"].as_str().map(str::to_owned);
-        (reply.status.as_u16(), order)
-    };
-    let loads = |node: &Process| node.log().matches("answered from memory").count();
 
     assert_eq!(buy(&fast, "alice").await.0, 200);
     assert_eq!(buy(&fast, "bob").await.0, 200);
     spike_tests::wait_until("the slow node loads the buyers", READY, || {
-        loads(&slow) == 1
+        buyer_loads(&slow) == 1
     });
 
     // Started over, and sold out again, between two syncs of the slow node.
@@ -706,13 +703,13 @@ async fn a_sale_started_over_is_never_answered_from_the_last_one_s_buyers() {
     spike_tests::wait_until("the fast node sees the new sale", READY, || {
         fast.log().contains("started over")
     });
-    let (status, carol) = buy(&fast, "carol").await;
+    let (status, carol, _) = buy(&fast, "carol").await;
     assert_eq!(status, 200);
     assert_eq!(buy(&fast, "dave").await.0, 200);
 
     spike_tests::wait_until("the slow node loads the new buyers", READY, || {
-        loads(&slow) == 2
+        buyer_loads(&slow) == 2
     });
-    assert_eq!(buy(&slow, "carol").await, (200, carol));
+    assert_eq!(buy(&slow, "carol").await, (200, carol, true.into()));
     assert_eq!(buy(&slow, "alice").await.0, 409);
 }

@@ -1037,12 +1037,14 @@ mod tests {
         Ok(String::from_utf8(data).unwrap())
     }
 
-    fn get(path: &str) -> Request<Frames> {
-        Request::get(path)
-            .header("host", "backend")
-            .header("x-test", "1")
-            .body(Frames::new(&[], false))
-            .unwrap()
+    fn get(path: &str) -> Box<Request<Frames>> {
+        Box::new(
+            Request::get(path)
+                .header("host", "backend")
+                .header("x-test", "1")
+                .body(Frames::new(&[], false))
+                .unwrap(),
+        )
     }
 
     #[tokio::test]
@@ -1055,7 +1057,7 @@ mod tests {
         .await;
         let mut response = connect(addr)
             .await
-            .send(Box::new(get("/buy?user=7")), PATIENT)
+            .send(get("/buy?user=7"), PATIENT)
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -1142,21 +1144,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_without_framing_ends_with_the_connection_and_a_cut_one_fails() {
         let (addr, _upstream) = scripted("HTTP/1.1 200 OK\r\n\r\nall of it", 0, true).await;
-        let mut response = connect(addr)
-            .await
-            .send(Box::new(get("/")), PATIENT)
-            .await
-            .unwrap();
+        let mut response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
         assert_eq!(read_all(response.body_mut()).await.unwrap(), "all of it");
         assert!(response.body_mut().into_reusable().is_none());
 
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 0, true).await;
-        let mut response = connect(addr)
-            .await
-            .send(Box::new(get("/")), PATIENT)
-            .await
-            .unwrap();
+        let mut response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
         assert!(matches!(
             read_all(response.body_mut()).await,
             Err(ExchangeError::Closed)
@@ -1168,22 +1162,14 @@ mod tests {
     async fn a_connection_the_upstream_closed_is_not_open() {
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, true).await;
-        let mut response = connect(addr)
-            .await
-            .send(Box::new(get("/")), PATIENT)
-            .await
-            .unwrap();
+        let mut response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
         let mut upstream = response.body_mut().into_reusable().unwrap();
         upstream.stream.readable().await.unwrap();
         assert!(!upstream.is_open());
 
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, false).await;
-        let mut response = connect(addr)
-            .await
-            .send(Box::new(get("/")), PATIENT)
-            .await
-            .unwrap();
+        let mut response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
         let mut upstream = response.body_mut().into_reusable().unwrap();
         assert!(upstream.is_open());
     }
@@ -1194,7 +1180,7 @@ mod tests {
         // Reads the request and never answers.
         let (addr, _upstream) = scripted("", 0, false).await;
         let started = std::time::Instant::now();
-        let sent = connect(addr).await.send(Box::new(get("/")), limit).await;
+        let sent = connect(addr).await.send(get("/"), limit).await;
         assert!(matches!(
             sent,
             Err(SendError::Failed(ExchangeError::TimedOut))
@@ -1204,11 +1190,7 @@ mod tests {
         // Answers part of its body, then nothing more.
         let (addr, _upstream) =
             scripted("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc", 0, false).await;
-        let mut response = connect(addr)
-            .await
-            .send(Box::new(get("/")), limit)
-            .await
-            .unwrap();
+        let mut response = connect(addr).await.send(get("/"), limit).await.unwrap();
         let body = response.body_mut();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "abc");
@@ -1354,11 +1336,7 @@ mod tests {
             false,
         )
         .await;
-        let response = connect(addr)
-            .await
-            .send(Box::new(get("/")), PATIENT)
-            .await
-            .unwrap();
+        let response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
         let reason = response.extensions().get::<ReasonPhrase>().unwrap();
         assert_eq!(reason.as_bytes(), b"Sold Out");
         let (addr, _upstream) = scripted(
@@ -1367,11 +1345,7 @@ mod tests {
             false,
         )
         .await;
-        let response = connect(addr)
-            .await
-            .send(Box::new(get("/")), PATIENT)
-            .await
-            .unwrap();
+        let response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
         assert!(response.extensions().get::<ReasonPhrase>().is_none());
     }
 
