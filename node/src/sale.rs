@@ -203,10 +203,9 @@ impl Sale {
     /// it sold out (`None` before).
     fn held_by(&self, buyer: &str) -> Option<String> {
         let buyers = self.buyers.load();
-        let buyers = buyers.as_deref()?;
-        (buyers.epoch == self.epoch.load(Ordering::Relaxed))
-            .then(|| buyers.orders.get(buyer).cloned())
-            .flatten()
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let buyers = buyers.as_deref().filter(|buyers| buyers.epoch == epoch)?;
+        buyers.orders.get(buyer).cloned()
     }
 
     async fn sell(&self, buyer: Option<&str>) -> Purchase {
