@@ -10,22 +10,18 @@
 //!
 //! A change answers with the upstream's `/stats` entry.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Body;
+use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
+use spike_http1::reply::{self, Failure, ReplyBody};
+use spike_http1::server::{ConnectionCounts, Handler, RequestBody};
 
-use spike_config::server::ConnectionCounts;
-
-use crate::balance::Peer;
 use crate::health::now_ms;
 use crate::reload::{ChangeError, ConfigStatus, Control};
+use crate::table::Peer;
 
 /// The largest request body the admin reads (a weight change is a few
 /// bytes).
@@ -41,12 +37,14 @@ pub struct Admin {
 
 /// `/stats`.
 #[derive(Debug, Serialize)]
-pub struct Stats {
+pub struct BalancerStats {
     pub config: ConfigStatus,
     /// Attempts on another upstream after a request could not be sent.
     pub retries: u64,
     pub client_connections: ClientConnections,
-    pub upstreams: Vec<UpstreamStats>,
+    /// Requests sent to a resting upstream because none was available.
+    pub picks_despite_rest: u64,
+    pub upstreams: Vec<UpstreamReport>,
 }
 
 /// The proxy listener's client connections in `/stats`.
@@ -59,7 +57,7 @@ pub struct ClientConnections {
 
 /// One upstream in `/stats`, in the order of the routing table.
 #[derive(Debug, Serialize)]
-pub struct UpstreamStats {
+pub struct UpstreamReport {
     pub addr: SocketAddr,
     /// The weight in force.
     pub weight: u32,
@@ -68,8 +66,12 @@ pub struct UpstreamStats {
     pub file_weight: u32,
     pub overridden: bool,
     pub backup: bool,
-    /// `up`, `ramping`, `down` or `unknown`, from the active checks.
+    /// `up`, `ramping`, `down` or `unknown`, from the active checks, or
+    /// `resting` after failures of live traffic.
     pub state: &'static str,
+    /// While it rests, the seconds until a request may try it again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rest_seconds_left: Option<f64>,
     /// Whether the round-robin may pick it now (up and not resting after
     /// failures of live traffic).
     pub healthy: bool,
@@ -103,30 +105,25 @@ impl Admin {
         }
     }
 
-    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
-    where
-        B: Body,
-        B::Error: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let path = req.uri().path().to_owned();
-        let reply = match (req.method(), path.as_str()) {
+        match (req.method(), path.as_str()) {
             (&Method::GET | &Method::HEAD, "/stats") => json(StatusCode::OK, &self.stats()),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
-            (_, "/stats" | "/metrics") => method_not_allowed("GET, HEAD"),
+            (_, "/stats" | "/metrics") => reply::method_not_allowed("GET, HEAD"),
             (_, path) if path.starts_with("/upstreams/") => self.change(req).await,
-            _ => error(StatusCode::NOT_FOUND, "not_found", None),
-        };
-        Ok(reply)
+            _ => Failure::new(StatusCode::NOT_FOUND, "not_found").reply(),
+        }
     }
 
-    fn metrics(&self) -> Response<Full<Bytes>> {
+    fn metrics(&self) -> Response<ReplyBody> {
         let router = self.control.router();
         for peer in &router.table().peers {
-            peer.upstream.refresh_metrics();
+            peer.refresh_metrics();
         }
         let metrics = router.registry().metrics();
         metrics.set_client_connections(&self.connections);
-        reply(
+        reply::typed(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode().into(),
@@ -134,108 +131,119 @@ impl Admin {
     }
 
     /// `/upstreams/IP:PORT/ACTION`.
-    async fn change<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
-    where
-        B: Body,
-        B::Error: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    async fn change(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let path = req.uri().path().trim_start_matches("/upstreams/");
         let Some((addr, action)) = path.rsplit_once('/') else {
-            return error(StatusCode::NOT_FOUND, "not_found", None);
+            return Failure::new(StatusCode::NOT_FOUND, "not_found").reply();
         };
         let Ok(addr) = addr.parse::<SocketAddr>() else {
-            return error(StatusCode::BAD_REQUEST, "bad_address", Some(addr));
+            return Failure::new(StatusCode::BAD_REQUEST, "bad_address")
+                .detail(addr)
+                .reply();
         };
         let (method, action) = (req.method().clone(), action.to_owned());
         let result = match (method, action.as_str()) {
-            (Method::PUT, "weight") => match read_json::<WeightChange, B>(req).await {
+            (Method::PUT, "weight") => match read_json::<WeightChange>(req).await {
                 Ok(change) => self.control.set_weight(addr, change.weight),
-                Err(detail) => return error(StatusCode::BAD_REQUEST, "bad_body", Some(&detail)),
+                Err(detail) => {
+                    return Failure::new(StatusCode::BAD_REQUEST, "bad_body")
+                        .detail(&detail)
+                        .reply();
+                }
             },
             (Method::POST, "drain") => self.control.drain(addr),
             (Method::POST, "restore") => self.control.restore(addr),
-            (_, "weight") => return method_not_allowed("PUT"),
-            (_, "drain" | "restore") => return method_not_allowed("POST"),
-            _ => return error(StatusCode::NOT_FOUND, "not_found", None),
+            (_, "weight") => return reply::method_not_allowed("PUT"),
+            (_, "drain" | "restore") => return reply::method_not_allowed("POST"),
+            _ => return Failure::new(StatusCode::NOT_FOUND, "not_found").reply(),
         };
         match result {
             Ok(()) => {
                 tracing::info!(upstream = %addr, action, "runtime change");
                 let table = self.control.router().table();
                 match table.peer(addr) {
-                    Some(peer) => json(StatusCode::OK, &self.upstream_stats(peer, now_ms())),
-                    None => error(StatusCode::NOT_FOUND, "unknown_upstream", None),
+                    Some(peer) => json(StatusCode::OK, &self.upstream_report(peer, now_ms())),
+                    None => Failure::new(StatusCode::NOT_FOUND, "unknown_upstream").reply(),
                 }
             }
-            Err(err @ ChangeError::UnknownUpstream(_)) => error(
-                StatusCode::NOT_FOUND,
-                "unknown_upstream",
-                Some(&err.to_string()),
-            ),
-            Err(err @ ChangeError::BadWeight(_)) => error(
-                StatusCode::BAD_REQUEST,
-                "bad_weight",
-                Some(&err.to_string()),
-            ),
+            Err(err) => {
+                let (status, code) = match err {
+                    ChangeError::UnknownUpstream(_) => (StatusCode::NOT_FOUND, "unknown_upstream"),
+                    ChangeError::BadWeight(_) => (StatusCode::BAD_REQUEST, "bad_weight"),
+                };
+                Failure::new(status, code).detail(&err.to_string()).reply()
+            }
         }
     }
 
-    pub fn stats(&self) -> Stats {
+    pub fn stats(&self) -> BalancerStats {
         let router = self.control.router();
         let table = router.table();
         let now = now_ms();
-        Stats {
+        let metrics = router.registry().metrics();
+        BalancerStats {
             config: self.control.status(),
-            retries: router.registry().metrics().retries.get(),
+            retries: metrics.retries.get(),
             client_connections: ClientConnections {
                 open: self.connections.open(),
                 parked: self.connections.parked(),
             },
+            picks_despite_rest: metrics.picks_despite_rest.get(),
             upstreams: table
                 .peers
                 .iter()
-                .map(|peer| self.upstream_stats(peer, now))
+                .map(|peer| self.upstream_report(peer, now))
                 .collect(),
         }
     }
 
-    fn upstream_stats(&self, peer: &Peer, now: u64) -> UpstreamStats {
+    fn upstream_report(&self, peer: &Peer, now: u64) -> UpstreamReport {
         let upstream = &peer.upstream;
-        let (stats, health) = (&upstream.stats, &upstream.health);
-        let settings = upstream.health_settings();
+        let (counters, health) = (&upstream.counters, &upstream.health);
+        let settings = &peer.health;
         let checks = health.checks();
         let (file_weight, overridden) = self
             .control
             .file_weight(upstream.addr())
             .unwrap_or((peer.weight, false));
-        UpstreamStats {
+        UpstreamReport {
             addr: upstream.addr(),
             weight: peer.weight,
             file_weight,
             overridden,
             backup: peer.backup,
-            state: upstream.state_name(&settings, now),
-            healthy: health.available(&settings, now),
+            state: health.state_name(settings, now),
+            rest_seconds_left: health
+                .rest_left(settings, now)
+                .filter(|_| health.state_name(settings, now) == "resting")
+                .map(|left| left as f64 / 1e3),
+            healthy: health.available(settings, now),
             check_successes: checks.successes,
             check_failures: checks.failures,
             last_error: checks.last_error,
             seconds_since_state_change: now.saturating_sub(checks.changed_at) as f64 / 1e3,
             passive_fails: health.passive_fails(),
-            requests: stats.requests.get(),
-            failures: stats.failures.get(),
-            failovers: stats.failovers_total(),
-            in_flight: stats.in_flight.get(),
+            requests: counters.requests.get(),
+            failures: counters.failures.get(),
+            failovers: counters.failovers_total(),
+            in_flight: counters.in_flight.get(),
             idle_connections: upstream.pool.idle_count(),
         }
     }
 }
 
+impl Handler for Admin {
+    type Body = ReplyBody;
+
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ReplyBody>> + Send {
+        self.handle(req)
+    }
+}
+
 /// Reads a small JSON body.
-async fn read_json<T, B>(req: Request<B>) -> Result<T, String>
+async fn read_json<T>(req: Request<RequestBody>) -> Result<T, String>
 where
     T: for<'de> Deserialize<'de>,
-    B: Body,
-    B::Error: std::fmt::Display + Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
@@ -245,32 +253,6 @@ where
     serde_json::from_slice(&body).map_err(|err| format!("expected {{\"weight\": N}}: {err}"))
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
-    let mut body = serde_json::to_vec(value).expect("admin replies serialize");
-    body.push(b'\n');
-    reply(status, "application/json", body.into())
-}
-
-fn error(status: StatusCode, code: &str, detail: Option<&str>) -> Response<Full<Bytes>> {
-    json(
-        status,
-        &serde_json::json!({ "error": code, "detail": detail }),
-    )
-}
-
-fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
-    let mut reply = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None);
-    reply
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    reply
-}
-
-fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut reply = Response::new(Full::new(body));
-    *reply.status_mut() = status;
-    reply
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    reply
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<ReplyBody> {
+    reply::json(status, reply::json_bytes(value))
 }

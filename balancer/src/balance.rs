@@ -18,102 +18,95 @@
 //! upstreams are picked only when no other can be (nginx's `backup`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use spike_config::BalancerConfig;
-use spike_config::balancer::{ProxySettings, RateLimitSettings, UpstreamConfig};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 
+use crate::check::Checker;
 use crate::health::{State, now_ms};
-use crate::limit::RateLimit;
-use crate::pool::PoolSettings;
-use crate::upstream::{InFlight, Registry, Upstream};
-
-/// An upstream as one routing table sees it.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub upstream: Arc<Upstream>,
-    /// The configured weight; 0 takes the peer out of rotation.
-    pub weight: u32,
-    pub backup: bool,
-}
-
-/// One immutable routing table: the peers in file order, and how requests
-/// routed by it are admitted and sent.
-#[derive(Debug)]
-pub struct Table {
-    pub peers: Vec<Peer>,
-    pub proxy: ProxySettings,
-    /// The per-client rate limit, if on; kept by a new table with the same
-    /// settings, so that a reload does not refill every bucket.
-    pub rate_limit: Option<Arc<RateLimit>>,
-}
-
-impl Table {
-    /// The peer of the upstream at `addr`.
-    pub fn peer(&self, addr: SocketAddr) -> Option<&Peer> {
-        self.peers.iter().find(|peer| peer.upstream.addr() == addr)
-    }
-
-    /// Whether `other` routes to the same upstreams with the same weights.
-    fn same_weights(&self, other: &Table) -> bool {
-        self.peers.len() == other.peers.len()
-            && self.peers.iter().zip(&other.peers).all(|(a, b)| {
-                a.upstream.addr() == b.upstream.addr()
-                    && a.weight == b.weight
-                    && a.backup == b.backup
-            })
-    }
-}
+use crate::registry::Registry;
+use crate::table::{Peer, Routing, Table};
+use crate::upstream::InFlight;
 
 /// The current routing table and the state of the smooth round-robin.
 #[derive(Debug)]
 pub struct Router {
-    table: ArcSwap<Table>,
+    /// The table in force; the checkers read their upstreams' settings from
+    /// it too.
+    table: Arc<ArcSwap<Table>>,
     /// Serialises picks and table changes. The state it guards is the
     /// `current_weight` and `effective_weight` of the upstreams, which live
     /// in the upstreams themselves so that they outlast any one table, and
     /// which table is current. Held for one loop over the peers, never
-    /// across an `.await`.
+    /// across an `.await`. A panic while it is held leaves the weights as
+    /// they were at that moment, a state the next pick corrects: the lock
+    /// does not poison, and no later request pays for that one.
     pick_lock: Mutex<()>,
     registry: Registry,
+    /// Starts the active checks of each new upstream; none in unit tests.
+    checker: Option<Checker>,
 }
 
 impl Router {
     /// A router over the upstreams of the configuration the balancer starts
-    /// with, all taken to be up until their checks say otherwise.
-    pub fn new(routing: Routing<'_>, registry: Registry) -> Self {
-        let table = build_table(routing, None, &registry, |_| State::Up);
-        Self {
-            table: ArcSwap::from_pointee(table),
+    /// with, all taken to be up until their checks say otherwise; their
+    /// checks run until `checks` is cancelled (none if `None`).
+    pub fn new(
+        routing: Routing<'_>,
+        registry: Registry,
+        checks: Option<CancellationToken>,
+    ) -> Self {
+        let (table, new) = Table::build(routing, None, &registry, |_| State::Up);
+        let table = Arc::new(ArcSwap::from_pointee(table));
+        let checker = checks.map(|shutdown| Checker::new(Arc::clone(&table), shutdown));
+        let router = Self {
+            table,
             pick_lock: Mutex::new(()),
             registry,
-        }
+            checker,
+        };
+        router.watch(&new);
+        router
     }
 
-    /// Makes a table of `upstreams` current, from the next pick on.
-    /// Upstreams it keeps keep their state; a new one starts unknown (it
-    /// serves once its checks pass), or up if its checks are off. If the
-    /// weights changed, the round-robin starts over, so that every window
-    /// of the new weights' sum holds each upstream exactly its weight from
-    /// the first pick; otherwise it goes on where it was.
+    /// Makes a table of `routing` current, from the next pick on: one store
+    /// makes every setting of it current at once. Upstreams it keeps keep
+    /// their state; a new one starts unknown (it serves once its checks
+    /// pass), or up if its checks are off. If the weights changed, the
+    /// round-robin starts over, so that every window of the new weights'
+    /// sum holds each upstream exactly its weight from the first pick;
+    /// otherwise it goes on where it was.
     pub fn install(&self, routing: Routing<'_>) {
         let current = self.table.load_full();
-        let table = build_table(routing, Some(&current), &self.registry, |config| {
+        let (table, new) = Table::build(routing, Some(&current), &self.registry, |config| {
             if config.health.enabled {
                 State::Unknown
             } else {
                 State::Up
             }
         });
-        let _picking = self.pick_lock.lock().expect("pick lock");
-        if !table.same_weights(&self.table.load()) {
-            for peer in &table.peers {
-                peer.upstream.current_weight.store(0, Ordering::Relaxed);
+        {
+            let _picking = self.pick_lock.lock();
+            if !table.same_weights(&self.table.load()) {
+                for peer in &table.peers {
+                    peer.upstream.current_weight.store(0, Ordering::Relaxed);
+                }
+            }
+            self.table.store(Arc::new(table));
+        }
+        self.watch(&new);
+    }
+
+    /// Starts the checks of new upstreams.
+    fn watch(&self, new: &[Arc<crate::upstream::Upstream>]) {
+        if let Some(checker) = &self.checker {
+            for upstream in new {
+                checker.watch(upstream);
             }
         }
-        self.table.store(Arc::new(table));
     }
 
     /// The current routing table.
@@ -133,80 +126,42 @@ impl Router {
     /// The next upstream of the smooth round-robin among those that may
     /// take requests and are not in `tried`: a primary if any can, else a
     /// backup, with the request counted in flight there (under the lock,
-    /// so that `max_requests_per_upstream` holds across threads). `None`
+    /// so that `max_requests_per_upstream` holds across threads). When
+    /// none can because every one that is up is resting after failures of
+    /// live traffic, those are picked all the same (as Envoy's panic
+    /// threshold keeps balancing): the balancer does not refuse every
+    /// request on the strength of failures that may have passed. `None`
     /// when none can.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<(Peer, InFlight)> {
         let now = now_ms();
-        let _picking = self.pick_lock.lock().expect("pick lock");
+        let _picking = self.pick_lock.lock();
         // Loaded under the lock: a pick never mixes the state of one table
         // with the weights of another.
         let table = self.table.load();
         let busy = table.proxy.max_requests_per_upstream;
-        let peer = pick(&table.peers, false, tried, busy, now)
-            .or_else(|| pick(&table.peers, true, tried, busy, now))?;
-        let upstream = &peer.upstream;
-        upstream.health.picked(|| upstream.health_settings(), now);
-        Some((peer.clone(), upstream.start_request()))
-    }
-}
-
-/// What a routing table is built from: a configuration's upstreams,
-/// `[proxy]` and `[rate_limit]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Routing<'a> {
-    pub upstreams: &'a [UpstreamConfig],
-    pub proxy: &'a ProxySettings,
-    pub rate_limit: &'a RateLimitSettings,
-}
-
-impl<'a> From<&'a BalancerConfig> for Routing<'a> {
-    fn from(config: &'a BalancerConfig) -> Self {
-        Self {
-            upstreams: &config.upstreams,
-            proxy: &config.proxy,
-            rate_limit: &config.rate_limit,
-        }
-    }
-}
-
-fn build_table(
-    routing: Routing<'_>,
-    current: Option<&Table>,
-    registry: &Registry,
-    initial: impl Fn(&UpstreamConfig) -> State,
-) -> Table {
-    let pool = PoolSettings::from(routing.proxy);
-    let rate_limit = match current.and_then(|table| table.rate_limit.as_ref()) {
-        Some(limit) if limit.settings() == routing.rate_limit => Some(Arc::clone(limit)),
-        _ => RateLimit::new(routing.rate_limit).map(Arc::new),
-    };
-    let peers = routing
-        .upstreams
-        .iter()
-        .map(|config| {
-            let upstream = registry.get_or_create(config, pool, initial(config));
-            registry.metrics().set_weight(config.addr, config.weight);
-            upstream.refresh_metrics();
-            Peer {
-                upstream,
-                weight: config.weight,
-                backup: config.backup,
+        let pick =
+            |backup, despite_rest| pick(&table.peers, backup, despite_rest, tried, busy, now);
+        let peer = match pick(false, false).or_else(|| pick(true, false)) {
+            Some(peer) => peer,
+            None => {
+                let peer = pick(false, true).or_else(|| pick(true, true))?;
+                self.registry.metrics().picks_despite_rest.inc();
+                peer
             }
-        })
-        .collect();
-    Table {
-        peers,
-        proxy: routing.proxy.clone(),
-        rate_limit,
+        };
+        peer.upstream.health.picked(&peer.health, now);
+        Some((peer.clone(), peer.upstream.start_request()))
     }
 }
 
 /// nginx's pick, over the peers of the kind `backup` that may take the
-/// request at `now`, are not in `tried` and have fewer than `busy` requests
-/// in flight (if `busy` is not 0). Must run under the pick lock.
+/// request at `now` (resting ones too if `despite_rest`), are not in
+/// `tried` and have fewer than `busy` requests in flight (if `busy` is not
+/// 0). Must run under the pick lock.
 fn pick<'a>(
     peers: &'a [Peer],
     backup: bool,
+    despite_rest: bool,
     tried: &[SocketAddr],
     busy: u32,
     now: u64,
@@ -217,15 +172,14 @@ fn pick<'a>(
         peer.backup == backup
             && peer.weight > 0
             && !tried.contains(&peer.upstream.addr())
-            && (busy == 0 || peer.upstream.stats.in_flight.get() < i64::from(busy))
+            && (busy == 0 || peer.upstream.counters.in_flight.get() < i64::from(busy))
     });
     for peer in candidates {
         let upstream = &peer.upstream;
         // Down, resting, or ramping up after coming back.
-        let Some(weight) =
-            upstream
-                .health
-                .weight_now(peer.weight, || upstream.health_settings(), now)
+        let Some(weight) = upstream
+            .health
+            .weight_now(peer.weight, &peer.health, now, despite_rest)
         else {
             continue;
         };
@@ -262,9 +216,11 @@ fn pick<'a>(
 mod tests {
     use std::collections::HashMap;
 
+    use spike_config::balancer::{ProxySettings, RateLimitSettings, UpstreamConfig};
     use spike_config::health::HealthSettings;
 
     use super::*;
+    use crate::error::UpstreamFailure;
     use crate::metrics::Metrics;
 
     fn upstreams(weights: &[u32]) -> Vec<UpstreamConfig> {
@@ -295,8 +251,8 @@ mod tests {
     }
 
     fn router(weights: &[u32]) -> Router {
-        let registry = Registry::new(Arc::new(Metrics::new()), None);
-        Router::new(routing(&upstreams(weights)), registry)
+        let registry = Registry::new(Arc::new(Metrics::new()));
+        Router::new(routing(&upstreams(weights)), registry, None)
     }
 
     /// The letter of each pick: `a` for the first upstream, `b` for the next...
@@ -388,11 +344,11 @@ mod tests {
     fn kept_upstreams_keep_their_state_and_new_ones_wait_for_their_checks() {
         let router = router(&[1, 1]);
         let first = Arc::clone(&router.table().peers[0].upstream);
-        first.stats.requests.inc();
+        first.counters.requests.inc();
         router.install(routing(&upstreams(&[1, 1, 1])));
         let table = router.table();
         assert!(Arc::ptr_eq(&first, &table.peers[0].upstream));
-        assert_eq!(table.peers[0].upstream.stats.requests.get(), 1);
+        assert_eq!(table.peers[0].upstream.counters.requests.get(), 1);
         assert_eq!(table.peers[2].upstream.health.state(), State::Unknown);
         // Until it passes its checks, the new upstream gets nothing.
         assert_eq!(picks(&router, 6), "ababab");
@@ -400,7 +356,7 @@ mod tests {
 
     #[test]
     fn a_busy_upstream_is_skipped() {
-        let registry = Registry::new(Arc::new(Metrics::new()), None);
+        let registry = Registry::new(Arc::new(Metrics::new()));
         let proxy = ProxySettings {
             max_requests_per_upstream: 2,
             ..ProxySettings::default()
@@ -414,9 +370,58 @@ mod tests {
                 rate_limit: &rate,
             },
             registry,
+            None,
         );
         let first = Arc::clone(&router.table().peers[0].upstream);
         let _in_flight = [first.start_request(), first.start_request()];
         assert_eq!(picks(&router, 4), "bbbb");
+    }
+
+    #[test]
+    fn a_panic_under_the_pick_lock_does_not_poison_later_picks() {
+        let router = Arc::new(router(&[1, 1]));
+        let panicked = std::thread::spawn({
+            let router = Arc::clone(&router);
+            move || {
+                let _picking = router.pick_lock.lock();
+                panic!("a pick that panics");
+            }
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(picks(&router, 4), "abab");
+        router.install(routing(&upstreams(&[2, 1])));
+        assert_eq!(picks(&router, 3), "aba");
+    }
+
+    #[test]
+    fn when_every_upstream_rests_they_are_picked_all_the_same() {
+        let router = router(&[1, 3]);
+        let table = router.table();
+        for peer in &table.peers {
+            for _ in 0..peer.health.max_fails {
+                peer.failed(UpstreamFailure::Error);
+            }
+        }
+        assert!(
+            table
+                .peers
+                .iter()
+                .all(|peer| peer.upstream.health.state_name(&peer.health, now_ms()) == "resting")
+        );
+        // By their weights, as ever, once nginx's gradual recovery from the
+        // failures has brought the effective weights back.
+        let sequence = picks(&router, 40);
+        assert_eq!(sequence[8..].matches('b').count(), 24, "{sequence}");
+        assert_eq!(router.registry().metrics().picks_despite_rest.get(), 40);
+        // One that is down by its checks is not picked.
+        let down = HealthSettings::default();
+        for _ in 0..down.fall {
+            table.peers[1]
+                .upstream
+                .health
+                .record_probe(Err("down".to_owned()), &down, now_ms());
+        }
+        assert_eq!(picks(&router, 3), "aaa");
     }
 }

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use spike_config::logging::{self, RequestLog};
-use spike_config::server;
 use spike_config::{BalancerConfig, Source};
+use spike_http1::task;
 use tokio::net::TcpListener;
 
 use crate::{Balancer, workers};
 
-/// An HTTP/1 reverse proxy that spreads requests over weighted upstreams
+/// An HTTP/1.1 reverse proxy that spreads requests over weighted upstreams
 /// with nginx's smooth weighted round-robin.
 #[derive(Debug, Parser)]
 #[command(name = "balancer", version)]
@@ -62,7 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // checks and the watch on the file.
     let runtime = workers::runtime().context("cannot start the runtime")?;
     runtime.block_on(async {
-        let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
+        let shutdown = task::shutdown_on_signal().context("cannot handle signals")?;
         let upstreams = config.upstreams.len();
         let balancer = Arc::new(
             Balancer::new(&source, config, shutdown)
@@ -74,7 +74,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(upstreams, %listen, admin = %admin_addr, workers = count, "balancing");
 
         let mut proxies = proxies.into_iter();
-        let first = TcpListener::from_std(proxies.next().expect("one listener per worker"))?;
+        let first = proxies.next().context("no listener for the first worker")?;
+        let first = TcpListener::from_std(first)?;
         let others = proxies
             .enumerate()
             .map(|(i, listener)| {

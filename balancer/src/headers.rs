@@ -4,8 +4,9 @@
 //! must not forward them (RFC 9110, section 7.6.1): `Connection` and every
 //! header it names, plus `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
 //! `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization` and
-//! `Proxy-Authenticate`. hyper frames each message itself, so dropping
-//! `Transfer-Encoding` loses nothing. They are removed in both directions.
+//! `Proxy-Authenticate`. Each message is framed anew on its way out
+//! (`spike_http1::encode`), so dropping `Transfer-Encoding` loses nothing.
+//! They are removed in both directions.
 //!
 //! A proxy adds itself to `Via` (RFC 9110, section 7.6.3), and the client's
 //! address to `X-Forwarded-For`, with `X-Forwarded-Proto` and
@@ -17,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
+use spike_http1::framing::connection_options;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -50,7 +52,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if named_by_connection {
-        for token in connection_tokens(headers) {
+        for token in connection_options(headers) {
             // The usual tokens name no header of their own (`close`) or one
             // removed anyway (`keep-alive`).
             if token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close") {
@@ -65,15 +67,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in present {
         headers.remove(name);
     }
-}
-
-/// The options of every `Connection` header, trimmed.
-pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    headers.get_all(header::CONNECTION).iter().flat_map(|list| {
-        list.as_bytes()
-            .split(|&b| b == b',')
-            .map(<[u8]>::trim_ascii)
-    })
 }
 
 /// Appends this proxy, named `spike`, to `Via`, as received over `version`.
@@ -95,8 +88,9 @@ pub struct ClientAddr {
 
 impl ClientAddr {
     pub fn new(addr: SocketAddr) -> Self {
+        // An IP address is always a valid header value.
         let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
-            .expect("an IP address is a valid header value");
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
             addr,
             forwarded_for,
@@ -169,8 +163,10 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientAddr) {
         chain.extend_from_slice(b", ");
     }
     chain.extend_from_slice(client.forwarded_for.as_bytes());
-    let value = HeaderValue::from_bytes(&chain).expect("joined header values are a valid value");
-    headers.insert(X_FORWARDED_FOR, value);
+    // Valid values joined by a comma make a valid value.
+    if let Ok(value) = HeaderValue::from_bytes(&chain) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
 }
 
 #[cfg(test)]

@@ -1,16 +1,21 @@
-//! Whether an upstream may take requests: active checks, passive checks and
-//! slow start.
+//! Whether an upstream may take requests: the rules of active checks,
+//! passive checks and slow start. The probes themselves run in
+//! [`crate::check`]; nothing here does I/O or keeps time of its own.
 //!
 //! - Active checks (HAProxy's): a task per upstream probes `GET path` every
 //!   `interval`. An up upstream goes down after `fall` failed probes in a
 //!   row; a down one comes back up after `rise` good ones. A probe fails on a
 //!   connect error, a timeout, or a status outside 2xx.
 //! - Passive checks (nginx's `max_fails`, `fail_timeout`): a failure of live
-//!   traffic (connect error, timeout, 5xx) lowers the upstream's effective
-//!   weight by `weight / max_fails`, and `max_fails` of them with no success
-//!   in between make the round-robin skip the upstream for `fail_timeout`.
-//!   One request is let through after that; a success clears the count
-//!   (`ngx_http_upstream_free_round_robin_peer`).
+//!   traffic (what `fail_on` names; by default a connection error or a
+//!   timeout) lowers the upstream's effective weight by `weight /
+//!   max_fails`, and `max_fails` of them with no success in between make the
+//!   round-robin skip the upstream for `fail_timeout`: it rests. One request
+//!   is let through after that; a success clears the count
+//!   (`ngx_http_upstream_free_round_robin_peer`). An upstream that passes
+//!   `rise` probes in a row after its last failure is back at once (a node
+//!   restarted in a hurry need not wait out its rest), ramping up if slow
+//!   start is on.
 //! - Slow start: an upstream that comes back up ramps its weight linearly
 //!   over `slow_start`, as `weight * elapsed / slow_start` in integers,
 //!   never below 1, so even weight 1 gets requests while ramping.
@@ -20,22 +25,13 @@
 //! the rules are plain functions of their inputs, and the request path reads
 //! atomics only.
 
-use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use bytes::Bytes;
-use http::header::{HOST, USER_AGENT};
-use http::{HeaderValue, Request};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use serde::Serialize;
 use spike_config::health::HealthSettings;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-
-use crate::upstream::Upstream;
 
 /// Milliseconds since the process's first look at the clock, on tokio's
 /// clock (which tests can pause).
@@ -87,6 +83,8 @@ pub struct Health {
     fails: AtomicU32,
     checked: AtomicU64,
     accessed: AtomicU64,
+    /// Good probes in a row since the last failure of live traffic.
+    probes_since_failure: AtomicU32,
     /// What `/stats` shows of the active checks; written by the checker
     /// only, locked for a few instructions.
     checks: Mutex<CheckRecord>,
@@ -103,11 +101,14 @@ pub struct CheckRecord {
     pub changed_at: u64,
 }
 
-/// A state change decided by a probe.
+/// A change decided by a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     WentUp,
     WentDown,
+    /// Up all along, but resting or weighed down by failures of live
+    /// traffic: `rise` good probes since the last one forgive them.
+    Recovered,
 }
 
 impl Health {
@@ -118,6 +119,7 @@ impl Health {
             fails: AtomicU32::new(0),
             checked: AtomicU64::new(0),
             accessed: AtomicU64::new(0),
+            probes_since_failure: AtomicU32::new(0),
             checks: Mutex::new(CheckRecord {
                 changed_at: now,
                 ..CheckRecord::default()
@@ -130,7 +132,7 @@ impl Health {
     }
 
     pub fn checks(&self) -> CheckRecord {
-        self.checks.lock().expect("check record lock").clone()
+        self.checks.lock().clone()
     }
 
     /// Whether the round-robin may pick this upstream at `now`: it is up,
@@ -140,34 +142,55 @@ impl Health {
     }
 
     fn resting(&self, settings: &HealthSettings, now: u64) -> bool {
-        settings.max_fails > 0
-            && self.fails.load(Ordering::Relaxed) >= settings.max_fails
-            && now.saturating_sub(self.checked.load(Ordering::Relaxed))
-                <= millis(settings.fail_timeout)
+        self.rest_left(settings, now).is_some()
+    }
+
+    /// Milliseconds left of the rest after `max_fails` passive failures at
+    /// `now`, if the upstream rests (counted from the last failure, or from
+    /// the last trial request).
+    pub fn rest_left(&self, settings: &HealthSettings, now: u64) -> Option<u64> {
+        if settings.max_fails == 0 || self.fails.load(Ordering::Relaxed) < settings.max_fails {
+            return None;
+        }
+        let ends = self.checked.load(Ordering::Relaxed) + millis(settings.fail_timeout);
+        (now <= ends).then(|| ends - now)
+    }
+
+    /// `up`, `ramping` (slow start under way), `resting` (after failures of
+    /// live traffic), `down` or `unknown` at `now`.
+    pub fn state_name(&self, settings: &HealthSettings, now: u64) -> &'static str {
+        match self.state() {
+            State::Up if self.resting(settings, now) => "resting",
+            State::Up if self.ramping(settings, now) => "ramping",
+            State::Up => "up",
+            State::Down => "down",
+            State::Unknown => "unknown",
+        }
     }
 
     /// The picked upstream's rest, if over, starts its one trial request
     /// (nginx: `checked = now` when a peer is chosen after `fail_timeout`).
-    /// Without failures there is no rest, and the settings are not read.
-    pub fn picked(&self, settings: impl FnOnce() -> Arc<HealthSettings>, now: u64) {
+    pub fn picked(&self, settings: &HealthSettings, now: u64) {
         if self.fails.load(Ordering::Relaxed) == 0 {
             return;
         }
         let checked = self.checked.load(Ordering::Relaxed);
-        if now.saturating_sub(checked) > millis(settings().fail_timeout) {
+        if now.saturating_sub(checked) > millis(settings.fail_timeout) {
             self.checked.store(now, Ordering::Relaxed);
         }
     }
 
     /// The weight the round-robin gives this upstream at `now`: `None` if it
-    /// may not be picked; `weight`, or less while it ramps up after coming
-    /// back. The common case, an upstream up, not ramping, with no recent
-    /// failure, reads three atomics and not the settings.
+    /// may not be picked (not up, or resting unless `despite_rest`);
+    /// `weight`, or less while it ramps up after coming back. The common
+    /// case, an upstream up, not ramping, with no recent failure, reads
+    /// three atomics and not the settings.
     pub fn weight_now(
         &self,
         weight: u32,
-        settings: impl FnOnce() -> Arc<HealthSettings>,
+        settings: &HealthSettings,
         now: u64,
+        despite_rest: bool,
     ) -> Option<u32> {
         if self.state() != State::Up {
             return None;
@@ -175,11 +198,10 @@ impl Health {
         if self.fails.load(Ordering::Relaxed) == 0 && self.up_since.load(Ordering::Relaxed) == 0 {
             return Some(weight);
         }
-        let settings = settings();
-        if self.resting(&settings, now) {
+        if !despite_rest && self.resting(settings, now) {
             return None;
         }
-        Some(self.ramped_weight(weight, &settings, now))
+        Some(self.ramped_weight(weight, settings, now))
     }
 
     /// `weight`, or less while ramping up after coming back.
@@ -218,6 +240,7 @@ impl Health {
             return false;
         }
         let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        self.probes_since_failure.store(0, Ordering::Relaxed);
         self.accessed.store(now, Ordering::Relaxed);
         self.checked.store(now, Ordering::Relaxed);
         fails == settings.max_fails
@@ -236,26 +259,38 @@ impl Health {
         self.fails.load(Ordering::Relaxed)
     }
 
-    /// Records a probe's result at `now`; returns the state change it
-    /// caused, if any.
+    /// Records a probe's result at `now`; returns the change it caused, if
+    /// any.
     pub fn record_probe(
         &self,
         result: Result<(), String>,
         settings: &HealthSettings,
         now: u64,
     ) -> Option<Transition> {
-        let mut checks = self.checks.lock().expect("check record lock");
+        let mut checks = self.checks.lock();
         let state = self.state();
         let next = match result {
             Ok(()) => {
                 checks.successes += 1;
                 checks.failures = 0;
+                let since_failure = self.probes_since_failure.fetch_add(1, Ordering::Relaxed) + 1;
+                if state == State::Up
+                    && since_failure >= settings.rise
+                    && self.fails.load(Ordering::Relaxed) > 0
+                {
+                    // Its failures are forgiven, its rest over; it ramps up
+                    // as an upstream coming back does.
+                    self.fails.store(0, Ordering::Relaxed);
+                    self.up_since.store(now.max(1), Ordering::Relaxed);
+                    return Some(Transition::Recovered);
+                }
                 (state != State::Up && checks.successes >= settings.rise).then_some(State::Up)
             }
             Err(error) => {
                 checks.failures += 1;
                 checks.successes = 0;
                 checks.last_error = Some(error);
+                self.probes_since_failure.store(0, Ordering::Relaxed);
                 (state != State::Down && checks.failures >= settings.fall).then_some(State::Down)
             }
         }?;
@@ -278,7 +313,7 @@ impl Health {
     pub fn assume_up(&self, now: u64) {
         if self.state() != State::Up {
             self.state.store(State::Up.as_u8(), Ordering::Relaxed);
-            self.checks.lock().expect("check record lock").changed_at = now;
+            self.checks.lock().changed_at = now;
         }
     }
 }
@@ -287,112 +322,11 @@ fn millis(duration: std::time::Duration) -> u64 {
     duration.as_millis() as u64
 }
 
-/// Probes `upstream` every interval until it is dropped or `shutdown`.
-/// Holds the upstream only weakly between probes, so it does not keep a
-/// removed upstream alive.
-pub async fn check_loop(upstream: Weak<Upstream>, shutdown: CancellationToken) {
-    loop {
-        let Some(current) = upstream.upgrade() else {
-            return;
-        };
-        let settings = current.health_settings();
-        if settings.enabled {
-            let result = probe(current.addr(), &settings).await;
-            if let Some(transition) = current.health.record_probe(result, &settings, now_ms()) {
-                log_transition(&current, transition);
-            }
-        } else {
-            current.health.assume_up(now_ms());
-        }
-        current.refresh_metrics();
-        let interval = settings.interval;
-        drop((current, settings));
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-fn log_transition(upstream: &Upstream, transition: Transition) {
-    match transition {
-        Transition::WentUp => tracing::info!(upstream = %upstream.addr(), "upstream is up"),
-        Transition::WentDown => tracing::warn!(
-            upstream = %upstream.addr(),
-            error = upstream.health.checks().last_error.as_deref().unwrap_or("-"),
-            "upstream is down"
-        ),
-    }
-}
-
-/// One active check: `GET path` on a new connection, within the timeout.
-pub async fn probe(addr: SocketAddr, settings: &HealthSettings) -> Result<(), String> {
-    let attempt = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|err| format!("connect: {err}"))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .map_err(|err| format!("handshake: {err}"))?;
-        let request = Request::get(settings.path.as_str())
-            .header(
-                HOST,
-                HeaderValue::try_from(addr.to_string()).expect("an address is a valid Host"),
-            )
-            .header(USER_AGENT, "spike-balancer health check")
-            .body(Empty::new())
-            .expect("a GET with a valid path");
-        let mut connection = std::pin::pin!(connection);
-        let response = tokio::select! {
-            response = sender.send_request(request) => response.map_err(|err| format!("request: {err}"))?,
-            ended = &mut connection => {
-                return Err(match ended {
-                    Ok(()) => "the connection closed".to_owned(),
-                    Err(err) => format!("connection: {err}"),
-                });
-            }
-        };
-        let status = response.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("status {}", status.as_u16()))
-        }
-    };
-    match tokio::time::timeout(settings.timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("timed out after {:?}", settings.timeout)),
-    }
-}
-
-/// Spawns the checker of each new upstream; owned by the registry.
-#[derive(Debug, Clone)]
-pub struct Checker {
-    shutdown: CancellationToken,
-}
-
-impl Checker {
-    pub fn new(shutdown: CancellationToken) -> Self {
-        Self { shutdown }
-    }
-
-    pub fn watch(&self, upstream: &Arc<Upstream>) {
-        tokio::spawn(check_loop(Arc::downgrade(upstream), self.shutdown.clone()));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use spike_config::balancer::{ProxySettings, UpstreamConfig};
-
-    use crate::metrics::Metrics;
-    use crate::pool::PoolSettings;
-    use crate::upstream::Registry;
 
     fn settings() -> HealthSettings {
         HealthSettings {
@@ -450,7 +384,7 @@ mod tests {
         assert!(!health.available(&s, 11_500));
         // The rest is over: a trial request may go.
         assert!(health.available(&s, 11_501));
-        health.picked(|| Arc::new(settings()), 11_501);
+        health.picked(&s, 11_501);
         // While the trial is out, the upstream rests again.
         assert!(!health.available(&s, 11_502));
         // The trial succeeded: the failures are forgiven.
@@ -464,7 +398,7 @@ mod tests {
         let (health, s) = (Health::new(State::Up, 0), settings());
         health.passive_failure(&s, 0);
         health.passive_failure(&s, 0);
-        health.picked(|| Arc::new(settings()), 10_001);
+        health.picked(&s, 10_001);
         health.passive_failure(&s, 10_002);
         assert!(!health.available(&s, 15_000));
         health.passive_success();
@@ -498,86 +432,58 @@ mod tests {
 
     #[test]
     fn weight_now_skips_what_may_not_be_picked() {
-        let s = Arc::new(settings());
+        let s = settings();
         let health = Health::new(State::Up, 0);
-        assert_eq!(health.weight_now(3, || Arc::clone(&s), 5), Some(3));
+        assert_eq!(health.weight_now(3, &s, 5, false), Some(3));
         health.passive_failure(&s, 10);
         health.passive_failure(&s, 10);
-        assert_eq!(health.weight_now(3, || Arc::clone(&s), 20), None);
-        assert_eq!(
-            Health::new(State::Down, 0).weight_now(3, || Arc::clone(&s), 5),
-            None
-        );
-        assert_eq!(
-            Health::new(State::Unknown, 0).weight_now(3, || Arc::clone(&s), 5),
-            None
-        );
-    }
-
-    /// A server that answers every request with 200.
-    async fn serve_ok(listener: tokio::net::TcpListener) {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+        assert_eq!(health.weight_now(3, &s, 20, false), None);
+        assert_eq!(health.state_name(&s, 20), "resting");
+        assert_eq!(health.rest_left(&s, 20), Some(9_990));
+        // When no other upstream can take a request, a resting one may.
+        assert_eq!(health.weight_now(3, &s, 20, true), Some(3));
+        for state in [State::Down, State::Unknown] {
+            assert_eq!(Health::new(state, 0).weight_now(3, &s, 5, true), None);
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_checker_probes_on_its_interval_down_after_fall_up_after_rise() {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let shutdown = CancellationToken::new();
-        let registry = Registry::new(
-            Arc::new(Metrics::new()),
-            Some(Checker::new(shutdown.clone())),
-        );
-        let config = UpstreamConfig {
-            addr,
-            weight: 1,
-            backup: false,
-            health: HealthSettings {
-                interval: Duration::from_secs(1),
-                rise: 2,
-                fall: 3,
-                ..HealthSettings::default()
-            },
+    #[test]
+    fn rise_good_probes_after_the_last_failure_end_a_rest_at_once() {
+        let s = HealthSettings {
+            slow_start: Duration::ZERO,
+            ..settings()
         };
-        let pool = PoolSettings::from(&ProxySettings::default());
-        let upstream = registry.get_or_create(&config, pool, State::Up);
-
-        // Probes at 0s, 1s and 2s find nothing listening.
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        assert_eq!(upstream.health.state(), State::Up);
-        assert_eq!(upstream.health.checks().failures, 2);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(upstream.health.state(), State::Down);
-        assert!(
-            upstream
-                .health
-                .checks()
-                .last_error
-                .unwrap()
-                .starts_with("connect")
+        let health = Health::new(State::Up, 0);
+        // A good probe before the failures counts for nothing after them.
+        health.record_probe(Ok(()), &s, 500);
+        health.passive_failure(&s, 1_000);
+        health.passive_failure(&s, 1_000);
+        assert_eq!(health.state_name(&s, 1_001), "resting");
+        assert_eq!(health.record_probe(Ok(()), &s, 2_000), None);
+        assert!(!health.available(&s, 2_001), "one probe is not rise");
+        assert_eq!(
+            health.record_probe(Ok(()), &s, 3_000),
+            Some(Transition::Recovered)
         );
+        assert!(health.available(&s, 3_001), "long before fail_timeout");
+        assert_eq!(health.passive_fails(), 0);
+        // A failed probe in between starts the count over.
+        health.passive_failure(&s, 4_000);
+        health.passive_failure(&s, 4_000);
+        health.record_probe(Ok(()), &s, 5_000);
+        health.record_probe(Err("status 500".to_owned()), &s, 6_000);
+        assert_eq!(health.record_probe(Ok(()), &s, 7_000), None);
+        assert!(!health.available(&s, 7_001));
+    }
 
-        // A server appears; probes at 3s and 4s bring the upstream back.
-        let server = tokio::spawn(serve_ok(tokio::net::TcpListener::bind(addr).await.unwrap()));
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(upstream.health.state(), State::Down);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(upstream.health.state(), State::Up);
-        assert_eq!(upstream.health.checks().successes, 2);
-
-        shutdown.cancel();
-        server.abort();
+    #[test]
+    fn an_upstream_back_from_a_rest_ramps_up_when_slow_start_is_on() {
+        let (health, s) = (Health::new(State::Up, 0), settings());
+        health.passive_failure(&s, 0);
+        health.passive_failure(&s, 0);
+        health.record_probe(Ok(()), &s, 1_000);
+        health.record_probe(Ok(()), &s, 2_000);
+        assert_eq!(health.state_name(&s, 2_001), "ramping");
+        assert_eq!(health.weight_now(4, &s, 7_000, false), Some(2));
     }
 }

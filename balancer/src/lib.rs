@@ -1,47 +1,54 @@
-//! The spike load balancer: an HTTP/1 reverse proxy that spreads requests
+//! The spike load balancer: an HTTP/1.1 reverse proxy that spreads requests
 //! over weighted upstreams with nginx's smooth weighted round-robin.
 //!
-//! [`balance`] picks the upstream, [`proxy`] forwards the request to it
-//! over a connection from the upstream's [`pool`] ([`h1`] speaks HTTP/1.1
-//! to it, [`headers`] rewrites what a proxy must, [`body`] streams the
-//! bodies, [`error`] maps failures to replies), [`upstream`] keeps each upstream's state and [`metrics`] its
-//! series, [`health`] decides who may take requests, [`reload`] applies
-//! changes to the configuration while it runs, and [`admin`] serves
-//! `/stats`, `/metrics` and runtime changes on a listener of its own.
-//! [`Balancer`] ties them together.
+//! A proxied request, in the order it runs: the server of `spike-http1`
+//! reads and checks it and hands it to [`proxy`], which applies the rate
+//! limit ([`limit`]), rewrites its headers ([`headers`]), asks [`balance`]
+//! for an upstream from the routing [`table`] in force, checks a
+//! connection out of that upstream's [`pool`], speaks HTTP/1.1 to it
+//! (`spike_http1::client`), and streams the response back; a failure is
+//! mapped to its reply in [`error`]. What the balancer knows of each
+//! [`upstream`] outlives any one table ([`registry`]): its [`health`],
+//! probed by [`check`], and its counters, exported by [`metrics`].
+//! [`reload`] applies changes to the configuration while it runs, and
+//! [`admin`] serves `/stats`, `/metrics` and runtime changes on a listener
+//! of its own. [`Balancer`] ties them together; [`workers`] runs a thread
+//! per core.
 
 pub mod admin;
 pub mod balance;
-pub mod body;
+pub mod check;
 pub mod cli;
 pub mod error;
-pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod limit;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod registry;
 pub mod reload;
+pub mod table;
 pub mod upstream;
 pub mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use spike_config::server::{Rejections, Server};
 use spike_config::{BalancerConfig, Source};
+use spike_http1::server::{Rejections, Server};
+use spike_http1::task;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::balance::{Router, Routing};
+use crate::balance::Router;
 use crate::headers::ClientAddr;
-use crate::health::Checker;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyHandler};
+use crate::registry::Registry;
 use crate::reload::{Control, Triggers};
+use crate::table::Routing;
 
 /// A balancer ready to serve: its routing table, health checks and watch
 /// on its configuration are set up. Shared by the worker threads, each of
@@ -66,14 +73,17 @@ impl Balancer {
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let triggers = Triggers::new(source.path())?;
-        let checker = Checker::new(shutdown.clone());
         let metrics = Arc::new(Metrics::new());
         let rejections = Arc::new(Rejections::with_hook({
             let metrics = Arc::clone(&metrics);
             move |reason| metrics.rejected(reason)
         }));
-        let registry = upstream::Registry::new(Arc::clone(&metrics), Some(checker));
-        let router = Arc::new(Router::new(Routing::from(&config), registry));
+        let registry = Registry::new(Arc::clone(&metrics));
+        let router = Arc::new(Router::new(
+            Routing::from(&config),
+            registry,
+            Some(shutdown.clone()),
+        ));
         let proxy_server = Server::new(
             config.server.clone(),
             Arc::clone(&rejections),
@@ -91,12 +101,26 @@ impl Balancer {
             config,
             source.text().to_owned(),
         ));
-        tokio::spawn(reload::watch(
-            Arc::clone(&control),
-            triggers,
-            shutdown.clone(),
-        ));
-        tokio::spawn(tidy(Arc::clone(&router), shutdown));
+        let mut first = Some(triggers);
+        let path = source.path().to_owned();
+        task::supervise("configuration watch", shutdown.clone(), {
+            let (control, shutdown) = (Arc::clone(&control), shutdown.clone());
+            move || {
+                let (control, shutdown) = (Arc::clone(&control), shutdown.clone());
+                // Watched anew if the task is started again.
+                let triggers = first.take().map_or_else(|| Triggers::new(&path), Ok);
+                async move {
+                    match triggers {
+                        Ok(triggers) => reload::watch(control, triggers, shutdown).await,
+                        Err(err) => tracing::error!(error = %err, "cannot watch the configuration"),
+                    }
+                }
+            }
+        });
+        task::supervise("tidy", shutdown.clone(), {
+            let (router, shutdown) = (Arc::clone(&router), shutdown);
+            move || tidy(Arc::clone(&router), shutdown.clone())
+        });
         Ok(Self {
             proxy: Arc::new(Proxy::new(router, rejections, access_log)),
             admin: Arc::new(Admin::new(control, Arc::clone(proxy_server.connections()))),
@@ -110,10 +134,9 @@ impl Balancer {
     pub async fn serve_proxy(&self, listener: TcpListener) {
         let proxy = Arc::clone(&self.proxy);
         self.proxy_server
-            .serve(listener, move |client| {
-                let proxy = Arc::clone(&proxy);
-                let client = Arc::new(ClientAddr::new(client));
-                service_fn(move |req| Arc::clone(&proxy).handle(req, Arc::clone(&client)))
+            .serve(listener, move |client| ProxyHandler {
+                proxy: Arc::clone(&proxy),
+                client: ClientAddr::new(client),
             })
             .await;
     }
@@ -123,13 +146,7 @@ impl Balancer {
     pub async fn serve_admin(&self, listener: TcpListener) {
         let admin = Arc::clone(&self.admin);
         self.admin_server
-            .serve(listener, move |_| {
-                let admin = Arc::clone(&admin);
-                service_fn(move |req| {
-                    let admin = Arc::clone(&admin);
-                    async move { admin.handle(req).await }
-                })
-            })
+            .serve(listener, move |_| Arc::clone(&admin))
             .await;
     }
 }
@@ -139,14 +156,14 @@ impl Balancer {
 /// gone quiet.
 async fn tidy(router: Arc<Router>, shutdown: CancellationToken) {
     loop {
-        let idle_timeout = router.table().proxy.idle_timeout;
+        let idle_timeout = router.current().pool.idle_timeout;
         tokio::select! {
             _ = tokio::time::sleep((idle_timeout / 2).max(Duration::from_millis(100))) => {}
             _ = shutdown.cancelled() => return,
         }
         let table = router.table();
         for peer in &table.peers {
-            peer.upstream.pool.evict_expired();
+            peer.upstream.pool.evict_expired(table.pool.idle_timeout);
         }
         if let Some(limit) = &table.rate_limit {
             limit.forget_idle();

@@ -1,8 +1,8 @@
 //! The Prometheus registry behind the admin listener's `/metrics`.
 //!
 //! Per-upstream metrics are families labelled by `upstream` (its address).
-//! Each [`crate::upstream::Upstream`] holds handles to its own series, so the
-//! request path updates them without looking anything up.
+//! Each upstream holds handles to its own series ([`UpstreamCounters`]),
+//! so the request path updates them without looking anything up.
 
 use std::net::SocketAddr;
 
@@ -13,10 +13,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use spike_config::server::{ConnectionCounts, Rejection};
+use spike_http1::server::{ConnectionCounts, Rejection};
 
-use crate::health::CheckRecord;
-use crate::upstream::{FailoverReason, UpstreamStats};
+use crate::error::FailoverReason;
 
 /// The label set of per-upstream series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,7 +32,39 @@ pub struct UpstreamKindLabel {
 }
 
 /// The states an upstream's `upstream_state` series enumerate.
-pub const STATES: [&str; 4] = ["up", "ramping", "down", "unknown"];
+pub const STATES: [&str; 5] = ["up", "ramping", "resting", "down", "unknown"];
+
+/// The counters of one upstream, shared with the Prometheus registry: each
+/// handle here is the very series `/metrics` shows.
+#[derive(Debug)]
+pub struct UpstreamCounters {
+    pub requests: Counter,
+    /// Failures of live traffic: connection errors, timeouts, broken
+    /// exchanges, and the statuses `fail_on` names.
+    pub failures: Counter,
+    pub in_flight: Gauge,
+    /// Seconds from routing a request here to the end of its response.
+    pub duration: Histogram,
+    /// Requests that could not be sent here and went to another upstream,
+    /// by [`FailoverReason`].
+    pub failovers: [Counter; 3],
+}
+
+impl UpstreamCounters {
+    pub fn failovers_total(&self) -> u64 {
+        self.failovers.iter().map(Counter::get).sum()
+    }
+}
+
+/// What `/metrics` shows of an upstream's health.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthGauges<'a> {
+    /// One of [`STATES`].
+    pub state: &'a str,
+    pub check_successes: u32,
+    pub check_failures: u32,
+    pub since_change_ms: u64,
+}
 
 /// Every metric the balancer exports.
 #[derive(Debug)]
@@ -52,6 +83,9 @@ pub struct Metrics {
     failovers: Family<UpstreamKindLabel, Counter>,
     /// Attempts on another upstream after a request could not be sent.
     pub retries: Counter,
+    /// Picks among resting upstreams, made because no other could take the
+    /// request.
+    pub picks_despite_rest: Counter,
     rejections: Family<ReasonLabel, Counter>,
     client_connections: Gauge,
     parked_connections: Gauge,
@@ -89,6 +123,7 @@ impl Metrics {
         let since_change = Family::default();
         let failovers = Family::default();
         let retries = Counter::default();
+        let picks_despite_rest = Counter::default();
         let rejections: Family<ReasonLabel, Counter> = Family::default();
         // Every reason is exported from the start, at 0.
         for reason in Rejection::ALL {
@@ -128,7 +163,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_state",
-            "1 for an upstream's current state (kind: up, ramping, down, unknown), 0 for the others",
+            "1 for an upstream's current state (kind: up, ramping, resting, down, unknown), 0 for the others",
             state.clone(),
         );
         registry.register(
@@ -155,6 +190,11 @@ impl Metrics {
             "retries",
             "Attempts on another upstream after a request could not be sent",
             retries.clone(),
+        );
+        registry.register(
+            "picks_despite_rest",
+            "Requests sent to a resting upstream because no upstream was available",
+            picks_despite_rest.clone(),
         );
         registry.register(
             "rejections",
@@ -187,6 +227,7 @@ impl Metrics {
             since_change,
             failovers,
             retries,
+            picks_despite_rest,
             rejections,
             client_connections,
             parked_connections,
@@ -209,9 +250,9 @@ impl Metrics {
     }
 
     /// The series of the upstream at `addr`, created on first use.
-    pub fn upstream(&self, addr: SocketAddr) -> UpstreamStats {
+    pub fn upstream(&self, addr: SocketAddr) -> UpstreamCounters {
         let label = label(addr);
-        UpstreamStats {
+        UpstreamCounters {
             requests: self.requests.get_or_create_owned(&label),
             failures: self.failures.get_or_create_owned(&label),
             in_flight: self.in_flight.get_or_create_owned(&label),
@@ -261,17 +302,11 @@ impl Metrics {
             .set(i64::from(weight));
     }
 
-    /// Records an upstream's health: its state (one of [`STATES`]), its
-    /// consecutive check results and the time since its state changed.
-    pub fn set_health(
-        &self,
-        addr: SocketAddr,
-        state: &str,
-        checks: &CheckRecord,
-        since_change_ms: u64,
-    ) {
+    /// Records an upstream's health.
+    pub fn set_health(&self, addr: SocketAddr, health: HealthGauges<'_>) {
         let label = label(addr);
-        let up = matches!(state, "up" | "ramping");
+        let state = health.state;
+        let up = matches!(state, "up" | "ramping" | "resting");
         self.healthy.get_or_create(&label).set(i64::from(up));
         for kind in STATES {
             let series = UpstreamKindLabel {
@@ -284,13 +319,13 @@ impl Metrics {
         }
         self.check_successes
             .get_or_create(&label)
-            .set(i64::from(checks.successes));
+            .set(i64::from(health.check_successes));
         self.check_failures
             .get_or_create(&label)
-            .set(i64::from(checks.failures));
+            .set(i64::from(health.check_failures));
         self.since_change
             .get_or_create(&label)
-            .set((since_change_ms / 1000) as i64);
+            .set((health.since_change_ms / 1000) as i64);
     }
 
     /// The exposition, in the OpenMetrics text format that Prometheus reads.

@@ -1,13 +1,14 @@
 //! Keep-alive connections to one upstream.
 //!
 //! Each upstream has its own pool: per worker thread, a stack of idle
-//! HTTP/1 connections, most recently used on top (warm in every cache). A
+//! HTTP/1.1 connections, most recently used on top (warm in every cache). A
 //! connection is used only by the worker that opened it: its socket is
 //! registered with that worker's runtime, and the request that checks it out
-//! drives its I/O in the client connection's own task ([`crate::h1`]), so
-//! no other thread is ever woken for it. It goes back to its stack when its
-//! response has ended. Owning the pool, rather than going through a
-//! general-purpose client, gives the proxy what it needs to know:
+//! drives its I/O in the client connection's own task
+//! (`spike_http1::client`), so no other thread is ever woken for it. It goes
+//! back to its stack when its response has ended. Owning the pool, rather
+//! than going through a general-purpose client, gives the proxy what it
+//! needs to know:
 //!
 //! - whether a failure happened before anything was sent (connecting, or a
 //!   pooled connection found closed), which is what makes a retry on
@@ -16,18 +17,17 @@
 //!   request;
 //! - no task per connection or request: a connection returns to its pool
 //!   from the response body that ends on it.
+//!
+//! How a pool opens and keeps connections ([`PoolSettings`]) is part of the
+//! routing table in force, passed in with each call.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use tokio::net::TcpStream;
-
+use parking_lot::Mutex;
 use spike_config::balancer::ProxySettings;
+use spike_http1::client::{ConnectError, Connection};
 
-use crate::h1::Upstream;
-use crate::upstream::FailoverReason;
 use crate::workers;
 
 /// How a pool opens and keeps connections.
@@ -49,31 +49,10 @@ impl From<&ProxySettings> for PoolSettings {
     }
 }
 
-/// Why no connection to the upstream could be had. Nothing was sent.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("connect timed out after {0:?}")]
-    Timeout(Duration),
-}
-
-impl ConnectError {
-    /// How a failover caused by this error is counted.
-    pub fn failover_reason(&self) -> FailoverReason {
-        match self {
-            ConnectError::Timeout(_) => FailoverReason::ConnectTimeout,
-            ConnectError::Io(_) => FailoverReason::Connect,
-        }
-    }
-}
-
 /// The idle connections of one upstream.
 #[derive(Debug)]
 pub struct ConnectionPool {
     addr: SocketAddr,
-    /// From the configuration in force; a reload replaces them.
-    settings: ArcSwap<PoolSettings>,
     /// One stack per worker, of the connections that worker opened. Each is
     /// held only to push or pop; never across an `.await`.
     idle: Box<[Mutex<Vec<Idle>>]>,
@@ -81,70 +60,60 @@ pub struct ConnectionPool {
 
 #[derive(Debug)]
 struct Idle {
-    upstream: Upstream,
+    connection: Connection,
     since: Instant,
 }
 
 impl ConnectionPool {
-    pub fn new(addr: SocketAddr, settings: PoolSettings) -> Self {
+    pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            settings: ArcSwap::from_pointee(settings),
             idle: (0..workers::count())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
         }
     }
 
-    /// Applies the settings of a new configuration.
-    pub fn configure(&self, settings: PoolSettings) {
-        if **self.settings.load() != settings {
-            self.settings.store(Arc::new(settings));
-        }
-    }
-
     /// A connection ready to send a request: the most recently used idle
     /// one of this worker that is still open, or a new one.
-    pub async fn checkout(&self) -> Result<Upstream, ConnectError> {
-        let settings = self.settings.load_full();
+    pub async fn checkout(&self, settings: &PoolSettings) -> Result<Connection, ConnectError> {
         while let Some(mut idle) = self.pop() {
-            if idle.since.elapsed() <= settings.idle_timeout && idle.upstream.is_open() {
-                return Ok(idle.upstream);
+            if idle.since.elapsed() <= settings.idle_timeout && idle.connection.is_open() {
+                return Ok(idle.connection);
             }
         }
         // Boxed: connecting is rare, and its state would otherwise be part
         // of every request's future.
-        Box::pin(self.connect(settings.connect_timeout)).await
+        Box::pin(Connection::connect(self.addr, settings.connect_timeout)).await
     }
 
-    /// Returns a connection whose exchange has ended to this worker's stack.
-    pub fn release(&self, upstream: Upstream) {
-        let max_idle = self.settings.load().max_idle.div_ceil(self.idle.len());
-        let mut idle = self.idle[self.home()].lock().expect("pool lock");
+    /// Returns a connection whose exchange has ended to this worker's
+    /// stack, unless the upstream has `max_idle` idle connections already.
+    pub fn release(&self, connection: Connection, max_idle: usize) {
+        let max_idle = max_idle.div_ceil(self.idle.len());
+        let mut idle = self.idle[self.home()].lock();
         if idle.len() < max_idle {
             idle.push(Idle {
-                upstream,
+                connection,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Closes the connections that have been idle longer than the idle
-    /// timeout, or that the upstream closed.
-    pub fn evict_expired(&self) {
-        let timeout = self.settings.load().idle_timeout;
+    /// Closes the connections that have been idle longer than
+    /// `idle_timeout`, or that the upstream closed.
+    pub fn evict_expired(&self, idle_timeout: Duration) {
         for stack in &self.idle {
-            let mut idle = stack.lock().expect("pool lock");
-            idle.retain_mut(|conn| conn.since.elapsed() <= timeout && conn.upstream.is_open());
+            let mut idle = stack.lock();
+            idle.retain_mut(|idle| {
+                idle.since.elapsed() <= idle_timeout && idle.connection.is_open()
+            });
         }
     }
 
     /// Idle connections, for `/stats`.
     pub fn idle_count(&self) -> usize {
-        self.idle
-            .iter()
-            .map(|stack| stack.lock().expect("pool lock").len())
-            .sum()
+        self.idle.iter().map(|stack| stack.lock().len()).sum()
     }
 
     /// This worker's stack.
@@ -153,14 +122,6 @@ impl ConnectionPool {
     }
 
     fn pop(&self) -> Option<Idle> {
-        self.idle[self.home()].lock().expect("pool lock").pop()
-    }
-
-    async fn connect(&self, timeout: Duration) -> Result<Upstream, ConnectError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| ConnectError::Timeout(timeout))??;
-        stream.set_nodelay(true)?;
-        Ok(Upstream::new(stream))
+        self.idle[self.home()].lock().pop()
     }
 }

@@ -1,34 +1,42 @@
-//! Forwarding one request to the upstream the router picks.
+//! Forwarding one request to the upstream the router picks, in the order it
+//! runs: [`Proxy::handle`] (the rate limit, the rewrite of the request),
+//! [`Proxy::forward`] (a pick, and another while the request could not be
+//! sent), [`Proxy::attempt`] (a pooled connection, the exchange, the
+//! accounting of its outcome), then the response streamed back through a
+//! [`ProxiedBody`].
 //!
 //! Requests and responses stream through: bodies are handed on frame by
 //! frame, never buffered whole. Each upstream has a pool of keep-alive
 //! connections per worker thread ([`crate::pool`]). Whatever the client
 //! spoke (HTTP/1.0 or 1.1), the upstream is spoken to in HTTP/1.1 with
-//! keep-alive ([`crate::h1`]).
+//! keep-alive (`spike_http1::client`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
-use http_body_util::{Either, Full};
-use spike_config::server::Rejections;
-use spike_config::server::body::BodyFailure;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
+use spike_http1::client::{ExchangeError, SendError, UpstreamBody};
+use spike_http1::reply::ReplyBody;
+use spike_http1::server::{BodyFailure, Handler, Rejections, RequestBody};
 
-use crate::balance::{Peer, Router};
-use crate::body::{RequestBody, UpstreamBody};
-use crate::error::ProxyError;
-use crate::h1::{ExchangeError, SendError};
+use crate::balance::Router;
+use crate::error::{FailoverReason, ProxyError, UpstreamFailure};
 use crate::headers::{self, ClientAddr};
-use crate::upstream::{FailoverReason, InFlight};
+use crate::pool::PoolSettings;
+use crate::table::Peer;
+use crate::upstream::InFlight;
 
 /// A reply to the client: an upstream's streamed response, or the proxy's
 /// own short reply.
-pub type ResponseBody = Either<UpstreamBody, Full<Bytes>>;
+pub type ProxyReply = Either<ProxiedBody, ReplyBody>;
 
 /// The reverse proxy shared by every client connection.
 #[derive(Debug)]
@@ -42,6 +50,22 @@ pub struct Proxy {
     access_log: bool,
 }
 
+/// The proxy as one client connection's handler: the proxy, and the
+/// client's address.
+#[derive(Debug)]
+pub struct ProxyHandler {
+    pub proxy: Arc<Proxy>,
+    pub client: ClientAddr,
+}
+
+impl Handler for ProxyHandler {
+    type Body = ProxyReply;
+
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ProxyReply>> + Send {
+        self.proxy.handle(req, &self.client)
+    }
+}
+
 impl Proxy {
     pub fn new(router: Arc<Router>, rejections: Arc<Rejections>, access_log: bool) -> Self {
         Self {
@@ -52,14 +76,12 @@ impl Proxy {
     }
 
     /// Proxies one request from `client`, answering with the upstream's
-    /// response or with the failure's reply: it never fails (the `Result`
-    /// is a service's). The future owns what it uses, so that it is the
-    /// service's future itself, not one more future around it, moved whole.
+    /// response or with the failure's reply.
     pub async fn handle(
-        self: Arc<Self>,
+        &self,
         req: Request<RequestBody>,
-        client: Arc<ClientAddr>,
-    ) -> Result<Response<ResponseBody>, Infallible> {
+        client: &ClientAddr,
+    ) -> Response<ProxyReply> {
         // What the access log needs of the request, copied only when it is on.
         let logged = self.access_log.then(|| {
             (
@@ -68,12 +90,18 @@ impl Proxy {
                 std::time::Instant::now(),
             )
         });
-        let (response, upstream) = match self.forward(req, &client).await {
+        let (response, upstream) = match self.forward(req, client).await {
             Ok((response, upstream)) => (response, Some(upstream)),
             Err(err) => {
-                match err.rejection() {
-                    Some(reason) => self.rejections.reject(reason, client.addr, &err),
-                    None => tracing::debug!(client = %client.addr, error = %err, "proxy failure"),
+                match err {
+                    ProxyError::RateLimited { .. } => self.rejections.reject(
+                        spike_http1::server::Rejection::RateLimited,
+                        client.addr,
+                        &err,
+                    ),
+                    // The body counted its own failure.
+                    ProxyError::ClientBody(_) => {}
+                    _ => tracing::debug!(client = %client.addr, error = %err, "proxy failure"),
                 }
                 let upstream = err.upstream();
                 (err.response().map(Either::Right), upstream)
@@ -91,7 +119,7 @@ impl Proxy {
                 duration_ms = started.elapsed().as_secs_f64() * 1e3,
             );
         }
-        Ok(response)
+        response
     }
 
     /// Sends the request to the picked upstream and, as long as it could
@@ -101,9 +129,9 @@ impl Proxy {
         &self,
         req: Request<RequestBody>,
         client: &ClientAddr,
-    ) -> Result<(Response<ResponseBody>, SocketAddr), ProxyError> {
+    ) -> Result<(Response<ProxyReply>, SocketAddr), ProxyError> {
         // `[proxy]` and `[rate_limit]` of the configuration in force.
-        let (response_timeout, retries, trusted) = {
+        let (response_timeout, retries, trusted, pool) = {
             let table = self.router.current();
             let trusted_proxies = &table.proxy.trusted_proxies;
             if let Some(limit) = &table.rate_limit {
@@ -116,7 +144,12 @@ impl Proxy {
             let trusted = trusted_proxies
                 .iter()
                 .any(|net| net.contains(&client.addr.ip()));
-            (table.proxy.response_timeout, table.proxy.retries, trusted)
+            (
+                table.proxy.response_timeout,
+                table.proxy.retries,
+                trusted,
+                table.pool,
+            )
         };
         let failure = req.body().failure();
         // Boxed once, here: it is handed down to the exchange and, if it
@@ -134,10 +167,14 @@ impl Proxy {
             if lacks_host {
                 req.headers_mut().insert(HOST, peer.upstream.host().clone());
             }
-            match self
-                .attempt(&peer, in_flight, req, response_timeout, &failure)
-                .await
-            {
+            let exchange = Exchange {
+                peer: &peer,
+                in_flight,
+                pool: &pool,
+                response_timeout,
+                failure: &failure,
+            };
+            match exchange.attempt(req).await {
                 Ok(response) => return Ok((response, addr)),
                 Err(Attempt::Failed(error)) => return Err(error),
                 Err(Attempt::NotSent {
@@ -163,36 +200,47 @@ impl Proxy {
         let others = self.router.current().peers.len().saturating_sub(1);
         tried <= retries.map_or(others, |n| n as usize)
     }
+}
 
-    /// One attempt on one upstream, counted in flight there.
+/// One attempt on one upstream, counted in flight there.
+struct Exchange<'a> {
+    peer: &'a Peer,
+    in_flight: InFlight,
+    pool: &'a PoolSettings,
+    response_timeout: Duration,
+    /// The client's body's failure, if it fails: the client's fault, not
+    /// the upstream's.
+    failure: &'a BodyFailure,
+}
+
+impl Exchange<'_> {
     async fn attempt(
-        &self,
-        peer: &Peer,
-        in_flight: InFlight,
+        self,
         req: Box<Request<RequestBody>>,
-        response_timeout: Duration,
-        failure: &BodyFailure,
-    ) -> Result<Response<ResponseBody>, Attempt> {
+    ) -> Result<Response<ProxyReply>, Attempt> {
+        let peer = self.peer;
         let upstream = &peer.upstream;
         let addr = upstream.addr();
-        let connection = match upstream.pool.checkout().await {
+        let connection = match upstream.pool.checkout(self.pool).await {
             Ok(connection) => connection,
             Err(source) => {
                 // Nothing was sent: connecting failed.
-                upstream.failed(peer.weight);
+                let reason = FailoverReason::of_connect(&source);
+                let error = ProxyError::Connect {
+                    upstream: addr,
+                    source,
+                };
+                self.count(&error);
                 return Err(Attempt::NotSent {
                     request: req,
-                    reason: source.failover_reason(),
-                    error: ProxyError::Connect {
-                        upstream: addr,
-                        source,
-                    },
+                    reason,
+                    error,
                 });
             }
         };
         // Boxed: the exchange's state is most of a request's future, which is
         // moved, whole, each time a caller's future is built around it.
-        let response = match Box::pin(connection.send(req, response_timeout)).await {
+        let response = match Box::pin(connection.send(req, self.response_timeout)).await {
             Ok(response) => response,
             Err(SendError::NotSent(request, source)) => {
                 // The connection was found closed before the request went
@@ -209,32 +257,41 @@ impl Proxy {
             Err(SendError::Failed(source)) => {
                 // The client's body failing is the client's fault, not the
                 // upstream's: the exchange is cancelled and the client told.
-                if let Some(body) = failure.get() {
+                if let Some(body) = self.failure.get() {
                     return Err(Attempt::Failed(ProxyError::ClientBody(body)));
                 }
-                upstream.failed(peer.weight);
-                return Err(Attempt::Failed(match source {
+                let error = match source {
                     ExchangeError::TimedOut => ProxyError::Timeout {
                         upstream: addr,
-                        timeout: response_timeout,
+                        timeout: self.response_timeout,
                     },
                     source => ProxyError::Upstream {
                         upstream: addr,
                         source,
                     },
-                }));
+                };
+                self.count(&error);
+                return Err(Attempt::Failed(error));
             }
         };
-        if response.status().is_server_error() {
-            upstream.failed(peer.weight);
+        let status = response.status().as_u16();
+        if UpstreamFailure::Status(status).counts(&peer.health.fail_on) {
+            peer.failed(UpstreamFailure::Status(status));
         } else {
             upstream.succeeded();
         }
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_via(&mut parts.headers, parts.version);
-        let body = UpstreamBody::new(body, in_flight);
+        let body = ProxiedBody::new(body, self.in_flight, self.pool.max_idle);
         Ok(Response::from_parts(parts, Either::Left(body)))
+    }
+
+    /// Counts a failed exchange against the upstream, as its checks say.
+    fn count(&self, error: &ProxyError) {
+        if let Some(failure) = error.failure() {
+            self.peer.failed(failure);
+        }
     }
 }
 
@@ -258,7 +315,8 @@ enum Attempt {
 /// client is a `trusted` proxy, replaced if not).
 fn rewrite_for_upstream(req: &mut Request<RequestBody>, client: &ClientAddr, trusted: bool) {
     let received = req.version();
-    // A request in absolute form (`GET http://host/path`) keeps only its path.
+    // A request in absolute form (`GET http://host/path`) keeps only its
+    // path; its host is already its `Host`.
     if req.uri().scheme().is_some() {
         let path = req
             .uri()
@@ -272,4 +330,71 @@ fn rewrite_for_upstream(req: &mut Request<RequestBody>, client: &ClientAddr, tru
     headers::strip_hop_by_hop(headers);
     headers::forwarded(headers, client, trusted);
     headers::add_via(headers, received);
+}
+
+/// An upstream's response body on its way to the client.
+///
+/// The request counts as in flight on its upstream until this is dropped.
+/// When the body has ended, the connection it came on goes back to the
+/// upstream's pool if it may carry another exchange; if the client goes
+/// away first, the connection is dropped with it (it is in the middle of a
+/// response and cannot be reused).
+#[derive(Debug)]
+pub struct ProxiedBody {
+    inner: UpstreamBody<RequestBody>,
+    in_flight: InFlight,
+    /// The most idle connections the upstream's pool keeps.
+    max_idle: usize,
+}
+
+impl ProxiedBody {
+    fn new(inner: UpstreamBody<RequestBody>, in_flight: InFlight, max_idle: usize) -> Self {
+        let mut body = Self {
+            inner,
+            in_flight,
+            max_idle,
+        };
+        // A response without a body (HEAD, 204, 304, length 0) has ended
+        // already.
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some(connection) = self.inner.into_reusable() {
+            self.in_flight
+                .upstream()
+                .pool
+                .release(connection, self.max_idle);
+        }
+    }
+}
+
+impl Body for ProxiedBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -13,17 +13,22 @@
 //! `[server]`, `[log]`) is compared too, and reported as needing a restart.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use futures_util::{FutureExt, StreamExt};
+use inotify::{EventStream, Inotify, WatchMask};
+use parking_lot::Mutex;
 use serde::Serialize;
 use spike_config::{BalancerConfig, ConfigError, Source};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{Router, Routing};
+use crate::balance::Router;
+use crate::table::Routing;
 
 /// How long to wait after a change to the file before reading it, so that
 /// an editor's several writes are read once, whole.
@@ -39,11 +44,12 @@ pub struct Control {
     started: BalancerConfig,
     /// Locked while a change is worked out and installed, so that changes
     /// apply one at a time; never across an `.await`.
-    state: Mutex<State>,
+    state: Mutex<Loaded>,
 }
 
+/// The configuration as loaded, and the changes made to it since.
 #[derive(Debug)]
-struct State {
+struct Loaded {
     /// The last valid file, and its text.
     file: BalancerConfig,
     text: String,
@@ -93,7 +99,7 @@ impl Control {
             router,
             path,
             started: config.clone(),
-            state: Mutex::new(State {
+            state: Mutex::new(Loaded {
                 file: config,
                 text,
                 loaded_at: SystemTime::now(),
@@ -115,7 +121,7 @@ impl Control {
             let config = BalancerConfig::from_source(&source)?;
             Ok((config, source))
         });
-        let mut state = self.state.lock().expect("control lock");
+        let mut state = self.state.lock();
         let (config, source) = match result {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -170,7 +176,7 @@ impl Control {
         addr: SocketAddr,
         edit: impl FnOnce(&mut BTreeMap<SocketAddr, u32>),
     ) -> Result<(), ChangeError> {
-        let mut state = self.state.lock().expect("control lock");
+        let mut state = self.state.lock();
         if !state.file.upstreams.iter().any(|u| u.addr == addr) {
             return Err(ChangeError::UnknownUpstream(addr));
         }
@@ -180,7 +186,7 @@ impl Control {
     }
 
     /// Builds the routing table of the file with the overrides applied.
-    fn install(&self, state: &State) {
+    fn install(&self, state: &Loaded) {
         let mut upstreams = state.file.upstreams.clone();
         for upstream in &mut upstreams {
             if let Some(&weight) = state.overrides.get(&upstream.addr) {
@@ -197,13 +203,13 @@ impl Control {
     /// The weight the file gives `addr`, and whether a runtime change
     /// overrides it.
     pub fn file_weight(&self, addr: SocketAddr) -> Option<(u32, bool)> {
-        let state = self.state.lock().expect("control lock");
+        let state = self.state.lock();
         let file = state.file.upstreams.iter().find(|u| u.addr == addr)?;
         Some((file.weight, state.overrides.contains_key(&addr)))
     }
 
     pub fn status(&self) -> ConfigStatus {
-        let state = self.state.lock().expect("control lock");
+        let state = self.state.lock();
         ConfigStatus {
             path: self.path.clone(),
             loaded_at: humantime::format_rfc3339_seconds(state.loaded_at).to_string(),
@@ -232,45 +238,105 @@ fn restart_required(started: &BalancerConfig, new: &BalancerConfig) -> Vec<&'sta
 /// writes a new file and renames it over the old one included) and SIGHUP.
 /// Set up before the balancer announces itself, so that no change made
 /// after that is missed, and no SIGHUP kills it.
+///
+/// The file's directory is watched, not the file: a rename over the file
+/// replaces the inode a watch on the file would follow. Only the events
+/// that end a change are asked of the kernel (a file written and closed,
+/// created, renamed or deleted), never each write: other files in the
+/// directory, such as logs appended to, do not wake the balancer.
 #[derive(Debug)]
 pub struct Triggers {
-    /// Kept for as long as the file is watched.
-    _watcher: RecommendedWatcher,
-    changes: tokio::sync::mpsc::Receiver<()>,
+    /// `None` once the watch failed: SIGHUP still reloads.
+    events: Option<EventStream<[u8; 4096]>>,
+    /// The file's name in its directory.
+    name: OsString,
     hangup: tokio::signal::unix::Signal,
+    /// Events the kernel delivered, about any file of the directory.
+    delivered: u64,
 }
+
+/// Why the configuration is read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The file changed.
+    File,
+    /// SIGHUP.
+    Hangup,
+}
+
+/// The events of the directory that end a change to one of its files.
+const CHANGES: WatchMask = WatchMask::CLOSE_WRITE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::CREATE)
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM);
 
 impl Triggers {
     /// Watches `path`; must run inside the runtime.
-    pub fn new(path: &Path) -> std::io::Result<Self> {
-        let (changed, changes) = tokio::sync::mpsc::channel::<()>(1);
-        let name = path.file_name().map(ToOwned::to_owned);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                // Reading the file is an event too (an access): only a change
-                // counts, or every reload would cause the next.
-                let changes_it = matches!(
-                    event.kind,
-                    EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-                );
-                if changes_it && event.paths.iter().any(|p| p.file_name() == name.as_deref()) {
-                    // A full channel already has a reload coming.
-                    let _ = changed.try_send(());
-                }
-            })
-            .map_err(std::io::Error::other)?;
-        // The directory is watched, not the file: a rename over the file
-        // replaces the inode a watch on the file would follow.
-        watcher
-            .watch(directory_of(path), RecursiveMode::NonRecursive)
-            .map_err(std::io::Error::other)?;
+    pub fn new(path: &Path) -> io::Result<Self> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?
+            .to_owned();
+        let inotify = Inotify::init()?;
+        inotify.watches().add(directory_of(path), CHANGES)?;
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         Ok(Self {
-            _watcher: watcher,
-            changes,
+            events: Some(inotify.into_event_stream([0; 4096])?),
+            name,
             hangup,
+            delivered: 0,
         })
+    }
+
+    /// The next reason to read the file again. If the watch on the file
+    /// fails, that is logged, and only SIGHUP reloads from then on.
+    pub async fn next(&mut self) -> Trigger {
+        loop {
+            let Some(events) = self.events.as_mut() else {
+                self.hangup.recv().await;
+                return Trigger::Hangup;
+            };
+            let event = tokio::select! {
+                event = events.next() => event,
+                _ = self.hangup.recv() => return Trigger::Hangup,
+            };
+            match event {
+                Some(Ok(event)) => {
+                    self.delivered += 1;
+                    if event.name.as_deref() == Some(self.name.as_os_str()) {
+                        return Trigger::File;
+                    }
+                }
+                failed => {
+                    let error = failed.map_or_else(
+                        || "the watch ended".to_owned(),
+                        |failed| failed.err().map(|err| err.to_string()).unwrap_or_default(),
+                    );
+                    tracing::error!(
+                        %error,
+                        "cannot watch the configuration file; changes apply on SIGHUP only"
+                    );
+                    self.events = None;
+                }
+            }
+        }
+    }
+
+    /// Takes the events delivered meanwhile, without waiting: a change read
+    /// after them covers them.
+    fn drain(&mut self) {
+        let Some(events) = self.events.as_mut() else {
+            return;
+        };
+        while let Some(Some(Ok(_))) = events.next().now_or_never() {
+            self.delivered += 1;
+        }
+    }
+
+    /// Events the kernel delivered so far, about any file of the directory.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
     }
 }
 
@@ -278,13 +344,17 @@ impl Triggers {
 pub async fn watch(control: Arc<Control>, mut triggers: Triggers, shutdown: CancellationToken) {
     let path = control.path.clone();
     loop {
-        tokio::select! {
-            Some(()) = triggers.changes.recv() => {
-                tokio::time::sleep(SETTLE).await;
-                while triggers.changes.try_recv().is_ok() {}
-            }
-            _ = triggers.hangup.recv() => tracing::info!("SIGHUP: reloading the configuration"),
+        let trigger = tokio::select! {
+            trigger = triggers.next() => trigger,
             _ = shutdown.cancelled() => return,
+        };
+        match trigger {
+            Trigger::File => {
+                // An editor's several writes are read once, whole.
+                tokio::time::sleep(SETTLE).await;
+                triggers.drain();
+            }
+            Trigger::Hangup => tracing::info!("SIGHUP: reloading the configuration"),
         }
         match control.reload() {
             Ok(true) => tracing::info!(path = %path.display(), "configuration reloaded"),
@@ -301,5 +371,46 @@ fn directory_of(path: &Path) -> &Path {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_file_itself_wakes_the_watch_not_what_is_written_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("balancer.toml");
+        std::fs::write(&path, "listen = 1").unwrap();
+        let mut triggers = Triggers::new(&path).unwrap();
+        // Logs appended to beside it while the watch runs, as backends
+        // writing access logs do; then an editor renaming a new file over
+        // the configuration.
+        let writer = std::thread::spawn({
+            let dir = dir.path().to_owned();
+            move || {
+                let mut log = std::fs::File::create(dir.join("access.log")).unwrap();
+                for line in 0..200 {
+                    writeln!(log, "request {line}").unwrap();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let staged = dir.join(".balancer.toml.new");
+                std::fs::write(&staged, "listen = 2").unwrap();
+                std::fs::rename(&staged, dir.join("balancer.toml")).unwrap();
+            }
+        });
+        let trigger = tokio::time::timeout(Duration::from_secs(10), triggers.next()).await;
+        assert_eq!(trigger.unwrap(), Trigger::File);
+        writer.join().unwrap();
+        // access.log created; the staged file created and closed; and the
+        // rename: not one event per line logged.
+        assert!(triggers.delivered() <= 6, "{} events", triggers.delivered());
+        // A file written in place is seen too.
+        std::fs::write(&path, "listen = 3").unwrap();
+        let trigger = tokio::time::timeout(Duration::from_secs(10), triggers.next()).await;
+        assert_eq!(trigger.unwrap(), Trigger::File);
     }
 }

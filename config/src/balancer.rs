@@ -504,6 +504,40 @@ backup = true
     }
 
     #[test]
+    fn a_probe_path_that_cannot_be_sent_is_refused_at_its_place() {
+        let problems = messages(&format!(
+            "{MINIMAL}\n[health]\npath = \"/he<alth>\"\n\n[upstream.health]\n"
+        ));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("balancer.toml:13:8: path `/he<alth>` is not a request path"),
+            "{problems:?}"
+        );
+        let per_upstream = messages(
+            "listen = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n[[upstream]]\naddr = \"127.0.0.1:3\"\n\
+             [upstream.health]\npath = \"/a b\"\nfail_on = [\"error\", \"http_200\"]\n",
+        );
+        let places: Vec<_> = per_upstream
+            .iter()
+            .map(|p| p.split(':').skip(1).take(2).collect::<Vec<_>>().join(":"))
+            .collect();
+        assert_eq!(places, ["6:8", "7:11"], "{per_upstream:?}");
+    }
+
+    #[test]
+    fn passive_checks_count_errors_and_timeouts_unless_told_more() {
+        let config = parse(MINIMAL).unwrap();
+        let fail_on = &config.upstreams[0].health.fail_on;
+        assert!(fail_on.error && fail_on.timeout && fail_on.statuses.is_empty());
+        let config = parse(&format!(
+            "{MINIMAL}\n[health]\nfail_on = [\"timeout\", \"http_503\"]\n"
+        ))
+        .unwrap();
+        let fail_on = &config.upstreams[1].health.fail_on;
+        assert!(!fail_on.error && fail_on.timeout && fail_on.status(503));
+    }
+
+    #[test]
     fn edge_settings_are_read_and_checked() {
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.rate_limit.per_second, 0, "off by default");

@@ -5,8 +5,11 @@
 //! comes back after `rise` good ones (HAProxy's defaults: rise 2, fall 3;
 //! its interval is 2s, ours 1s, so a dead node is found in 3.5s at most).
 //! Passive checks count failures of live traffic as nginx's `max_fails` and
-//! `fail_timeout` do. An upstream coming back ramps up over
-//! `slow_start`.
+//! `fail_timeout` do; what counts as a failure is `fail_on` (nginx's
+//! `proxy_next_upstream` conditions), by default only what says the
+//! upstream is not there: a connection error or a timeout. An upstream's
+//! own answer, even a 503, is an answer from a live node. An upstream
+//! coming back ramps up over `slow_start`.
 //!
 //! The section sets every upstream's checks; an `[upstream.health]` table
 //! under one `[[upstream]]` changes them for that upstream only.
@@ -28,6 +31,96 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_MAX_FAILS: u32 = 3;
 /// How long the upstream then rests.
 pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+/// What counts as a failure of live traffic: nginx's default
+/// (`proxy_next_upstream error timeout`).
+pub const DEFAULT_FAIL_ON: [&str; 2] = ["error", "timeout"];
+/// The statuses `fail_on` may name, as `http_NNN`.
+pub const FAIL_ON_STATUSES: [u16; 7] = [403, 404, 429, 500, 502, 503, 504];
+
+/// What counts as a failure of live traffic against an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailOn {
+    /// A connection that could not be made, or broke (`error`).
+    pub error: bool,
+    /// Connecting, or the response, took too long (`timeout`).
+    pub timeout: bool,
+    /// A response that could not be read as HTTP (`invalid_header`).
+    pub invalid_header: bool,
+    /// Response statuses (`http_500`, ...), sorted.
+    pub statuses: Vec<u16>,
+}
+
+impl FailOn {
+    /// From the names of a `fail_on` list.
+    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut fail_on = FailOn {
+            error: false,
+            timeout: false,
+            invalid_header: false,
+            statuses: Vec::new(),
+        };
+        for name in names {
+            match name {
+                "error" => fail_on.error = true,
+                "timeout" => fail_on.timeout = true,
+                "invalid_header" => fail_on.invalid_header = true,
+                _ => {
+                    let status = name
+                        .strip_prefix("http_")
+                        .and_then(|code| code.parse::<u16>().ok())
+                        .filter(|code| FAIL_ON_STATUSES.contains(code))
+                        .ok_or_else(|| {
+                            format!(
+                                "`{name}` is not a failure: error, timeout, invalid_header, or http_NNN for NNN in {FAIL_ON_STATUSES:?}"
+                            )
+                        })?;
+                    fail_on.statuses.push(status);
+                }
+            }
+        }
+        fail_on.statuses.sort_unstable();
+        fail_on.statuses.dedup();
+        Ok(fail_on)
+    }
+
+    /// Whether a response with `status` counts as a failure.
+    pub fn status(&self, status: u16) -> bool {
+        self.statuses.binary_search(&status).is_ok()
+    }
+}
+
+impl Default for FailOn {
+    fn default() -> Self {
+        Self::parse(DEFAULT_FAIL_ON).unwrap_or(FailOn {
+            error: true,
+            timeout: true,
+            invalid_header: false,
+            statuses: Vec::new(),
+        })
+    }
+}
+
+/// Whether `path` is a request target in origin form (RFC 9112, 3.2.1): a
+/// `/`, then path characters (RFC 3986: unreserved, percent-encoded,
+/// sub-delimiters, `:`, `@`, `/`), then an optional `?` and query.
+pub fn origin_form(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?".contains(&b);
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if bytes.len() > i + 2
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit() =>
+            {
+                i += 3;
+            }
+            b if allowed(b) => i += 1,
+            _ => return false,
+        }
+    }
+    path.starts_with('/')
+}
 
 /// The checks of one upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +139,8 @@ pub struct HealthSettings {
     /// 0 turns passive checks off.
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// What counts as a failure of live traffic.
+    pub fail_on: FailOn,
 }
 
 impl Default for HealthSettings {
@@ -60,6 +155,7 @@ impl Default for HealthSettings {
             slow_start: Duration::ZERO,
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            fail_on: FailOn::default(),
         }
     }
 }
@@ -77,6 +173,7 @@ pub(crate) struct RawHealth {
     slow_start: Option<Spanned<String>>,
     max_fails: Option<Spanned<u64>>,
     fail_timeout: Option<Spanned<String>>,
+    fail_on: Option<Spanned<Vec<String>>>,
 }
 
 impl HealthSettings {
@@ -90,11 +187,12 @@ impl HealthSettings {
         Self {
             enabled: v.field(raw.enabled, self.enabled, Ok),
             path: v.field(raw.path, self.path.clone(), |path| {
-                if path.starts_with('/') && !path.contains(char::is_whitespace) {
+                if origin_form(&path) {
                     Ok(path)
                 } else {
                     Err(format!(
-                        "path `{path}` must start with / and hold no spaces"
+                        "path `{path}` is not a request path: a / then letters, digits, \
+                         percent-encodings and -._~!$&'()*+,;=:@/, and an optional ?query"
                     ))
                 }
             }),
@@ -107,6 +205,47 @@ impl HealthSettings {
                 u32::try_from(n).map_err(|_| format!("{n} is too large"))
             }),
             fail_timeout: v.field(raw.fail_timeout, self.fail_timeout, source::duration),
+            fail_on: v.field(raw.fail_on, self.fail_on.clone(), |names| {
+                FailOn::parse(names.iter().map(String::as_str))
+            }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_path_is_a_request_path_in_origin_form() {
+        for good in ["/health", "/", "/a/b?c=d&e=%2F", "/~x:@!$'()*+,;="] {
+            assert!(origin_form(good), "{good}");
+        }
+        for bad in [
+            "/he<alth>",
+            "health",
+            "/a b",
+            "/a%2",
+            "/a%zz",
+            "/\u{e9}",
+            "/a\"b",
+            "/#x",
+            "",
+        ] {
+            assert!(!origin_form(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fail_on_names_nginx_s_conditions() {
+        let default = FailOn::default();
+        assert!(default.error && default.timeout && !default.invalid_header);
+        assert!(!default.status(503));
+        let statuses = FailOn::parse(["http_503", "http_500", "http_503"]).unwrap();
+        assert!(!statuses.error);
+        assert_eq!(statuses.statuses, [500, 503]);
+        assert!(statuses.status(503) && !statuses.status(502));
+        assert!(FailOn::parse(["http_200"]).is_err());
+        assert!(FailOn::parse(["errors"]).is_err());
     }
 }

@@ -1,7 +1,9 @@
 //! Configuration of the spike system: the TOML files of the node and the
-//! balancer, the validated types they parse into, and what every binary
-//! sets up from them: its logging, and its client-facing HTTP/1 listener
-//! ([`server::serve`]).
+//! balancer, and the validated, typed settings they parse into
+//! ([`server`] is the `[server]` section both share), plus the logging
+//! every binary sets up from them. Nothing here opens a socket or runs a
+//! task: the servers that use these settings are in `spike-http1`, the
+//! node and the balancer.
 //!
 //! Problems in a file are reported with its path, line and column, all of
 //! them at once (see [`source`]).

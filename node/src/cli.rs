@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use spike_config::NodeConfig;
 use spike_config::logging::{self, RequestLog};
-use spike_config::server;
+use spike_config::server::ServerSettings;
+use spike_http1::task;
 use tokio::net::TcpListener;
 
 use crate::store::Store;
@@ -88,10 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.name =
             Some(spike_config::node::name_like("--name", name).map_err(anyhow::Error::msg)?);
     }
-    let runtime = config
-        .server
-        .runtime()
-        .context("cannot start the runtime")?;
+    let runtime = runtime(&config.server).context("cannot start the runtime")?;
     match cli.command {
         None => runtime.block_on(serve(config)),
         Some(Command::Status) => runtime.block_on(status(&config)),
@@ -114,9 +112,18 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     // read the address from it.
     println!("listening on {}", listener.local_addr()?);
 
-    let shutdown = server::shutdown_on_signal().context("cannot handle signals")?;
+    let shutdown = task::shutdown_on_signal().context("cannot handle signals")?;
     crate::run(listener, &config, shutdown).await?;
     Ok(())
+}
+
+/// The multi-threaded runtime the `[server]` settings ask for.
+fn runtime(settings: &ServerSettings) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = settings.workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
 }
 
 fn store(config: &NodeConfig) -> anyhow::Result<Store> {

@@ -7,16 +7,14 @@
 //! | `GET /stats` | 200, the node's counters |
 //! | anything else | 404, or 405 with `Allow` |
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use serde::Serialize;
-use spike_config::server::body::RequestBody;
+use spike_http1::reply::{self, Failure, ReplyBody};
+use spike_http1::server::{Handler, RequestBody};
 
 use crate::sale::{Purchase, Sale, Unavailable};
 
@@ -24,13 +22,11 @@ use crate::sale::{Purchase, Sale, Unavailable};
 pub const BUYER_HEADER: &str = "x-user-id";
 const MAX_BUYER_LEN: usize = 128;
 /// Seconds a client should wait before retrying when Redis is unavailable.
-const RETRY_AFTER_SECS: &str = "1";
+const RETRY_AFTER_SECS: u64 = 1;
 
-pub type Body = Full<Bytes>;
-
-/// The node's request handler, shared by every connection.
+/// The node's HTTP interface, shared by every connection.
 #[derive(Debug)]
-pub struct Handler {
+pub struct Api {
     sale: Arc<Sale>,
     /// Replies that never change, rendered once: the sold-out reply is the
     /// hot path once a sale is over.
@@ -49,87 +45,71 @@ struct Order<'a> {
     existing: bool,
 }
 
+/// What `/health` answers.
 #[derive(Serialize)]
-struct Failure<'a> {
-    error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct Health<'a> {
+struct HealthReply<'a> {
     status: &'static str,
     node: &'a str,
     redis: &'static str,
 }
 
-impl Handler {
+impl Api {
     pub fn new(sale: Arc<Sale>) -> Self {
-        let failure = |error| {
-            let node = Some(sale.name());
-            json_bytes(&Failure {
-                error,
-                node,
-                detail: None,
-            })
-        };
+        let failure = |status, error| Failure::new(status, error).node(sale.name());
         Self {
-            sold_out: failure("sold_out"),
-            unavailable: failure("store_unavailable"),
-            unknown: json_bytes(&Failure {
-                error: "store_unavailable",
-                node: Some(sale.name()),
-                detail: Some(
+            sold_out: failure(StatusCode::CONFLICT, "sold_out").body(),
+            unavailable: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").body(),
+            unknown: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+                .detail(
                     "redis did not answer the purchase, which may have been made: \
                      ask again with the same buyer id to learn its outcome",
-                ),
-            }),
-            no_sale: failure("no_sale"),
+                )
+                .body(),
+            no_sale: failure(StatusCode::SERVICE_UNAVAILABLE, "no_sale").body(),
             sale,
         }
     }
 
-    pub async fn handle(&self, req: Request<RequestBody>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let method = req.method();
-        let reply = match req.uri().path() {
+        match req.uri().path() {
             "/buy/ticket" => match *method {
                 Method::GET | Method::POST => self.buy(req).await,
-                _ => method_not_allowed("GET, POST"),
+                _ => reply::method_not_allowed("GET, POST"),
             },
             "/health" => match *method {
                 Method::GET | Method::HEAD => self.health(),
-                _ => method_not_allowed("GET, HEAD"),
+                _ => reply::method_not_allowed("GET, HEAD"),
             },
             "/stats" => match *method {
-                Method::GET | Method::HEAD => json(StatusCode::OK, json_bytes(&self.sale.stats())),
-                _ => method_not_allowed("GET, HEAD"),
+                Method::GET | Method::HEAD => {
+                    reply::json(StatusCode::OK, reply::json_bytes(&self.sale.stats()))
+                }
+                _ => reply::method_not_allowed("GET, HEAD"),
             },
-            _ => failure(StatusCode::NOT_FOUND, "not_found", None),
-        };
-        Ok(reply)
+            _ => Failure::new(StatusCode::NOT_FOUND, "not_found").reply(),
+        }
     }
 
     /// A purchase, made only once the whole request has arrived: a body cut
-    /// short or trickling past the body timeout buys nothing.
-    async fn buy(&self, req: Request<RequestBody>) -> Response<Body> {
+    /// short or trickling past the body timeout buys nothing (and the
+    /// server has counted it as refused).
+    async fn buy(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let sale = &self.sale;
         let (parts, body) = req.into_parts();
         if let Err(err) = body.collect().await {
-            sale.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            return failure(
-                err.status(),
-                err.rejection().as_str(),
-                Some(&err.to_string()),
-            );
+            return Failure::new(err.status(), err.rejection().as_str())
+                .detail(&err.to_string())
+                .reply();
         }
         let req = Request::from_parts(parts, ());
         let buyer = match buyer(&req) {
             Ok(buyer) => buyer,
             Err(detail) => {
-                sale.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                return failure(StatusCode::BAD_REQUEST, "bad_buyer_id", Some(detail));
+                sale.counters.rejected();
+                return Failure::new(StatusCode::BAD_REQUEST, "bad_buyer_id")
+                    .detail(detail)
+                    .reply();
             }
         };
         let purchase = sale.buy(buyer.clone()).await;
@@ -137,30 +117,37 @@ impl Handler {
         match purchase {
             Purchase::Sold { order_id } => order(sale, &order_id, buyer, false),
             Purchase::AlreadyBought { order_id } => order(sale, &order_id, buyer, true),
-            Purchase::SoldOut => json(StatusCode::CONFLICT, self.sold_out.clone()),
+            Purchase::SoldOut => reply::json(StatusCode::CONFLICT, self.sold_out.clone()),
             Purchase::Unavailable(why) => {
                 let body = match why {
                     Unavailable::Store => self.unavailable.clone(),
                     Unavailable::Unknown => self.unknown.clone(),
                     Unavailable::NoSale => self.no_sale.clone(),
                 };
-                let mut reply = json(StatusCode::SERVICE_UNAVAILABLE, body);
-                reply
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
-                reply
+                reply::retry_after(
+                    reply::json(StatusCode::SERVICE_UNAVAILABLE, body),
+                    RETRY_AFTER_SECS,
+                )
             }
         }
     }
 
-    fn health(&self) -> Response<Body> {
+    fn health(&self) -> Response<ReplyBody> {
         let redis = if self.sale.redis_up() { "up" } else { "down" };
-        let health = Health {
+        let health = HealthReply {
             status: "serving",
             node: self.sale.name(),
             redis,
         };
-        json(StatusCode::OK, json_bytes(&health))
+        reply::json(StatusCode::OK, reply::json_bytes(&health))
+    }
+}
+
+impl Handler for Api {
+    type Body = ReplyBody;
+
+    fn call(&self, req: Request<RequestBody>) -> impl Future<Output = Response<ReplyBody>> + Send {
+        self.handle(req)
     }
 }
 
@@ -200,48 +187,14 @@ fn valid_buyer(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_BUYER_LEN && id.bytes().all(allowed)
 }
 
-fn order(sale: &Sale, order_id: &str, buyer: Option<&str>, existing: bool) -> Response<Body> {
+fn order(sale: &Sale, order_id: &str, buyer: Option<&str>, existing: bool) -> Response<ReplyBody> {
     let order = Order {
         order_id,
         node: sale.name(),
         buyer,
         existing,
     };
-    json(StatusCode::OK, json_bytes(&order))
-}
-
-fn failure(status: StatusCode, error: &str, detail: Option<&str>) -> Response<Body> {
-    json(
-        status,
-        json_bytes(&Failure {
-            error,
-            node: None,
-            detail,
-        }),
-    )
-}
-
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut reply = failure(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None);
-    reply
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    reply
-}
-
-fn json(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut reply = Response::new(Full::new(body));
-    *reply.status_mut() = status;
-    reply
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    reply
-}
-
-fn json_bytes<T: Serialize>(value: &T) -> Bytes {
-    let mut body = serde_json::to_vec(value).expect("replies serialize");
-    body.push(b'\n');
-    Bytes::from(body)
+    reply::json(StatusCode::OK, reply::json_bytes(&order))
 }
 
 #[cfg(test)]

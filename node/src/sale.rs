@@ -54,6 +54,13 @@ pub struct Counters {
     pub rejected: AtomicU64,
 }
 
+impl Counters {
+    /// Counts a request refused as malformed, whatever refused it.
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The node's state of the sale, shared by every connection.
 #[derive(Debug)]
 pub struct Sale {
@@ -122,7 +129,7 @@ impl RedisHealth {
 
 /// What `/stats` shows.
 #[derive(Debug, Serialize)]
-pub struct Stats<'a> {
+pub struct NodeStats<'a> {
     pub node: &'a str,
     pub local_stock: u64,
     pub local_remaining: u64,
@@ -259,9 +266,9 @@ impl Sale {
         purchase
     }
 
-    pub fn stats(&self) -> Stats<'_> {
+    pub fn stats(&self) -> NodeStats<'_> {
         let c = &self.counters;
-        Stats {
+        NodeStats {
             node: &self.name,
             local_stock: self.stock.capacity(),
             local_remaining: self.stock.remaining(),

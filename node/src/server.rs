@@ -1,15 +1,14 @@
 //! Serving: the node's state, its background sync, and its listener.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use hyper::service::service_fn;
 use spike_config::NodeConfig;
-use spike_config::server::{Rejections, Server};
+use spike_http1::server::{Rejections, Server};
+use spike_http1::task;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::Handler;
+use crate::http::Api;
 use crate::sale::Sale;
 use crate::store::Store;
 
@@ -41,10 +40,13 @@ pub async fn run(
         config.local_stock,
         store,
     ));
-    let sync = tokio::spawn({
+    let sync = task::supervise("sync", shutdown.clone(), {
         let sale = Arc::clone(&sale);
         let (interval, stop) = (config.sync_interval, shutdown.clone());
-        async move { sale.sync(interval, stop).await }
+        move || {
+            let (sale, stop) = (Arc::clone(&sale), stop.clone());
+            async move { sale.sync(interval, stop).await }
+        }
     });
     tracing::info!(
         node = sale.name(),
@@ -58,20 +60,12 @@ pub async fn run(
     let rejections = Arc::new(Rejections::with_hook({
         let sale = Arc::clone(&sale);
         move |_| {
-            sale.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            sale.counters.rejected();
         }
     }));
     let server = Server::new(config.server.clone(), rejections, shutdown);
-    let handler = Arc::new(Handler::new(sale));
-    server
-        .serve(listener, move |_peer| {
-            let handler = Arc::clone(&handler);
-            service_fn(move |req| {
-                let handler = Arc::clone(&handler);
-                async move { handler.handle(req).await }
-            })
-        })
-        .await;
+    let api = Arc::new(Api::new(sale));
+    server.serve(listener, move |_peer| Arc::clone(&api)).await;
     let _ = sync.await;
     Ok(())
 }

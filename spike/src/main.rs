@@ -97,7 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 log_dir,
             } => {
                 let shutdown =
-                    spike_config::server::shutdown_on_signal().context("cannot handle signals")?;
+                    spike_http1::task::shutdown_on_signal().context("cannot handle signals")?;
                 let options = UpOptions {
                     config_dir: cli.config_dir,
                     log_dir,

@@ -35,12 +35,26 @@ pub struct Sale {
 }
 
 /// One upstream as the balancer's `/stats` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamView {
     pub addr: SocketAddr,
     pub weight: u64,
     pub requests: u64,
     pub state: String,
+    /// While it rests after failures, the seconds until a request may try
+    /// it again.
+    pub rest_left: Option<f64>,
+}
+
+impl UpstreamView {
+    /// Its state as the live line and the summary show it: `resting 7s`
+    /// while it rests.
+    pub fn state_text(&self) -> String {
+        match self.rest_left {
+            Some(left) => format!("{} {:.0}s", self.state, left.ceil()),
+            None => self.state.clone(),
+        }
+    }
 }
 
 /// Reads the sale and the traffic.
@@ -117,6 +131,7 @@ impl Observer {
                     weight: u["weight"].as_u64()?,
                     requests: u["requests"].as_u64()?,
                     state: u["state"].as_str()?.to_owned(),
+                    rest_left: u["rest_seconds_left"].as_f64(),
                 })
             })
             .collect()
@@ -155,7 +170,7 @@ impl Snapshot {
                         line,
                         " | {} {} {:.0}%/{:.0}%",
                         u.addr.port(),
-                        u.state,
+                        u.state_text(),
                         percent(u.requests, requests),
                         percent(u.weight, weights),
                     );
@@ -195,7 +210,7 @@ impl Snapshot {
                         percent(u.requests, requests),
                         percent(u.weight, weights),
                         u.weight,
-                        u.state,
+                        u.state_text(),
                     );
                 }
             }
@@ -229,6 +244,7 @@ mod tests {
             weight,
             requests,
             state: state.to_owned(),
+            rest_left: None,
         };
         Snapshot {
             sale: Some(Sale {
@@ -249,6 +265,17 @@ mod tests {
             line,
             "sold 40/100 | 100 req/s | 3001 up 25%/25% | 3002 down 75%/75%"
         );
+    }
+
+    #[test]
+    fn a_resting_upstream_shows_when_it_may_be_tried_again() {
+        let mut resting = snapshot();
+        let upstream = &mut resting.upstreams.as_mut().unwrap()[0];
+        upstream.state = "resting".to_owned();
+        upstream.rest_left = Some(6.2);
+        let line = resting.line(None, Duration::ZERO);
+        assert!(line.contains("| 3001 resting 7s 25%/25% |"), "{line}");
+        assert!(resting.summary().contains("weight 1, resting 7s\n"));
     }
 
     #[test]

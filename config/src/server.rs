@@ -1,41 +1,11 @@
-//! `[server]`: the client-facing HTTP/1 listener of the node and of the
-//! balancer, its limits and timeouts, and [`Server`], which serves it.
-//!
-//! HTTP/1.0 and HTTP/1.1 clients are both served, with keep-alive when they
-//! ask for it (`ab -k` sends `Connection: keep-alive` over HTTP/1.0). What a
-//! hostile client can do is bounded here, once for both binaries:
-//!
-//! - [`conn`]: how long a connection may take to send a request's head
-//!   (from its first byte; a slowloris is cut there), how long it may idle
-//!   between requests, how many connections are open at once; an idle
-//!   connection is parked ([`park`]), its task and HTTP state freed, until
-//!   its next request;
-//! - [`frame`]: requests whose framing could be read two ways (request
-//!   smuggling) are refused before any service sees them, header names with
-//!   `_` are dropped, and a body announced larger than the limit gets 413;
-//! - [`body`]: the body must not keep the server waiting longer than the
-//!   body timeout in all, and stays within the size limit while it streams;
-//! - [`reject`]: every refusal is counted by reason and logged at most once
-//!   a second per reason.
-//!
-//! hyper refuses the rest of the malformed input itself (obs-fold, bare CR,
-//! conflicting or malformed `Content-Length`, bad chunk framing: 400;
-//! header block or count over the limit: 431).
-
-pub mod body;
-pub mod conn;
-pub mod frame;
-mod park;
-pub mod reject;
+//! `[server]`: the client-facing HTTP/1.1 listener of the node and of the
+//! balancer, its limits and timeouts. The server itself is the crate
+//! `spike-http1`; this is what a file may say of it.
 
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 use toml::Spanned;
-
-pub use conn::{ConnectionCounts, Server};
-pub use reject::{Rejection, Rejections};
 
 use crate::source::{self, Validator};
 
@@ -55,7 +25,8 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// The request line and headers together (nginx: 4 buffers of 8 KiB;
 /// HAProxy: 16 KiB).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
-/// hyper's default.
+/// Header fields in a request head: as many as the parser holds on its
+/// stack (hyper's default too).
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// nginx's `client_max_body_size`.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -135,31 +106,4 @@ impl ServerSettings {
             workers: v.field(raw.workers, d.workers, |n| count(1)(n).map(Some)),
         }
     }
-
-    /// The multi-threaded runtime these settings ask for.
-    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(workers) = self.workers {
-            builder.worker_threads(workers);
-        }
-        builder.enable_all().build()
-    }
-}
-
-/// A token cancelled on the first SIGTERM or Ctrl-C (SIGINT): the shutdown
-/// signal of a binary.
-pub fn shutdown_on_signal() -> std::io::Result<CancellationToken> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        cancel.cancel();
-    });
-    Ok(token)
 }

@@ -1,11 +1,12 @@
-//! Refusals of client input: counted by reason, and logged at a rate that
-//! cannot itself flood the log (one line per reason per second, with the
-//! number of refusals it stands for).
+//! What a server counts: its refusals of client input, by reason, logged at
+//! a rate that cannot itself flood the log (one line per reason per second,
+//! with the number of refusals it stands for); and its client connections,
+//! open and parked.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// Why a request or connection was refused.
@@ -13,6 +14,8 @@ use std::time::Instant;
 pub enum Rejection {
     /// 400: malformed, or framed so that it could be read two ways.
     BadRequest,
+    /// 501: a transfer coding other than chunked.
+    NotImplemented,
     /// 431: the header block or the number of headers over the limit.
     HeadersTooLarge,
     /// The head did not arrive within the header timeout: closed.
@@ -28,8 +31,9 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::BadRequest,
+        Rejection::NotImplemented,
         Rejection::HeadersTooLarge,
         Rejection::HeaderTimeout,
         Rejection::BodyTooLarge,
@@ -41,6 +45,7 @@ impl Rejection {
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::BadRequest => "bad_request",
+            Rejection::NotImplemented => "not_implemented",
             Rejection::HeadersTooLarge => "headers_too_large",
             Rejection::HeaderTimeout => "header_timeout",
             Rejection::BodyTooLarge => "body_too_large",
@@ -65,11 +70,11 @@ type Hook = Box<dyn Fn(Rejection) + Send + Sync>;
 
 /// The refusals of one process.
 pub struct Rejections {
-    counts: [AtomicU64; 7],
+    counts: [AtomicU64; Rejection::ALL.len()],
     /// The second (since the process started) each reason was last logged.
-    logged: [AtomicU64; 7],
+    logged: [AtomicU64; Rejection::ALL.len()],
     /// Refusals not logged since the last line of each reason.
-    unlogged: [AtomicU64; 7],
+    unlogged: [AtomicU64; Rejection::ALL.len()],
     /// Called on every refusal, e.g. to count it in `/metrics`.
     hook: Option<Hook>,
 }
@@ -134,6 +139,50 @@ impl Rejections {
     }
 }
 
+/// The client connections of a server.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    open: AtomicU64,
+    parked: AtomicU64,
+}
+
+impl ConnectionCounts {
+    /// Connections open now, parked ones included.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections parked now: only their socket is held.
+    pub fn parked(&self) -> u64 {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn parked_one(&self) {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn unparked_one(&self) {
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open connection in a server's count, until dropped.
+#[derive(Debug)]
+pub(super) struct Open(Arc<ConnectionCounts>);
+
+impl Open {
+    pub fn new(counts: &Arc<ConnectionCounts>) -> Self {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counts))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn process_seconds() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_secs()
@@ -141,8 +190,6 @@ fn process_seconds() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     #[test]

@@ -1,8 +1,8 @@
 //! The parking lot: idle keep-alive connections reduced to their socket and
 //! what their next request needs, watched together by one task per worker.
 //!
-//! A connection idle for [`super::conn::PARK_AFTER`] gives up its task,
-//! hyper's state and buffers, and its registration with tokio's reactor.
+//! A connection idle for [`super::phase::PARK_AFTER`] gives up its task,
+//! its buffers, and its registration with tokio's reactor.
 //! Its socket joins the lot's own epoll set, which tokio watches as one
 //! descriptor, and its idle deadline joins the lot's queue of deadlines,
 //! served by one timer. When the socket becomes readable (a next
@@ -17,11 +17,11 @@ use std::io;
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
+use parking_lot::{Mutex, MutexGuard};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::ConnectionCounts;
+use super::counters::ConnectionCounts;
 
 /// Readiness events taken from the lot's epoll set at a time.
 const EVENTS: usize = 1024;
@@ -117,7 +117,7 @@ impl<T> Lot<T> {
     }
 
     fn spaces(&self) -> MutexGuard<'_, Spaces<T>> {
-        self.spaces.lock().unwrap_or_else(PoisonError::into_inner)
+        self.spaces.lock()
     }
 }
 
@@ -207,7 +207,7 @@ impl<T> Spaces<T> {
         }
         self.deadlines.push_back((parked.deadline, token));
         space.insert(parked);
-        self.counts.parked.fetch_add(1, Ordering::Relaxed);
+        self.counts.parked_one();
         if self.deadlines.len() > 2 * self.parked.len() + COMPACT_ABOVE {
             // One item per parked connection: its own.
             let parked = &self.parked;
@@ -258,7 +258,7 @@ impl<T> Spaces<T> {
         if let Err(err) = self.registry.deregister(&mut SourceFd(&fd)) {
             tracing::debug!(error = %err, "a parked socket could not leave the epoll set");
         }
-        self.counts.parked.fetch_sub(1, Ordering::Relaxed);
+        self.counts.unparked_one();
         Some(parked)
     }
 

@@ -1,0 +1,686 @@
+//! Reading HTTP/1.1 off the wire: request and response heads, parsed with
+//! `httparse` into `http` types whose header values are slices of the read
+//! buffer (no copy), and bodies, decoded by their framing as the reader
+//! asks for them.
+//!
+//! Heads are read as nginx reads them (a bare LF ends a line, as RFC 9112,
+//! 2.2 allows a recipient to accept); inside a chunked body, where a
+//! reader that accepted a bare LF would disagree with one that did not on
+//! where the body ends, every line must end in CRLF (RFC 9112, 7.1).
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+
+use crate::framing::BodyLength;
+
+/// The most header fields a response head or a trailer section may have.
+pub const MAX_HEADERS: usize = 100;
+/// The largest response head, or trailer section, accepted.
+pub const MAX_HEAD: usize = 400 * 1024;
+/// The longest chunk-size line (with its extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// The reason phrase of a response, when it is not the usual one of its
+/// status code (a node's `409 Sold Out`): kept in the response's
+/// extensions, so that it reaches the client as the upstream wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason(pub(crate) Bytes);
+
+impl Reason {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Why a head could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("the head is over {0} bytes")]
+    TooLarge(usize),
+    #[error("more than {0} header fields")]
+    TooManyHeaders(usize),
+    #[error("a malformed head: {0}")]
+    Malformed(&'static str),
+}
+
+impl From<httparse::Error> for HeadError {
+    fn from(err: httparse::Error) -> Self {
+        HeadError::Malformed(match err {
+            httparse::Error::HeaderName => "invalid header name",
+            httparse::Error::HeaderValue => "invalid header value",
+            httparse::Error::NewLine => "invalid line ending",
+            httparse::Error::Status => "invalid status",
+            httparse::Error::Token => "invalid token",
+            httparse::Error::TooManyHeaders => "too many headers",
+            httparse::Error::Version => "invalid HTTP version",
+        })
+    }
+}
+
+/// How large a request head may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// The request line and the header fields together.
+    pub bytes: usize,
+    pub headers: usize,
+}
+
+/// Where each header field's name and value lie in a head, as offsets.
+type Spans = Vec<[u32; 4]>;
+
+/// Parses a request head off the front of `buf`: `None` while it is
+/// incomplete. An empty line before the request line is skipped (RFC 9112,
+/// 2.2).
+pub fn parse_request(
+    buf: &mut BytesMut,
+    limits: HeadLimits,
+) -> Result<Option<Request<()>>, HeadError> {
+    while buf.starts_with(b"\r\n") || buf.starts_with(b"\n") {
+        buf.advance(if buf[0] == b'\r' { 2 } else { 1 });
+    }
+    let parsed = if limits.headers <= MAX_HEADERS {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        request_head(buf, &mut slots[..limits.headers], limits)?
+    } else {
+        let mut slots: Vec<_> = (0..limits.headers).map(|_| MaybeUninit::uninit()).collect();
+        request_head(buf, &mut slots, limits)?
+    };
+    let Some(parsed) = parsed else {
+        return Ok(None);
+    };
+    let head = buf.split_to(parsed.len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(parsed.target))
+        .map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let mut request = Request::new(());
+    *request.method_mut() = parsed.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version(parsed.minor);
+    *request.headers_mut() = headers(&head, &parsed.spans)?;
+    Ok(Some(request))
+}
+
+/// A request head as parsed, by offsets into the buffer.
+struct ParsedRequest {
+    len: usize,
+    method: Method,
+    target: Range<usize>,
+    minor: u8,
+    spans: Spans,
+}
+
+fn request_head<'b>(
+    buf: &'b [u8],
+    slots: &mut [MaybeUninit<httparse::Header<'b>>],
+    limits: HeadLimits,
+) -> Result<Option<ParsedRequest>, HeadError> {
+    let mut request = httparse::Request::new(&mut []);
+    let status = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        buf,
+        slots,
+    );
+    let len = match status {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > limits.bytes => {
+            return Err(HeadError::TooLarge(limits.bytes));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooManyHeaders(limits.headers));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if len > limits.bytes {
+        return Err(HeadError::TooLarge(limits.bytes));
+    }
+    let base = buf.as_ptr() as usize;
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| HeadError::Malformed("invalid method"))?;
+    let target = request.path.unwrap_or_default();
+    let start = target.as_ptr() as usize - base;
+    Ok(Some(ParsedRequest {
+        len,
+        method,
+        target: start..start + target.len(),
+        minor: request.version.unwrap_or_default(),
+        spans: spans(base, request.headers),
+    }))
+}
+
+/// Where the fields parsed from a buffer starting at `base` lie.
+fn spans(base: usize, fields: &[httparse::Header<'_>]) -> Spans {
+    // Offsets within a head of at most a few hundred kilobytes.
+    let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
+    fields
+        .iter()
+        .map(|field| {
+            let (name, value) = (field.name.as_bytes(), field.value);
+            let (name_start, value_start) = (offset(name), offset(value));
+            [
+                name_start,
+                name_start + name.len() as u32,
+                value_start,
+                value_start + value.len() as u32,
+            ]
+        })
+        .collect()
+}
+
+/// The header fields at `spans` of `head`, their values slices of it.
+fn headers(head: &Bytes, spans: &Spans) -> Result<HeaderMap, HeadError> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+            .map_err(|_| HeadError::Malformed("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
+                .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn version(minor: u8) -> Version {
+    if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    }
+}
+
+/// Parses a final response head off the front of `buf`: `None` while it is
+/// incomplete. Interim (1xx) responses are consumed and passed over; a
+/// protocol upgrade (101) is refused: nothing here switches protocols.
+pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, HeadError> {
+    loop {
+        let parsed = {
+            let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            response_head(buf, &mut slots)?
+        };
+        let Some(parsed) = parsed else {
+            return Ok(None);
+        };
+        if (100..200).contains(&parsed.code) {
+            if parsed.code == 101 {
+                return Err(HeadError::Malformed("a protocol upgrade"));
+            }
+            buf.advance(parsed.len);
+            continue;
+        }
+        let status = StatusCode::from_u16(parsed.code)
+            .map_err(|_| HeadError::Malformed("invalid status"))?;
+        let head = buf.split_to(parsed.len).freeze();
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version(parsed.minor);
+        *response.headers_mut() = headers(&head, &parsed.spans)?;
+        if let Some(reason) = parsed.reason {
+            response.extensions_mut().insert(Reason(head.slice(reason)));
+        }
+        return Ok(Some(response));
+    }
+}
+
+/// A response head as parsed, by offsets into the buffer.
+struct ParsedResponse {
+    len: usize,
+    code: u16,
+    minor: u8,
+    /// The reason phrase, if it is not the status code's usual one.
+    reason: Option<Range<usize>>,
+    spans: Spans,
+}
+
+fn response_head<'b>(
+    buf: &'b [u8],
+    slots: &mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<Option<ParsedResponse>, HeadError> {
+    let mut response = httparse::Response::new(&mut []);
+    let status = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        slots,
+    );
+    let len = match status {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(HeadError::TooLarge(MAX_HEAD));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooManyHeaders(MAX_HEADERS));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if len > MAX_HEAD {
+        return Err(HeadError::TooLarge(MAX_HEAD));
+    }
+    let base = buf.as_ptr() as usize;
+    let code = response.code.unwrap_or_default();
+    let reason = response
+        .reason
+        .filter(|reason| {
+            !reason.is_empty()
+                && StatusCode::from_u16(code)
+                    .ok()
+                    .and_then(|status| status.canonical_reason())
+                    != Some(*reason)
+        })
+        .map(|reason| {
+            let start = reason.as_ptr() as usize - base;
+            start..start + reason.len()
+        });
+    Ok(Some(ParsedResponse {
+        len,
+        code,
+        minor: response.version.unwrap_or_default(),
+        reason,
+        spans: spans(base, response.headers),
+    }))
+}
+
+/// Why a body could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("a malformed chunked body")]
+    Chunked,
+    #[error("the connection closed before the body was complete")]
+    Incomplete,
+}
+
+/// Where the decoding of a body stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoder {
+    /// This many bytes are still to come.
+    Length(u64),
+    Chunked(Chunked),
+    /// Everything until the sender closes the connection.
+    UntilClose,
+    /// The body has ended.
+    Done,
+}
+
+/// Where a chunked body's decoding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    /// At a chunk-size line.
+    Size,
+    /// Inside a chunk, with this much of it to come.
+    Data(u64),
+    /// At the CRLF that ends a chunk's data.
+    DataEnd,
+    /// At the trailer section after the last chunk.
+    Trailers,
+}
+
+impl Decoder {
+    pub fn new(length: BodyLength) -> Self {
+        match length {
+            BodyLength::Empty => Decoder::Done,
+            BodyLength::Length(n) => Decoder::Length(n),
+            BodyLength::Chunked => Decoder::Chunked(Chunked::Size),
+            BodyLength::UntilClose => Decoder::UntilClose,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Decoder::Done)
+    }
+
+    /// Whether the body's end is known without the connection closing.
+    pub fn is_delimited(&self) -> bool {
+        !matches!(self, Decoder::UntilClose)
+    }
+
+    /// The next frame of the body from what `buf` holds: `None` when more
+    /// must be read first, or when the body has ended ([`Self::is_done`]).
+    /// Data frames are slices of `buf`; what follows the body stays in it.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, BodyError> {
+        match self {
+            Decoder::Done => Ok(None),
+            _ if buf.is_empty() => Ok(None),
+            Decoder::Length(left) => {
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    *self = Decoder::Done;
+                }
+                Ok(Some(Frame::data(buf.split_to(n as usize).freeze())))
+            }
+            Decoder::UntilClose => Ok(Some(Frame::data(buf.split().freeze()))),
+            Decoder::Chunked(_) => self.decode_chunked(buf),
+        }
+    }
+
+    /// The sender closed the connection: the end of a body that runs until
+    /// then, and a cut for any other.
+    pub fn closed(&mut self) -> Result<(), BodyError> {
+        match self {
+            Decoder::Done => Ok(()),
+            Decoder::UntilClose => {
+                *self = Decoder::Done;
+                Ok(())
+            }
+            _ => Err(BodyError::Incomplete),
+        }
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match *self {
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+
+    fn decode_chunked(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, BodyError> {
+        loop {
+            let Decoder::Chunked(state) = self else {
+                return Ok(None);
+            };
+            match state {
+                Chunked::Size => {
+                    let Some(end) = line_end(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    let line = &buf[..end];
+                    let digits = line
+                        .iter()
+                        .position(|b| !b.is_ascii_hexdigit())
+                        .unwrap_or(line.len());
+                    // After the size: nothing, or extensions (ignored),
+                    // with no control character but tab.
+                    let rest = line[digits..].trim_ascii_start();
+                    if digits == 0
+                        || digits > 15
+                        || !(rest.is_empty() || rest[0] == b';')
+                        || rest.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
+                    {
+                        return Err(BodyError::Chunked);
+                    }
+                    let size = line[..digits].iter().fold(0u64, |n, &d| {
+                        n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
+                    });
+                    buf.advance(end + 2);
+                    *state = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = (*left).min(buf.len() as u64);
+                    *left -= n;
+                    if *left == 0 {
+                        *state = Chunked::DataEnd;
+                    }
+                    return Ok(Some(Frame::data(buf.split_to(n as usize).freeze())));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BodyError::Chunked);
+                    }
+                    buf.advance(2);
+                    *state = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    let Some(end) = trailer_section_end(buf)? else {
+                        return Ok(None);
+                    };
+                    let trailers = parse_trailers(&buf[..end])?;
+                    buf.advance(end);
+                    *self = Decoder::Done;
+                    return Ok((!trailers.is_empty()).then(|| Frame::trailers(trailers)));
+                }
+            }
+        }
+    }
+}
+
+/// Where the CRLF ending the line at the front of `buf` starts: `None` if
+/// it has not arrived. A bare LF, or a line longer than `max`, is an error.
+fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, BodyError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(0) => Err(BodyError::Chunked),
+        Some(lf) if buf[lf - 1] != b'\r' => Err(BodyError::Chunked),
+        Some(lf) => Ok(Some(lf - 1)),
+        None if buf.len() > max => Err(BodyError::Chunked),
+        None => Ok(None),
+    }
+}
+
+/// The length of the trailer section at the front of `buf`, its final
+/// empty line included: `None` if it has not all arrived.
+fn trailer_section_end(buf: &[u8]) -> Result<Option<usize>, BodyError> {
+    let mut at = 0;
+    loop {
+        let Some(end) = line_end(&buf[at..], MAX_HEAD)? else {
+            if buf.len() > MAX_HEAD {
+                return Err(BodyError::Chunked);
+            }
+            return Ok(None);
+        };
+        at += end + 2;
+        if end == 0 {
+            return Ok(Some(at));
+        }
+    }
+}
+
+/// The fields of a whole trailer section (every line ending in CRLF).
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, BodyError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(section, &mut fields)
+    else {
+        return Err(BodyError::Chunked);
+    };
+    let mut trailers = HeaderMap::new();
+    for field in fields.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(field.name.as_bytes()),
+            HeaderValue::from_bytes(field.value),
+        ) else {
+            return Err(BodyError::Chunked);
+        };
+        trailers.append(name, value);
+    }
+    Ok(trailers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        bytes: 1024,
+        headers: 10,
+    };
+
+    /// The request parsed from `text`, as its target (or an error).
+    fn request(text: &str) -> Result<Option<String>, HeadError> {
+        let parsed = parse_request(&mut BytesMut::from(text), LIMITS)?;
+        Ok(parsed.map(|req| req.uri().to_string()))
+    }
+
+    #[test]
+    fn a_request_head_becomes_a_request_and_leaves_the_body() {
+        let mut buf =
+            BytesMut::from("\r\nPOST /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\nbody");
+        let req = parse_request(&mut buf, LIMITS).unwrap().unwrap();
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers()["host"], "x");
+        let values: Vec<_> = req.headers().get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(&buf[..], b"body");
+        let mut buf = BytesMut::from("GET / HTTP/1.0\r\n\r\n");
+        let req = parse_request(&mut buf, LIMITS).unwrap().unwrap();
+        assert_eq!(req.version(), Version::HTTP_10);
+    }
+
+    #[test]
+    fn an_incomplete_request_head_waits_and_an_oversized_one_is_refused() {
+        assert_eq!(request("GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None));
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(1100));
+        assert_eq!(request(&long), Err(HeadError::TooLarge(1024)));
+        let complete_but_long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(1100));
+        assert_eq!(request(&complete_but_long), Err(HeadError::TooLarge(1024)));
+        let many: String = (0..11).map(|i| format!("X-{i}: {i}\r\n")).collect();
+        assert_eq!(
+            request(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            Err(HeadError::TooManyHeaders(10))
+        );
+    }
+
+    #[test]
+    fn malformed_request_heads_are_refused() {
+        for bad in [
+            "GET / HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
+            "GET / HTTP/2.0\r\n\r\n",
+            "G(T / HTTP/1.1\r\n\r\n",
+            "GET /a b HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(request(bad), Err(HeadError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    fn response(text: &str) -> Response<()> {
+        parse_response(&mut BytesMut::from(text)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn interim_responses_are_passed_over() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nx-a: 1\r\n\r\nbody",
+        );
+        let head = parse_response(&mut buf).unwrap().unwrap();
+        assert_eq!(head.status(), StatusCode::CREATED);
+        assert_eq!(head.headers()["x-a"], "1");
+        assert!(!head.headers().contains_key("link"));
+        assert_eq!(&buf[..], b"body");
+    }
+
+    #[test]
+    fn an_incomplete_response_head_waits_for_more() {
+        let partial = "HTTP/1.1 200 OK\r\ncontent-le";
+        let mut buf = BytesMut::from(partial);
+        assert!(parse_response(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), partial.len());
+    }
+
+    #[test]
+    fn an_upgrade_or_a_bad_status_is_an_error() {
+        let mut upgrade = BytesMut::from("HTTP/1.1 101 Switching Protocols\r\n\r\n");
+        assert!(parse_response(&mut upgrade).is_err());
+        let mut garbage = BytesMut::from("HTTP/1.1 2000 OK\r\n\r\n");
+        assert!(parse_response(&mut garbage).is_err());
+    }
+
+    #[test]
+    fn an_unusual_reason_phrase_is_kept() {
+        let sold_out = response("HTTP/1.1 409 Sold Out\r\ncontent-length: 0\r\n\r\n");
+        let reason = sold_out.extensions().get::<Reason>().unwrap();
+        assert_eq!(reason.as_bytes(), b"Sold Out");
+        let usual = response("HTTP/1.1 404 Not Found\r\n\r\n");
+        assert!(usual.extensions().get::<Reason>().is_none());
+    }
+
+    /// Feeds `input` to a chunked decoder a byte at a time: the data, the
+    /// trailers and what is left after the body.
+    fn decode_bytewise(input: &str) -> Result<(String, Option<HeaderMap>, String), BodyError> {
+        let mut decoder = Decoder::new(BodyLength::Chunked);
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        for &byte in input.as_bytes() {
+            buf.extend_from_slice(&[byte]);
+            if decoder.is_done() {
+                continue;
+            }
+            while let Some(frame) = decoder.decode(&mut buf)? {
+                match frame.into_data() {
+                    Ok(chunk) => data.extend_from_slice(&chunk),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+        }
+        if !decoder.is_done() {
+            return Err(BodyError::Incomplete);
+        }
+        Ok((
+            String::from_utf8(data).unwrap(),
+            trailers,
+            String::from_utf8(buf.to_vec()).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_from_any_split() {
+        let (data, trailers, rest) = decode_bytewise(
+            "4;name=value\r\nWiki\r\n5 ; x\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nx-sum: 7\r\n\r\nNEXT",
+        )
+        .unwrap();
+        assert_eq!(data, "Wikipedia in\r\n\r\nchunks.");
+        assert_eq!(trailers.unwrap()["x-sum"], "7");
+        assert_eq!(rest, "NEXT");
+        let (data, trailers, rest) = decode_bytewise("3\r\nabc\r\n0\r\n\r\n").unwrap();
+        assert_eq!((data.as_str(), trailers, rest.as_str()), ("abc", None, ""));
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [
+            "zz\r\n",
+            "\r\n",
+            "3\r\nabcX\r\n",
+            "10000000000000000\r\n",
+            "3 x\r\nabc\r\n",
+            "5;x\nhello\r\n",
+            "5\nhello\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(decode_bytewise(bad), Err(BodyError::Chunked), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_bare_lf_in_the_trailer_section_is_an_error_not_more_trailers() {
+        for bad in [
+            "0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+            "0\r\nx-sum: 7\n\r\n",
+            "0\r\nx-sum: 7\r\n\n",
+        ] {
+            assert_eq!(decode_bytewise(bad), Err(BodyError::Chunked), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_sized_body_ends_at_its_length_and_a_cut_one_is_incomplete() {
+        let mut decoder = Decoder::new(BodyLength::Length(3));
+        let mut buf = BytesMut::from("abcNEXT");
+        let frame = decoder.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(decoder.is_done());
+        assert_eq!(&buf[..], b"NEXT");
+        let mut cut = Decoder::new(BodyLength::Length(3));
+        assert_eq!(cut.closed(), Err(BodyError::Incomplete));
+        let mut until_close = Decoder::new(BodyLength::UntilClose);
+        assert_eq!(until_close.closed(), Ok(()));
+        assert!(until_close.is_done());
+    }
+}

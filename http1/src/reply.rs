@@ -1,0 +1,159 @@
+//! Every reply the software makes up itself, rather than passes on: the
+//! server's refusals of client input, the balancer's proxy errors and admin
+//! answers, the node's answers. All are JSON; every error has one shape:
+//!
+//! ```json
+//! {"error": "sold_out", "detail": "why, for a person", "node": "node-3001"}
+//! ```
+//!
+//! `error` is a short code a program can match on; `detail` (optional)
+//! says more; `node` (optional) names the node that answered.
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+/// The body of every reply made here.
+pub type ReplyBody = Full<Bytes>;
+
+/// An error reply: its status and the fields of its JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Failure<'a> {
+    #[serde(skip)]
+    pub status: StatusCode,
+    pub error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<&'a str>,
+}
+
+impl<'a> Failure<'a> {
+    pub fn new(status: StatusCode, error: &'a str) -> Self {
+        Self {
+            status,
+            error,
+            detail: None,
+            node: None,
+        }
+    }
+
+    pub fn detail(self, detail: &'a str) -> Self {
+        Self {
+            detail: Some(detail),
+            ..self
+        }
+    }
+
+    pub fn node(self, node: &'a str) -> Self {
+        Self {
+            node: Some(node),
+            ..self
+        }
+    }
+
+    /// The JSON body alone, to render once and send many times.
+    pub fn body(&self) -> Bytes {
+        json_bytes(self)
+    }
+
+    pub fn reply(&self) -> Response<ReplyBody> {
+        json(self.status, self.body())
+    }
+}
+
+/// A JSON reply with `body` (already JSON).
+pub fn json(status: StatusCode, body: Bytes) -> Response<ReplyBody> {
+    let mut reply = Response::new(Full::new(body));
+    *reply.status_mut() = status;
+    reply
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    reply
+}
+
+/// `value` as a JSON body, ending in a newline.
+pub fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    // Serializing plain structs of strings and numbers cannot fail.
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
+    body.push(b'\n');
+    Bytes::from(body)
+}
+
+/// A reply of some other type (`/metrics`, say).
+pub fn typed(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ReplyBody> {
+    let mut reply = Response::new(Full::new(body));
+    *reply.status_mut() = status;
+    reply
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    reply
+}
+
+/// 405, naming the methods allowed.
+pub fn method_not_allowed(allow: &'static str) -> Response<ReplyBody> {
+    let mut reply = Failure::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").reply();
+    reply
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    reply
+}
+
+/// Tells the client to ask again in `seconds` (at least 1).
+pub fn retry_after<B>(mut reply: Response<B>, seconds: u64) -> Response<B> {
+    reply
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    reply
+}
+
+/// Ends the connection after this reply: what is left of the request
+/// cannot be read as the next one.
+pub fn closing<B>(mut reply: Response<B>) -> Response<B> {
+    reply
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn text(reply: Response<ReplyBody>) -> String {
+        let body = reply.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_error_has_one_json_shape() {
+        let bare = Failure::new(StatusCode::NOT_FOUND, "not_found").reply();
+        assert_eq!(bare.status(), StatusCode::NOT_FOUND);
+        assert_eq!(bare.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(text(bare).await, "{\"error\":\"not_found\"}\n");
+        let full = Failure::new(StatusCode::CONFLICT, "sold_out")
+            .detail("a \"quoted\" detail")
+            .node("node-1")
+            .reply();
+        assert_eq!(
+            text(full).await,
+            "{\"error\":\"sold_out\",\"detail\":\"a \\\"quoted\\\" detail\",\"node\":\"node-1\"}\n"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_at_least_a_second_and_closing_says_close() {
+        let reply = retry_after(
+            Failure::new(StatusCode::SERVICE_UNAVAILABLE, "x").reply(),
+            0,
+        );
+        assert_eq!(reply.headers()[RETRY_AFTER], "1");
+        let reply = closing(method_not_allowed("GET, HEAD"));
+        assert_eq!(reply.headers()[ALLOW], "GET, HEAD");
+        assert_eq!(reply.headers()[CONNECTION], "close");
+    }
+}

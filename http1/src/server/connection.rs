@@ -1,0 +1,508 @@
+//! One client connection, from its first byte to its close: read a request's
+//! head, check it, hand it to the service with its body, write the reply,
+//! and then wait for the next request, park, or close.
+//!
+//! Each connection is one task, and everything a request does runs in it:
+//! reading the head, the service (and, in the balancer, the exchange with
+//! the upstream), reading the body and writing the reply. So the task
+//! always knows the phase the connection is in ([`super::phase`]), and
+//! which deadline applies.
+
+use std::future::Future;
+use std::net::{Shutdown, SocketAddr};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body;
+use http_body_util::Empty;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::body::{BodyLimits, Home, Report, RequestBody};
+use super::counters::{Open, Rejection};
+use super::park::{Lot, Parked};
+use super::phase::{self, Expiry, Phase, Stall, Timer};
+use super::service::{self, Refused};
+use super::{Handler, Shared};
+use crate::decode::{self, Decoder, HeadError, Reason};
+use crate::encode::{self, BodyEncoder, BodyFraming, ResponseFraming};
+use crate::framing;
+use crate::io::{Outgoing, poll_read};
+
+/// How much room a read of a head is given.
+const HEAD_READ_SIZE: usize = 4 * 1024;
+/// How much of a reply may be queued, taken from its body, before it is
+/// written out.
+const MAX_QUEUED: usize = 64 * 1024;
+/// How long a closed connection's input is read and discarded: see
+/// [`Connection::close_lingering`].
+const LINGER: Duration = Duration::from_secs(5);
+
+/// What a client connection keeps from one request to the next, parked or
+/// not: nothing on the heap, so that a parked connection holds no memory of
+/// its own but its place in the lot.
+#[derive(Debug)]
+pub(super) struct Kept {
+    pub peer: SocketAddr,
+    /// Whether it comes back from the lot, idle, rather than newly
+    /// accepted.
+    pub resumed: bool,
+    /// Its place under the connection limit, and in the count of open
+    /// connections, held until it closes.
+    pub _permit: OwnedSemaphorePermit,
+    pub _open: Open,
+}
+
+/// How reading a head ended, when no request came of it.
+enum NoRequest {
+    /// Idle long enough to be parked.
+    Park,
+    /// Closed: by the client, a timeout or shutdown.
+    Close,
+    /// The head is refused.
+    Refuse(Refused),
+}
+
+/// What a connection does after an exchange.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    /// Closed, gracefully (its input read and discarded for a while) or
+    /// at once (the exchange broke).
+    Close {
+        linger: bool,
+    },
+}
+
+/// A reply could not be written whole; the connection is closed at once.
+struct Aborted;
+
+/// One client connection.
+struct Connection {
+    shared: Arc<Shared>,
+    /// Shared with the request body while it reads.
+    stream: Arc<TcpStream>,
+    /// What was read and not yet consumed; lent to a request body while it
+    /// is read.
+    read: BytesMut,
+    /// Where response heads are written; its room is reused.
+    head: BytesMut,
+    out: Outgoing,
+    timer: Timer,
+    /// Where a request body gives the read buffer back; made for the first
+    /// request with a body.
+    home: Option<Arc<Home>>,
+    kept: Kept,
+}
+
+/// Serves one connection with `handler` until it ends, a deadline of its
+/// phase passes, or shutdown; or, once it is idle, parks it in `lot`.
+pub(super) async fn serve<H: Handler>(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    handler: H,
+    kept: Kept,
+    lot: Option<Arc<Lot<Kept>>>,
+) {
+    let cancelled = shared.shutdown.clone().cancelled_owned();
+    let mut cancelled = pin!(cancelled);
+    // A new connection's first request is due within the header timeout;
+    // one back from the lot is idle until its first byte.
+    let mut phase = if kept.resumed {
+        Phase::Idle
+    } else {
+        Phase::Head
+    };
+    let mut conn = Connection {
+        shared,
+        stream: Arc::new(stream),
+        read: BytesMut::new(),
+        head: BytesMut::new(),
+        out: Outgoing::default(),
+        timer: Timer::new(),
+        home: None,
+        kept,
+    };
+    let mut since = Instant::now();
+    loop {
+        let parking = lot.is_some();
+        let req = match conn
+            .read_head(phase, since, parking, cancelled.as_mut())
+            .await
+        {
+            Ok(req) => req,
+            Err(NoRequest::Close) => return,
+            Err(NoRequest::Refuse(refused)) => {
+                conn.refuse(refused, Version::HTTP_11).await;
+                return;
+            }
+            Err(NoRequest::Park) => {
+                if let Some(lot) = lot {
+                    conn.park(&lot, since);
+                }
+                return;
+            }
+        };
+        match conn.exchange(&handler, req).await {
+            Next::KeepAlive => {
+                phase = Phase::Idle;
+                since = Instant::now();
+            }
+            Next::Close { linger } => {
+                if linger {
+                    conn.close_lingering().await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Connection {
+    fn peer(&self) -> SocketAddr {
+        self.kept.peer
+    }
+
+    /// Reads the next request's head, keeping the deadlines of `phase`
+    /// (begun at `since`): the header timeout once a head is under way;
+    /// while idle, the moment to park (if `parking`) or close. On shutdown,
+    /// a connection with no byte of a request read closes at once.
+    async fn read_head(
+        &mut self,
+        mut phase: Phase,
+        mut since: Instant,
+        parking: bool,
+        mut cancelled: Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Request<()>, NoRequest> {
+        let limits = decode::HeadLimits {
+            bytes: self.shared.settings.max_header_bytes,
+            headers: self.shared.settings.max_headers,
+        };
+        std::future::poll_fn(|cx| {
+            loop {
+                if !self.read.is_empty() {
+                    if phase == Phase::Idle {
+                        phase = Phase::Head;
+                        since = Instant::now();
+                    }
+                    match decode::parse_request(&mut self.read, limits) {
+                        Ok(Some(req)) => return Poll::Ready(Ok(req)),
+                        Ok(None) => {}
+                        Err(error) => return Poll::Ready(Err(NoRequest::Refuse(refusal(&error)))),
+                    }
+                }
+                match poll_read(&self.stream, &mut self.read, HEAD_READ_SIZE, cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(NoRequest::Close)),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => {}
+                }
+                if self.read.is_empty() && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(NoRequest::Close));
+                }
+                let settings = &self.shared.settings;
+                let (deadline, expiry) = phase::deadline(phase, since, settings, parking);
+                if !self.timer.poll_passed(deadline, cx) {
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Err(match expiry {
+                    Expiry::HeaderTimeout => {
+                        self.shared.rejections.reject(
+                            Rejection::HeaderTimeout,
+                            self.peer(),
+                            &"no complete head within header_timeout",
+                        );
+                        NoRequest::Close
+                    }
+                    Expiry::IdleTimeout => NoRequest::Close,
+                    Expiry::Park => NoRequest::Park,
+                }));
+            }
+        })
+        .await
+    }
+
+    /// One request: checked, served, answered.
+    async fn exchange<H: Handler>(&mut self, handler: &H, mut req: Request<()>) -> Next {
+        let settings = &self.shared.settings;
+        let checked = match service::check(&mut req, settings.max_body_bytes) {
+            Ok(checked) => checked,
+            Err(refused) => {
+                self.refuse(refused, req.version()).await;
+                return Next::Close { linger: false };
+            }
+        };
+        let limits = BodyLimits {
+            bytes: settings.max_body_bytes,
+            timeout: settings.body_timeout,
+        };
+        let head_request = req.method() == Method::HEAD;
+        let version = req.version();
+        let mut keep_alive =
+            framing::keeps_alive(version, req.headers()) && !checked.framing.ambiguous;
+        let decoder = Decoder::new(checked.framing.length);
+        let lent = !decoder.is_done();
+        let body = if lent {
+            let home = Arc::clone(self.home.get_or_insert_with(Arc::default));
+            let buf = std::mem::take(&mut self.read);
+            let report = Report {
+                rejections: Arc::clone(&self.shared.rejections),
+                client: self.peer(),
+            };
+            RequestBody::reading(Arc::clone(&self.stream), buf, decoder, home, limits, report)
+        } else {
+            RequestBody::empty()
+        };
+        let failure = body.failure();
+        if checked.expects_continue {
+            self.out
+                .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
+            if self.write(None::<(Empty<Bytes>, _)>).await.is_err() {
+                return Next::Close { linger: false };
+            }
+        }
+        let reply = handler.call(req.map(|()| body)).await;
+        // A body that failed leaves the rest of the request unread: the
+        // connection is closed after the reply, and the reply says so.
+        keep_alive &= !self.shared.shutdown.is_cancelled()
+            && failure.get().is_none()
+            && !framing::has_connection_option(reply.headers(), b"close");
+        let written = self
+            .write_reply(reply, head_request, version, &mut keep_alive)
+            .await;
+        if lent {
+            // The body gave the buffer back if it ended, or was dropped.
+            match self.home.as_ref().and_then(|home| home.take()) {
+                Some(returned) => {
+                    self.read = returned.buf;
+                    // The next request is where the body ended; without
+                    // the end, it cannot be found.
+                    keep_alive &= returned.complete;
+                }
+                None => keep_alive = false,
+            }
+        }
+        match (written, keep_alive) {
+            (Err(Aborted), _) => Next::Close { linger: false },
+            (Ok(()), true) => Next::KeepAlive,
+            (Ok(()), false) => Next::Close { linger: true },
+        }
+    }
+
+    /// Writes `reply` to a request of `version` (a HEAD request if
+    /// `head_request`): its head framed as decided here, then its body.
+    /// Clears `keep_alive` if the body can only end with the connection.
+    async fn write_reply<B: ServedBody>(
+        &mut self,
+        reply: Response<B>,
+        head_request: bool,
+        version: Version,
+        keep_alive: &mut bool,
+    ) -> Result<(), Aborted> {
+        let (mut parts, body) = reply.into_parts();
+        let status = parts.status;
+        let bodiless = head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = (!bodiless).then(|| match body.size_hint().exact() {
+            Some(length) => BodyFraming::Length(length),
+            None if version == Version::HTTP_11 => BodyFraming::Chunked,
+            None => {
+                *keep_alive = false;
+                BodyFraming::UntilClose
+            }
+        });
+        if head_request
+            && !parts.headers.contains_key(CONTENT_LENGTH)
+            && let Some(length) = body.size_hint().exact()
+        {
+            // The length the same GET would have.
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        encode::response_head(
+            &mut self.head,
+            status,
+            parts.extensions.get::<Reason>(),
+            &parts.headers,
+            ResponseFraming {
+                body: framing,
+                keep_alive: *keep_alive,
+                client: version,
+            },
+        );
+        self.out.push(self.head.split().freeze());
+        match framing {
+            Some(framing) => self.write(Some((body, BodyEncoder::new(framing)))).await,
+            None => {
+                drop(body);
+                self.write(None::<(B, _)>).await
+            }
+        }
+    }
+
+    /// Writes what is queued and then `body`, if any, taking its data as
+    /// it comes and writing it as the socket takes it: the head and the
+    /// first data go out together when the body has them at once. A write
+    /// that waits for the client longer than `send_timeout` aborts.
+    async fn write<B: ServedBody>(
+        &mut self,
+        body: Option<(B, BodyEncoder)>,
+    ) -> Result<(), Aborted> {
+        let send_timeout = self.shared.settings.send_timeout;
+        let peer = self.peer();
+        let (mut body, mut encoder) = match body {
+            Some((body, encoder)) => (Some(body), encoder),
+            None => (None, BodyEncoder::new(BodyFraming::Length(0))),
+        };
+        let mut trailers: Option<HeaderMap> = None;
+        let mut stall = Stall::default();
+        std::future::poll_fn(|cx| {
+            loop {
+                while let Some(source) = body.as_mut().filter(|_| self.out.queued() < MAX_QUEUED) {
+                    let Poll::Ready(frame) = Pin::new(source).poll_frame(cx) else {
+                        break;
+                    };
+                    let queued = match frame {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => encoder.data(data, &mut self.out),
+                            Err(frame) => {
+                                trailers = frame.into_trailers().ok();
+                                Ok(())
+                            }
+                        },
+                        Some(Err(error)) => {
+                            tracing::debug!(%peer, %error, "the reply's body failed: closed");
+                            return Poll::Ready(Err(Aborted));
+                        }
+                        None => {
+                            body = None;
+                            encoder.finish(trailers.as_ref(), &mut self.out)
+                        }
+                    };
+                    if queued.is_err() {
+                        tracing::debug!(%peer, "the reply's body does not match its length: closed");
+                        return Poll::Ready(Err(Aborted));
+                    }
+                }
+                if self.out.is_empty() {
+                    return match body {
+                        None => Poll::Ready(Ok(())),
+                        // Waiting on the body.
+                        Some(_) => Poll::Pending,
+                    };
+                }
+                match self.out.poll_write(&self.stream, cx) {
+                    Poll::Ready(Ok(())) => stall.cleared(),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(Aborted)),
+                    Poll::Pending => {
+                        let deadline = stall.waiting(send_timeout);
+                        if self.timer.poll_passed(deadline, cx) {
+                            tracing::debug!(%peer, "the client stopped reading its reply: closed");
+                            return Poll::Ready(Err(Aborted));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Counts a refusal and answers it; the connection is then closed,
+    /// gracefully.
+    async fn refuse(&mut self, refused: Refused, version: Version) {
+        self.shared
+            .rejections
+            .reject(refused.reason, self.peer(), &refused.detail);
+        let mut keep_alive = false;
+        let written = self
+            .write_reply(refused.reply(), false, version, &mut keep_alive)
+            .await;
+        if written.is_ok() {
+            self.close_lingering().await;
+        }
+    }
+
+    /// Parks the idle connection (idle since `since`) in `lot`: its task
+    /// ends, its buffers are freed, and its socket is watched with the
+    /// other parked ones until its client sends again or its idle timeout
+    /// passes. If it cannot be parked, it is closed.
+    fn park(self, lot: &Lot<Kept>, since: Instant) {
+        let deadline = since + self.shared.settings.idle_timeout;
+        let Connection {
+            stream, mut kept, ..
+        } = self;
+        let Ok(stream) = Arc::try_unwrap(stream) else {
+            return;
+        };
+        kept.resumed = true;
+        if let Ok(stream) = stream.into_std() {
+            lot.park(Parked {
+                stream,
+                deadline,
+                conn: kept,
+            });
+        }
+    }
+
+    /// Closes the connection as nginx does: its write side is shut (the
+    /// client sees the end of the reply), and what the client still sends
+    /// is read and discarded until it closes its side or [`LINGER`]
+    /// passes. Closing a socket with unread input resets the connection,
+    /// and the reset can destroy the reply before the client has read it:
+    /// a 413 to a client still sending its body, say.
+    async fn close_lingering(&mut self) {
+        let _ = socket2::SockRef::from(&*self.stream).shutdown(Shutdown::Write);
+        let deadline = Instant::now() + LINGER;
+        let mut sink = BytesMut::new();
+        std::future::poll_fn(|cx| {
+            loop {
+                sink.clear();
+                match poll_read(&self.stream, &mut sink, HEAD_READ_SIZE, cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => {}
+                }
+                return match self.timer.poll_passed(deadline, cx) {
+                    true => Poll::Ready(()),
+                    false => Poll::Pending,
+                };
+            }
+        })
+        .await;
+    }
+}
+
+/// The refusal of a head that could not be read.
+fn refusal(error: &HeadError) -> Refused {
+    match error {
+        HeadError::TooLarge(_) => Refused {
+            reason: Rejection::HeadersTooLarge,
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            detail: "the request line and headers are over max_header_bytes",
+        },
+        HeadError::TooManyHeaders(_) => Refused {
+            reason: Rejection::HeadersTooLarge,
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            detail: "more header fields than max_headers",
+        },
+        HeadError::Malformed(detail) => Refused {
+            reason: Rejection::BadRequest,
+            status: StatusCode::BAD_REQUEST,
+            detail,
+        },
+    }
+}
+
+/// A reply body the connection can write.
+pub(super) trait ServedBody: Body<Data = Bytes, Error: std::fmt::Display> + Unpin {}
+
+impl<B> ServedBody for B where B: Body<Data = Bytes, Error: std::fmt::Display> + Unpin {}

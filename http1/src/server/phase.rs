@@ -1,0 +1,157 @@
+//! Where a client connection is in its request cycle, and which deadline
+//! holds it there.
+//!
+//! | phase | from | deadline |
+//! |---|---|---|
+//! | head | the connection opened, or a first byte arrived after a reply | `header_timeout`, then closed (a slowloris ends here) |
+//! | busy | the head was read | none here: the body has its own ([`super::body`]), the upstream its own |
+//! | idle | the reply was written out | [`PARK_AFTER`], then parked; `idle_timeout`, then closed |
+//!
+//! In every phase, a write that waits for the client longer than
+//! `send_timeout` closes the connection.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use spike_config::server::ServerSettings;
+use tokio::time::{Instant, Sleep};
+
+/// How long a keep-alive connection stays idle before it is parked
+/// ([`super::park`]): its task and its buffers are freed, and only the
+/// socket is watched until the next request comes (nginx frees its buffers
+/// the same way). Setting that state up again costs a little of a proxied
+/// request's CPU, so a connection whose next request follows at once keeps
+/// it.
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// Where a connection waits for its client's next bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// A request's head is under way.
+    Head,
+    /// No request is under way: the last reply went out.
+    Idle,
+}
+
+/// What happens when a phase's deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Expiry {
+    /// The head did not arrive whole within `header_timeout`: closed.
+    HeaderTimeout,
+    /// Idle for [`PARK_AFTER`]: parked.
+    Park,
+    /// Idle for `idle_timeout`: closed.
+    IdleTimeout,
+}
+
+/// The deadline of `phase`, begun at `since`, and what its passing means;
+/// `parking` says whether an idle connection may still be parked.
+pub(super) fn deadline(
+    phase: Phase,
+    since: Instant,
+    settings: &ServerSettings,
+    parking: bool,
+) -> (Instant, Expiry) {
+    match phase {
+        Phase::Head => (since + settings.header_timeout, Expiry::HeaderTimeout),
+        Phase::Idle if parking && PARK_AFTER < settings.idle_timeout => {
+            (since + PARK_AFTER, Expiry::Park)
+        }
+        Phase::Idle => (since + settings.idle_timeout, Expiry::IdleTimeout),
+    }
+}
+
+/// A connection's one timer, moved from deadline to deadline: moving a
+/// registered timer is cheap, registering a new one is not.
+#[derive(Debug)]
+pub(super) struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    armed: Instant,
+}
+
+impl Timer {
+    pub fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(now)),
+            armed: now,
+        }
+    }
+
+    /// Whether `deadline` has passed, registering to be woken when it does.
+    pub fn poll_passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        if self.armed != deadline {
+            self.sleep.as_mut().reset(deadline);
+            self.armed = deadline;
+        }
+        self.sleep.as_mut().poll(cx) == Poll::Ready(())
+    }
+}
+
+/// Since when a write has been waiting for the client to read, for the
+/// send timeout.
+#[derive(Debug, Default)]
+pub(super) struct Stall {
+    since: Option<Instant>,
+}
+
+impl Stall {
+    /// A write has to wait: when the send timeout runs out if it goes on.
+    pub fn waiting(&mut self, send_timeout: Duration) -> Instant {
+        *self.since.get_or_insert_with(Instant::now) + send_timeout
+    }
+
+    /// A write went through.
+    pub fn cleared(&mut self) {
+        self.since = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_phase_has_its_deadline() {
+        let settings = ServerSettings {
+            header_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(5),
+            ..ServerSettings::default()
+        };
+        let since = Instant::now();
+        assert_eq!(
+            deadline(Phase::Head, since, &settings, true),
+            (since + Duration::from_secs(2), Expiry::HeaderTimeout)
+        );
+        assert_eq!(
+            deadline(Phase::Idle, since, &settings, true),
+            (since + PARK_AFTER, Expiry::Park)
+        );
+        assert_eq!(
+            deadline(Phase::Idle, since, &settings, false),
+            (since + Duration::from_secs(5), Expiry::IdleTimeout)
+        );
+        // An idle timeout shorter than the moment to park: closed, not
+        // parked.
+        let brief = ServerSettings {
+            idle_timeout: Duration::from_millis(50),
+            ..settings
+        };
+        assert_eq!(
+            deadline(Phase::Idle, since, &brief, true),
+            (since + Duration::from_millis(50), Expiry::IdleTimeout)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_does_not_take_is_timed_from_its_first_wait() {
+        let timeout = Duration::from_secs(60);
+        let mut stall = Stall::default();
+        let first = stall.waiting(timeout);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(stall.waiting(timeout), first, "from the first wait");
+        stall.cleared();
+        assert_eq!(stall.waiting(timeout), Instant::now() + timeout);
+    }
+}
