@@ -2,7 +2,12 @@
 //! client's connection, decoded by its framing ([`crate::decode`]), within
 //! the server's size limit and body timeout.
 //!
-//! While the body is read, it holds the connection's read buffer (and a
+//! What of the body came with the request's head is decoded at once, before
+//! any handler sees the request ([`Prefetched`]): a body sent whole with its
+//! head (the usual case) is checked then, so a malformed one is refused
+//! before anything of it is forwarded, and holds nothing of the connection.
+//! The rest is read as the handler asks for it. While the body is read, it
+//! holds the connection's read buffer (and a
 //! handle on its socket); when the body has ended, or is dropped, the
 //! buffer goes back to the connection, with anything read beyond the body
 //! (a pipelined next request). A body dropped before its end leaves the
@@ -15,6 +20,7 @@
 //! body to the upstream connection, and if that exchange then fails, it
 //! tells the client's fault (400, 408, 413) from the upstream's (502).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -84,9 +90,41 @@ impl BodyFailure {
 /// stands still.
 #[derive(Debug, Default)]
 pub struct RequestBody {
-    /// `None`: no body, or it has ended.
+    /// Frames decoded from what came with the head, to hand out first.
+    ready: VecDeque<Frame<Bytes>>,
+    /// The rest, read off the connection; `None`: no more, or it has ended.
     reading: Option<Box<Reading>>,
     failure: BodyFailure,
+}
+
+/// What of a body could be decoded from what came with its request's head.
+#[derive(Debug, Default)]
+pub(super) struct Prefetched {
+    pub frames: VecDeque<Frame<Bytes>>,
+    /// Data bytes among them.
+    pub received: u64,
+}
+
+impl Prefetched {
+    /// Decodes the body framed by `decoder` from what `buf` holds, as far
+    /// as it goes, within `limit` bytes of data.
+    pub fn decode(
+        decoder: &mut Decoder,
+        buf: &mut BytesMut,
+        limit: u64,
+    ) -> Result<Self, BodyError> {
+        let mut prefetched = Prefetched::default();
+        while let Some(frame) = decoder.decode(buf).map_err(|_| BodyError::Malformed)? {
+            if let Some(data) = frame.data_ref() {
+                prefetched.received += data.len() as u64;
+                if prefetched.received > limit {
+                    return Err(BodyError::TooLarge);
+                }
+            }
+            prefetched.frames.push_back(frame);
+        }
+        Ok(prefetched)
+    }
 }
 
 /// A body being read off its connection.
@@ -156,10 +194,19 @@ impl RequestBody {
         Self::default()
     }
 
-    /// The body framed by `decoder`, read from `stream` after what `buf`
-    /// already holds; `buf` goes back to `home` when the body ends or is
-    /// dropped.
+    /// A body that came whole with its head.
+    pub(super) fn whole(prefetched: Prefetched) -> Self {
+        Self {
+            ready: prefetched.frames,
+            ..Self::default()
+        }
+    }
+
+    /// The body framed by `decoder`: the frames `prefetched` first, then
+    /// the rest read from `stream` after what `buf` already holds; `buf`
+    /// goes back to `home` when the body ends or is dropped.
     pub(super) fn reading(
+        prefetched: Prefetched,
         stream: Arc<TcpStream>,
         buf: BytesMut,
         decoder: Decoder,
@@ -169,6 +216,7 @@ impl RequestBody {
     ) -> Self {
         let failure = Arc::new(OnceLock::new());
         Self {
+            ready: prefetched.frames,
             failure: BodyFailure(Some(Arc::clone(&failure))),
             reading: Some(Box::new(Reading {
                 stream,
@@ -176,7 +224,7 @@ impl RequestBody {
                 decoder,
                 home,
                 limit: limits.bytes,
-                received: 0,
+                received: prefetched.received,
                 wait: ClientWait::new(limits.timeout),
                 failure,
                 report,
@@ -210,6 +258,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let Some(frame) = this.ready.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         if let Some(error) = this.failure.get() {
             return Poll::Ready(Some(Err(error)));
         }
@@ -253,14 +304,26 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reading.is_none()
+        self.ready.is_empty() && self.reading.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.reading {
+        let ready: u64 = self
+            .ready
+            .iter()
+            .filter_map(|frame| frame.data_ref())
+            .map(|data| data.len() as u64)
+            .sum();
+        let rest = match &self.reading {
             Some(reading) => reading.decoder.size_hint(),
             None => SizeHint::with_exact(0),
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ready);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ready);
         }
+        hint
     }
 }
 
@@ -346,6 +409,7 @@ mod tests {
             client: client.local_addr().unwrap(),
         };
         let body = RequestBody::reading(
+            Prefetched::default(),
             Arc::new(server),
             BytesMut::new(),
             Decoder::new(length),

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use super::body::{BodyLimits, Home, Report, RequestBody};
+use super::body::{BodyLimits, Home, Prefetched, Report, RequestBody};
 use super::counters::{Open, Rejection};
 use super::park::{Lot, Parked};
 use super::phase::{self, Expiry, Phase, Stall, Timer};
@@ -245,7 +245,15 @@ impl Connection {
         let version = req.version();
         let mut keep_alive =
             framing::keeps_alive(version, req.headers()) && !checked.framing.ambiguous;
-        let decoder = Decoder::new(checked.framing.length);
+        let mut decoder = Decoder::new(checked.framing.length);
+        let prefetched = match Prefetched::decode(&mut decoder, &mut self.read, limits.bytes) {
+            Ok(prefetched) => prefetched,
+            Err(error) => {
+                let refused = Refused::body(error);
+                self.refuse(refused, version).await;
+                return Next::Close { linger: false };
+            }
+        };
         let lent = !decoder.is_done();
         let body = if lent {
             let home = Arc::clone(self.home.get_or_insert_with(Arc::default));
@@ -254,9 +262,10 @@ impl Connection {
                 rejections: Arc::clone(&self.shared.rejections),
                 client: self.peer(),
             };
-            RequestBody::reading(Arc::clone(&self.stream), buf, decoder, home, limits, report)
+            let stream = Arc::clone(&self.stream);
+            RequestBody::reading(prefetched, stream, buf, decoder, home, limits, report)
         } else {
-            RequestBody::empty()
+            RequestBody::whole(prefetched)
         };
         let failure = body.failure();
         if checked.expects_continue {

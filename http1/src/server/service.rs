@@ -23,6 +23,7 @@ use http::header::{EXPECT, HOST, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 
+use super::body::BodyError;
 use super::counters::Rejection;
 use crate::framing::{self, BodyLength, Framing, Role};
 use crate::reply::{self, Failure, ReplyBody};
@@ -44,6 +45,19 @@ pub(super) struct Refused {
 }
 
 impl Refused {
+    /// The refusal of a body found faulty before any handler saw it.
+    pub fn body(error: BodyError) -> Self {
+        Self {
+            reason: error.rejection(),
+            status: error.status(),
+            detail: match error {
+                BodyError::TooLarge => "a body over max_body_bytes",
+                BodyError::Timeout => "a body that did not arrive in time",
+                BodyError::Malformed => "a malformed chunked body",
+            },
+        }
+    }
+
     fn bad(detail: &'static str) -> Self {
         Self {
             reason: Rejection::BadRequest,
