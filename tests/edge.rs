@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use spike_tests::ab::ab;
-use spike_tests::backend::{Backend, Recorded, Reply};
+use spike_tests::backend::{Answer, Backend, Recorded};
 use spike_tests::balancer::Balancer;
 use spike_tests::client::Client;
 use spike_tests::raw::{RawBackend, RawConnection, RawResponse};
@@ -118,6 +118,67 @@ async fn ambiguous_or_malformed_framing_gets_400_and_reaches_nothing() {
     assert_eq!(backend.incomplete(), 0);
     assert!(rejections(&balancer, "bad_request").await >= 12);
     still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_nginx_and_rfc_9112_refuse_is_refused_before_any_upstream() {
+    let (backend, balancer) = setup("").await;
+    let bad_request: [&[u8]; 9] = [
+        // Host twice, a Host holding a list, a Host that is no host, none.
+        b"GET /a HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: good.example, evil.example\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a/b@c\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nX-A: 1\r\n\r\n",
+        // A bare LF ending the trailer section, which a proxy in front
+        // might read as the end of the body, with a request behind it.
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        // A target in neither origin nor absolute form.
+        b"GET localhost:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        // Two identical lengths.
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+    ];
+    for request in bad_request {
+        let status = exchange(&balancer, request).await.map(|r| r.status);
+        assert_eq!(status, Some(400), "{}", String::from_utf8_lossy(request));
+    }
+    // A transfer coding beside chunked: the coding would be lost on the way.
+    let not_implemented: [&[u8]; 2] = [
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ];
+    for request in not_implemented {
+        let response = exchange(&balancer, request).await.unwrap();
+        assert_eq!(response.status, 501, "{}", String::from_utf8_lossy(request));
+        assert_eq!(
+            String::from_utf8_lossy(&response.body),
+            "{\"error\":\"not_implemented\",\"detail\":\"a transfer coding other than chunked\"}\n"
+        );
+    }
+    // Nothing of any of them reached the backend, whole or in part.
+    assert!(backend.requests().is_empty(), "{:?}", backend.requests());
+    assert_eq!(backend.incomplete(), 0);
+    assert_eq!(rejections(&balancer, "bad_request").await, 9);
+    assert_eq!(rejections(&balancer, "not_implemented").await, 2);
+    still_serves(&balancer, &backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_absolute_form_goes_to_the_host_its_target_names() {
+    let (backend, balancer) = setup("").await;
+    let response = exchange(
+        &balancer,
+        b"GET http://shop.example:8080/a?b=1 HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    let seen = backend.requests()[0].to_ascii_lowercase();
+    assert!(seen.starts_with("get /a?b=1 http/1.1\r\n"), "{seen}");
+    assert!(seen.contains("\r\nhost: shop.example:8080\r\n"), "{seen}");
+    assert!(!seen.contains("other.example"), "{seen}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,7 +506,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_at_its_request_limit_is_passed_over_then_503() {
     let respond = |request: &Recorded| {
-        let reply = Reply::ok(request.uri.path().to_owned());
+        let reply = Answer::ok(request.uri.path().to_owned());
         if request.uri.path() == "/slow" {
             reply.delayed(Duration::from_secs(3))
         } else {
@@ -603,7 +664,7 @@ async fn a_slow_reader_gets_its_whole_reply_and_the_next_one_intact() {
         } else {
             10
         };
-        Reply::ok(pattern(len))
+        Answer::ok(pattern(len))
     })
     .await;
     let balancer = Balancer::start(&[(backend.addr(), 1)], EDGE);
@@ -634,7 +695,7 @@ async fn a_slow_reader_gets_its_whole_reply_and_the_next_one_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_at_the_send_timeout() {
-    let backend = Backend::start(|_| Reply::ok(pattern(32 << 20))).await;
+    let backend = Backend::start(|_| Answer::ok(pattern(32 << 20))).await;
     let balancer = Balancer::start(
         &[(backend.addr(), 1)],
         &format!("{EDGE}send_timeout = \"1s\"\n"),

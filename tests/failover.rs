@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use spike_tests::backend::{Backend, Reply};
+use spike_tests::backend::{Answer, Backend};
 use spike_tests::balancer::Balancer;
 use spike_tests::client::Client;
 use spike_tests::process::Process;
@@ -190,6 +190,53 @@ async fn a_killed_backend_costs_only_its_requests_in_flight_and_comes_back() {
     );
 }
 
+/// A node killed under load and restarted at once: its failed requests
+/// rest it (shown as `resting`, with the time left), but it is back as
+/// soon as it has passed `rise` probes, not after its 10 s rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_restarted_at_once_is_back_after_rise_probes_not_its_rest() {
+    const INTERVAL: Duration = Duration::from_millis(500);
+    let mut a = backend_process("a", "127.0.0.1:0");
+    let b = backend_process("b", "127.0.0.1:0");
+    let a_addr = a.addr();
+    let balancer = Balancer::start(
+        &[(a_addr, 1), (b.addr(), 1)],
+        "[health]\ninterval = \"500ms\"\ntimeout = \"400ms\"\nrise = 2\nfall = 30\n\
+         max_fails = 3\nfail_timeout = \"10s\"\n",
+    );
+    let load = Load::start(balancer.url("/load"), 8);
+    wait_until_async("the load to be steady", Duration::from_secs(10), || async {
+        load.ok() >= 50
+    })
+    .await;
+
+    a.signal(Signal::SIGKILL);
+    a.wait(Duration::from_secs(5));
+    wait_for_state(&balancer, a_addr, "resting", Duration::from_secs(5)).await;
+    let stats = upstream(&balancer, a_addr).await;
+    let left = stats["rest_seconds_left"].as_f64().unwrap();
+    assert!(left > 5.0 && left <= 10.0, "{stats}");
+    assert!(!stats["healthy"].as_bool().unwrap(), "{stats}");
+
+    let a = backend_process("a", &a_addr.to_string());
+    let restarted = Instant::now();
+    wait_until_async(
+        "requests to reach the restarted node",
+        Duration::from_secs(10),
+        || async { seen(&a).await.iter().any(|path| path == "/load") },
+    )
+    .await;
+    let back_after = restarted.elapsed();
+    // rise x interval, plus the wait for the first probe, plus this
+    // machine's slack: well short of the 10 s rest.
+    assert!(
+        back_after < 2 * INTERVAL + INTERVAL + Duration::from_millis(1_500),
+        "back after {back_after:?}"
+    );
+    assert_eq!(upstream(&balancer, a_addr).await["state"], "up");
+    load.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_never_answers_is_timed_out_and_taken_out() {
     // Accepts connections, reads nothing, answers nothing.
@@ -248,9 +295,9 @@ async fn a_backend_that_never_answers_is_timed_out_and_taken_out() {
 async fn a_backend_that_fails_its_health_checks_is_taken_out() {
     let sick = Backend::start(|req| {
         if req.uri.path() == "/health" {
-            Reply::status(500)
+            Answer::status(500)
         } else {
-            Reply::ok("sick")
+            Answer::ok("sick")
         }
     })
     .await;
@@ -339,9 +386,9 @@ async fn with_every_upstream_down_clients_get_503_at_once_or_the_backup() {
     let sick = |name: &'static str| {
         Backend::start(move |req| {
             if req.uri.path() == "/health" {
-                Reply::status(503)
+                Answer::status(503)
             } else {
-                Reply::ok(name)
+                Answer::ok(name)
             }
         })
     };

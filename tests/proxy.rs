@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::Method;
 use spike_tests::ab::ab;
-use spike_tests::backend::{Backend, Reply};
+use spike_tests::backend::{Answer, Backend};
 use spike_tests::balancer::Balancer;
 use spike_tests::client::Client;
 use spike_tests::raw::RawConnection;
@@ -23,7 +23,7 @@ async fn upstream_stats(balancer: &Balancer) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_go_and_forwarding_headers_come() {
     let backend = Backend::start(|_| {
-        Reply::ok("done")
+        Answer::ok("done")
             .header("connection", "x-upstream-secret")
             .header("x-upstream-secret", "1")
             .header("keep-alive", "timeout=5")
@@ -92,7 +92,7 @@ async fn hop_by_hop_headers_go_and_forwarding_headers_come() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_through_intact_both_ways() {
     // The backend answers with the body it received.
-    let backend = Backend::start(|req| Reply::ok(req.body.clone())).await;
+    let backend = Backend::start(|req| Answer::ok(req.body.clone())).await;
     let balancer = Balancer::start(
         &[(backend.addr(), 1)],
         "[server]\nmax_body_bytes = 16777216\n",
@@ -115,7 +115,7 @@ async fn large_bodies_stream_through_intact_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_bodies_are_reframed_intact_both_ways() {
-    let backend = Backend::start(|req| Reply::ok(req.body.clone()).chunked(3)).await;
+    let backend = Backend::start(|req| Answer::ok(req.body.clone()).chunked(3)).await;
     let balancer = Balancer::start(&[(backend.addr(), 1)], "");
 
     let mut conn = RawConnection::connect(balancer.proxy()).await;
@@ -136,9 +136,9 @@ async fn chunked_bodies_are_reframed_intact_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_204_and_304_are_framed_without_a_body() {
     let backend = Backend::start(|req| match req.uri.path() {
-        "/no-content" => Reply::status(204),
-        "/not-modified" => Reply::status(304).header("etag", "\"v1\""),
-        _ => Reply::ok("hello"),
+        "/no-content" => Answer::status(204),
+        "/not-modified" => Answer::status(304).header("etag", "\"v1\""),
+        _ => Answer::ok("hello"),
     })
     .await;
     let balancer = Balancer::start(&[(backend.addr(), 1)], "");
@@ -243,7 +243,7 @@ async fn an_unreachable_upstream_gets_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upstream_gets_504_and_leaves_nothing_behind() {
-    let backend = Backend::start(|_| Reply::ok("late").delayed(Duration::from_secs(30))).await;
+    let backend = Backend::start(|_| Answer::ok("late").delayed(Duration::from_secs(30))).await;
     let balancer = Balancer::start(
         &[(backend.addr(), 1)],
         "[proxy]\nresponse_timeout = \"300ms\"\n",
@@ -517,7 +517,7 @@ async fn a_transfer_coding_other_than_chunked_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upload_is_not_the_upstream_s_delay() {
-    let backend = Backend::start(|_| Reply::ok("bought")).await;
+    let backend = Backend::start(|_| Answer::ok("bought")).await;
     let balancer = Balancer::start(
         &[(backend.addr(), 1)],
         "[proxy]\nresponse_timeout = \"1s\"\n[server]\nbody_timeout = \"5s\"\n[health]\nenabled = false\n",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::Method;
 use nix::sys::signal::Signal;
 use spike_tests::ab::{AbReport, ab};
-use spike_tests::backend::{Backend, Reply};
+use spike_tests::backend::{Answer, Backend};
 use spike_tests::balancer::{Balancer, config};
 use spike_tests::client::Client;
 use spike_tests::wait_until_async;
@@ -25,7 +25,7 @@ async fn backends(count: usize) -> Vec<Backend> {
         // `/slow` takes half a second, to have requests in flight.
         backends.push(
             Backend::start(move |req| {
-                let reply = Reply::ok(name.clone());
+                let reply = Answer::ok(name.clone());
                 if req.uri.path() == "/slow" {
                     reply.delayed(Duration::from_millis(500))
                 } else {
@@ -377,7 +377,7 @@ async fn a_new_listen_address_is_reported_as_needing_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_every_accepted_request_finish_then_exits_0() {
     let backend =
-        Backend::start(|_| Reply::ok(vec![b'x'; 100_000]).delayed(Duration::from_secs(1))).await;
+        Backend::start(|_| Answer::ok(vec![b'x'; 100_000]).delayed(Duration::from_secs(1))).await;
     let mut balancer = Balancer::start(
         &[(backend.addr(), 1)],
         "[server]\nshutdown_grace = \"5s\"\n",

@@ -54,6 +54,18 @@ fn every_kind_of_bad_config_is_located_and_starts_nothing() {
             "at least one [[upstream]]",
         ),
         (one.replace("[[upstream]]", "[[upstream"), "4:", ""),
+        // A probe path that could not be sent: refused here, not left to
+        // kill the checks later.
+        (
+            format!("{one}[health]\npath = \"/he<alth>\"\n"),
+            "9:8",
+            "path `/he<alth>` is not a request path",
+        ),
+        (
+            format!("{one}[health]\nfail_on = [\"http_503\", \"5xx\"]\n"),
+            "9:11",
+            "`5xx` is not a failure",
+        ),
     ];
     for (text, place, message) in cases {
         let (ok, stdout, stderr, path) = balancer_with(&text);

@@ -286,7 +286,7 @@ fn response_head<'b>(
 
 /// Why a body could not be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BodyError {
+pub enum DecodeError {
     #[error("a malformed chunked body")]
     Chunked,
     #[error("the connection closed before the body was complete")]
@@ -340,7 +340,7 @@ impl Decoder {
     /// The next frame of the body from what `buf` holds: `None` when more
     /// must be read first, or when the body has ended ([`Self::is_done`]).
     /// Data frames are slices of `buf`; what follows the body stays in it.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, BodyError> {
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, DecodeError> {
         match self {
             Decoder::Done => Ok(None),
             _ if buf.is_empty() => Ok(None),
@@ -359,14 +359,14 @@ impl Decoder {
 
     /// The sender closed the connection: the end of a body that runs until
     /// then, and a cut for any other.
-    pub fn closed(&mut self) -> Result<(), BodyError> {
+    pub fn closed(&mut self) -> Result<(), DecodeError> {
         match self {
             Decoder::Done => Ok(()),
             Decoder::UntilClose => {
                 *self = Decoder::Done;
                 Ok(())
             }
-            _ => Err(BodyError::Incomplete),
+            _ => Err(DecodeError::Incomplete),
         }
     }
 
@@ -378,7 +378,7 @@ impl Decoder {
         }
     }
 
-    fn decode_chunked(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, BodyError> {
+    fn decode_chunked(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, DecodeError> {
         loop {
             let Decoder::Chunked(state) = self else {
                 return Ok(None);
@@ -401,7 +401,7 @@ impl Decoder {
                         || !(rest.is_empty() || rest[0] == b';')
                         || rest.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
                     {
-                        return Err(BodyError::Chunked);
+                        return Err(DecodeError::Chunked);
                     }
                     let size = line[..digits].iter().fold(0u64, |n, &d| {
                         n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
@@ -429,7 +429,7 @@ impl Decoder {
                         return Ok(None);
                     }
                     if &buf[..2] != b"\r\n" {
-                        return Err(BodyError::Chunked);
+                        return Err(DecodeError::Chunked);
                     }
                     buf.advance(2);
                     *state = Chunked::Size;
@@ -450,24 +450,24 @@ impl Decoder {
 
 /// Where the CRLF ending the line at the front of `buf` starts: `None` if
 /// it has not arrived. A bare LF, or a line longer than `max`, is an error.
-fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, BodyError> {
+fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, DecodeError> {
     match buf.iter().position(|&b| b == b'\n') {
-        Some(0) => Err(BodyError::Chunked),
-        Some(lf) if buf[lf - 1] != b'\r' => Err(BodyError::Chunked),
+        Some(0) => Err(DecodeError::Chunked),
+        Some(lf) if buf[lf - 1] != b'\r' => Err(DecodeError::Chunked),
         Some(lf) => Ok(Some(lf - 1)),
-        None if buf.len() > max => Err(BodyError::Chunked),
+        None if buf.len() > max => Err(DecodeError::Chunked),
         None => Ok(None),
     }
 }
 
 /// The length of the trailer section at the front of `buf`, its final
 /// empty line included: `None` if it has not all arrived.
-fn trailer_section_end(buf: &[u8]) -> Result<Option<usize>, BodyError> {
+fn trailer_section_end(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
     let mut at = 0;
     loop {
         let Some(end) = line_end(&buf[at..], MAX_HEAD)? else {
             if buf.len() > MAX_HEAD {
-                return Err(BodyError::Chunked);
+                return Err(DecodeError::Chunked);
             }
             return Ok(None);
         };
@@ -479,11 +479,11 @@ fn trailer_section_end(buf: &[u8]) -> Result<Option<usize>, BodyError> {
 }
 
 /// The fields of a whole trailer section (every line ending in CRLF).
-fn parse_trailers(section: &[u8]) -> Result<HeaderMap, BodyError> {
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, DecodeError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let Ok(httparse::Status::Complete((_, fields))) = httparse::parse_headers(section, &mut fields)
     else {
-        return Err(BodyError::Chunked);
+        return Err(DecodeError::Chunked);
     };
     let mut trailers = HeaderMap::new();
     for field in fields.iter() {
@@ -491,7 +491,7 @@ fn parse_trailers(section: &[u8]) -> Result<HeaderMap, BodyError> {
             HeaderName::from_bytes(field.name.as_bytes()),
             HeaderValue::from_bytes(field.value),
         ) else {
-            return Err(BodyError::Chunked);
+            return Err(DecodeError::Chunked);
         };
         trailers.append(name, value);
     }
@@ -604,7 +604,7 @@ mod tests {
 
     /// Feeds `input` to a chunked decoder a byte at a time: the data, the
     /// trailers and what is left after the body.
-    fn decode_bytewise(input: &str) -> Result<(String, Option<HeaderMap>, String), BodyError> {
+    fn decode_bytewise(input: &str) -> Result<(String, Option<HeaderMap>, String), DecodeError> {
         let mut decoder = Decoder::new(BodyLength::Chunked);
         let mut buf = BytesMut::new();
         let (mut data, mut trailers) = (Vec::new(), None);
@@ -621,7 +621,7 @@ mod tests {
             }
         }
         if !decoder.is_done() {
-            return Err(BodyError::Incomplete);
+            return Err(DecodeError::Incomplete);
         }
         Ok((
             String::from_utf8(data).unwrap(),
@@ -654,7 +654,7 @@ mod tests {
             "5;x\nhello\r\n",
             "5\nhello\r\n0\r\n\r\n",
         ] {
-            assert_eq!(decode_bytewise(bad), Err(BodyError::Chunked), "{bad:?}");
+            assert_eq!(decode_bytewise(bad), Err(DecodeError::Chunked), "{bad:?}");
         }
     }
 
@@ -665,7 +665,7 @@ mod tests {
             "0\r\nx-sum: 7\n\r\n",
             "0\r\nx-sum: 7\r\n\n",
         ] {
-            assert_eq!(decode_bytewise(bad), Err(BodyError::Chunked), "{bad:?}");
+            assert_eq!(decode_bytewise(bad), Err(DecodeError::Chunked), "{bad:?}");
         }
     }
 
@@ -678,7 +678,7 @@ mod tests {
         assert!(decoder.is_done());
         assert_eq!(&buf[..], b"NEXT");
         let mut cut = Decoder::new(BodyLength::Length(3));
-        assert_eq!(cut.closed(), Err(BodyError::Incomplete));
+        assert_eq!(cut.closed(), Err(DecodeError::Incomplete));
         let mut until_close = Decoder::new(BodyLength::UntilClose);
         assert_eq!(until_close.closed(), Ok(()));
         assert!(until_close.is_done());

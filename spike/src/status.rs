@@ -22,13 +22,15 @@ const LOOK_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// `None` when Redis did not answer or holds no such sale.
-    pub sale: Option<Sale>,
+    pub sale: Option<SaleFigures>,
     /// `None` when the balancer did not answer.
     pub upstreams: Option<Vec<UpstreamView>>,
 }
 
+/// What Redis holds of a sale: its tickets, those sold, the orders in its
+/// stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sale {
+pub struct SaleFigures {
     pub total: u64,
     pub sold: u64,
     pub orders: u64,
@@ -109,9 +111,9 @@ impl Observer {
         Snapshot { sale, upstreams }
     }
 
-    async fn sale(&self) -> Option<Sale> {
+    async fn sale(&self) -> Option<SaleFigures> {
         let state = self.store.state().await.ok()?;
-        Some(Sale {
+        Some(SaleFigures {
             total: state.total?,
             sold: state.sold,
             orders: state.orders,
@@ -247,7 +249,7 @@ mod tests {
             rest_left: None,
         };
         Snapshot {
-            sale: Some(Sale {
+            sale: Some(SaleFigures {
                 total: 100,
                 sold: 40,
                 orders: 40,
@@ -290,7 +292,7 @@ mod tests {
             "{summary}"
         );
         let mut over = snapshot();
-        over.sale = Some(Sale {
+        over.sale = Some(SaleFigures {
             total: 100,
             sold: 101,
             orders: 101,

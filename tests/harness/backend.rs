@@ -44,7 +44,7 @@ impl Recorded {
 
 /// What the backend answers.
 #[derive(Debug, Clone)]
-pub struct Reply {
+pub struct Answer {
     pub status: StatusCode,
     pub headers: Vec<(&'static str, String)>,
     pub body: Bytes,
@@ -55,7 +55,7 @@ pub struct Reply {
     pub chunks: Option<usize>,
 }
 
-impl Reply {
+impl Answer {
     pub fn ok(body: impl Into<Bytes>) -> Self {
         Self {
             status: StatusCode::OK,
@@ -110,7 +110,7 @@ impl Body for Chunks {
     }
 }
 
-type Respond = dyn Fn(&Recorded) -> Reply + Send + Sync;
+type Respond = dyn Fn(&Recorded) -> Answer + Send + Sync;
 
 /// A running backend; stops on drop.
 pub struct Backend {
@@ -131,7 +131,7 @@ impl std::fmt::Debug for Backend {
 impl Backend {
     /// A backend on an ephemeral port that answers every request with
     /// `respond`.
-    pub async fn start(respond: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Self {
+    pub async fn start(respond: impl Fn(&Recorded) -> Answer + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a backend");
@@ -141,7 +141,7 @@ impl Backend {
     /// A backend on `listener`; see [`Backend::start`].
     pub fn serve(
         listener: TcpListener,
-        respond: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+        respond: impl Fn(&Recorded) -> Answer + Send + Sync + 'static,
     ) -> Self {
         let addr = listener.local_addr().expect("backend address");
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -184,7 +184,7 @@ impl Backend {
     /// `x-backend` header.
     pub async fn named(name: &str) -> Self {
         let name = name.to_owned();
-        Self::start(move |_| Reply::ok(name.clone()).header("x-backend", name.clone())).await
+        Self::start(move |_| Answer::ok(name.clone()).header("x-backend", name.clone())).await
     }
 
     pub fn addr(&self) -> SocketAddr {

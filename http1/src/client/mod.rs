@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 
 pub use response::UpstreamBody;
 
-use crate::decode::{self, BodyError, Decoder, HeadError};
+use crate::decode::{self, DecodeError, Decoder, HeadError};
 use crate::encode;
 use crate::framing::{self, FramingError, Role, parse_decimal};
 use crate::io::{Outgoing, poll_read};
@@ -69,7 +69,7 @@ pub enum ExchangeError {
     #[error("response framing: {0}")]
     Framing(#[from] FramingError),
     #[error("response body: {0}")]
-    Body(#[from] BodyError),
+    Body(#[from] DecodeError),
     #[error("the request body failed")]
     RequestBody,
     #[error("the upstream kept the exchange waiting past the response timeout")]

@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use spike_tests::backend::{Backend, Reply};
+use spike_tests::backend::{Answer, Backend};
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -39,11 +39,11 @@ async fn main() {
     let backend = Backend::serve(listener, move |req| {
         let path = req.uri.path();
         if path == "/health" {
-            return Reply::status(health_status);
+            return Answer::status(health_status);
         }
         let mut seen = seen.lock().unwrap();
         if path == "/seen" {
-            return Reply::ok(serde_json::to_string(&*seen).unwrap());
+            return Answer::ok(serde_json::to_string(&*seen).unwrap());
         }
         seen.push(req.uri.to_string());
         let delay = path
@@ -51,7 +51,7 @@ async fn main() {
             .and_then(|rest| rest.split('/').next())
             .and_then(|ms| ms.parse().ok())
             .map_or(Duration::ZERO, Duration::from_millis);
-        Reply::ok(name.clone()).delayed(delay)
+        Answer::ok(name.clone()).delayed(delay)
     });
     println!("listening on {}", backend.addr());
     std::future::pending::<()>().await;
