@@ -308,14 +308,16 @@ impl Triggers {
                         return Trigger::File;
                     }
                 }
-                failed => {
-                    let error = failed.map_or_else(
-                        || "the watch ended".to_owned(),
-                        |failed| failed.err().map(|err| err.to_string()).unwrap_or_default(),
-                    );
+                Some(Err(error)) => {
                     tracing::error!(
                         %error,
                         "cannot watch the configuration file; changes apply on SIGHUP only"
+                    );
+                    self.events = None;
+                }
+                None => {
+                    tracing::error!(
+                        "the watch on the configuration file ended; changes apply on SIGHUP only"
                     );
                     self.events = None;
                 }

@@ -329,9 +329,10 @@ impl Connection {
         });
         if head_request
             && !parts.headers.contains_key(CONTENT_LENGTH)
-            && let Some(length) = body.size_hint().exact()
+            && let Some(length) = body.size_hint().exact().filter(|&length| length > 0)
         {
-            // The length the same GET would have.
+            // A handler that answers HEAD as it answers GET: the length the
+            // GET's body would have. (An empty body says nothing of it.)
             parts
                 .headers
                 .insert(CONTENT_LENGTH, HeaderValue::from(length));
