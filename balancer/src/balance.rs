@@ -92,10 +92,17 @@ impl Router {
             let _picking = self.pick_lock.lock();
             if !table.same_weights(&self.table.load()) {
                 for peer in &table.peers {
-                    peer.upstream.current_weight.store(0, Ordering::Relaxed);
+                    let upstream = &peer.upstream;
+                    upstream.current_weight.store(0, Ordering::Relaxed);
+                    upstream
+                        .effective_weight
+                        .store(i64::from(peer.weight), Ordering::Relaxed);
                 }
             }
             self.table.store(Arc::new(table));
+        }
+        if let Some(checker) = &self.checker {
+            checker.reconfigured();
         }
         self.watch(&new);
     }
@@ -329,6 +336,21 @@ mod tests {
                 counts[usize::from(letter - b'a')] += 1;
             }
             assert_eq!(counts, [4, 3, 2, 1]);
+        }
+    }
+
+    #[test]
+    fn a_raised_weight_holds_from_the_first_pick_after_install() {
+        let router = router(&[1, 1]);
+        picks(&router, 3);
+        router.install(routing(&upstreams(&[10, 1])));
+        let sequence = picks(&router, 22);
+        for window in sequence.as_bytes().chunks(11) {
+            assert_eq!(
+                window.iter().filter(|&&l| l == b'b').count(),
+                1,
+                "{sequence}"
+            );
         }
     }
 

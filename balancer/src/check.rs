@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, Empty};
 use spike_config::health::{DEFAULT_INTERVAL, HealthSettings};
 use spike_http1::client::{Connection, ExchangeError, SendError};
 use spike_http1::task;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::{Transition, now_ms};
@@ -36,38 +37,59 @@ pub const USER_AGENT_VALUE: &str = "spike-balancer health check";
 pub struct Checker {
     /// The routing table in force, where each upstream's checks are set.
     tables: Arc<ArcSwap<Table>>,
+    /// Told when a new table is in force: the checks take its settings at
+    /// once, not after the interval of the old ones.
+    changes: Arc<watch::Sender<()>>,
     shutdown: CancellationToken,
 }
 
 impl Checker {
     pub fn new(tables: Arc<ArcSwap<Table>>, shutdown: CancellationToken) -> Self {
-        Self { tables, shutdown }
+        Self {
+            tables,
+            changes: Arc::new(watch::Sender::new(())),
+            shutdown,
+        }
+    }
+
+    /// A new routing table is in force.
+    pub fn reconfigured(&self) {
+        self.changes.send_replace(());
     }
 
     /// Starts probing `upstream` until it is dropped or shutdown; a check
     /// task that fails is logged and started again.
     pub fn watch(&self, upstream: &Arc<Upstream>) {
-        let (upstream, tables, shutdown) = (
+        let (upstream, tables, changes, shutdown) = (
             Arc::downgrade(upstream),
             Arc::clone(&self.tables),
+            Arc::clone(&self.changes),
             self.shutdown.clone(),
         );
         task::supervise("health check", self.shutdown.clone(), move || {
-            check_loop(upstream.clone(), Arc::clone(&tables), shutdown.clone())
+            check_loop(
+                upstream.clone(),
+                Arc::clone(&tables),
+                changes.subscribe(),
+                shutdown.clone(),
+            )
         });
     }
 }
 
-/// Probes `upstream` on its interval until it is dropped or `shutdown`.
+/// Probes `upstream` on its interval until it is dropped or `shutdown`;
+/// at once when a new table changes its settings.
 async fn check_loop(
     upstream: Weak<Upstream>,
     tables: Arc<ArcSwap<Table>>,
+    mut changes: watch::Receiver<()>,
     shutdown: CancellationToken,
 ) {
     loop {
         let Some(current) = upstream.upgrade() else {
             return;
         };
+        changes.borrow_and_update();
         let settings = {
             let table = tables.load();
             table
@@ -93,6 +115,11 @@ async fn check_loop(
         drop(current);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
             _ = shutdown.cancelled() => return,
         }
     }
@@ -174,10 +201,8 @@ mod tests {
     use crate::registry::Registry;
     use crate::table::Routing;
 
-    /// A table of one upstream at `addr` with these checks, and a checker
-    /// watching it.
-    fn checked(addr: SocketAddr, health: HealthSettings) -> (Arc<Upstream>, CancellationToken) {
-        let registry = Registry::new(Arc::new(Metrics::new()));
+    /// A table of one upstream at `addr` with these checks.
+    fn table(registry: &Registry, addr: SocketAddr, health: HealthSettings) -> Table {
         let upstreams = [UpstreamConfig {
             addr,
             weight: 1,
@@ -190,12 +215,69 @@ mod tests {
             proxy: &proxy,
             rate_limit: &rate_limit,
         };
-        let (table, _) = Table::build(routing, None, &registry, |_| State::Up);
+        Table::build(routing, None, registry, |_| State::Up).0
+    }
+
+    /// One upstream under a checker, and what a test changes of it.
+    struct Watched {
+        upstream: Arc<Upstream>,
+        registry: Registry,
+        tables: Arc<ArcSwap<Table>>,
+        checker: Checker,
+        shutdown: CancellationToken,
+    }
+
+    /// A table of one upstream at `addr` with these checks, and a checker
+    /// watching it.
+    fn checked(addr: SocketAddr, health: HealthSettings) -> Watched {
+        let registry = Registry::new(Arc::new(Metrics::new()));
+        let table = table(&registry, addr, health);
         let upstream = Arc::clone(&table.peers[0].upstream);
         let shutdown = CancellationToken::new();
-        let checker = Checker::new(Arc::new(ArcSwap::from_pointee(table)), shutdown.clone());
+        let tables = Arc::new(ArcSwap::from_pointee(table));
+        let checker = Checker::new(Arc::clone(&tables), shutdown.clone());
         checker.watch(&upstream);
-        (upstream, shutdown)
+        Watched {
+            upstream,
+            registry,
+            tables,
+            checker,
+            shutdown,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_table_s_checks_apply_at_once_not_after_the_old_interval() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let slow = HealthSettings {
+            interval: Duration::from_secs(3600),
+            fall: 1,
+            ..HealthSettings::default()
+        };
+        let Watched {
+            upstream,
+            registry,
+            tables,
+            checker,
+            shutdown,
+        } = checked(addr, slow);
+        // The first probe finds nothing listening.
+        while upstream.health.state() != State::Down {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Checks turned off: the upstream is up at once, not in an hour.
+        let off = HealthSettings {
+            enabled: false,
+            ..HealthSettings::default()
+        };
+        tables.store(Arc::new(table(&registry, addr, off)));
+        checker.reconfigured();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(upstream.health.state(), State::Up);
+        shutdown.cancel();
     }
 
     /// The node's kind of server, answering 200 to everything.
@@ -230,7 +312,9 @@ mod tests {
             fall: 3,
             ..HealthSettings::default()
         };
-        let (upstream, shutdown) = checked(addr, health);
+        let Watched {
+            upstream, shutdown, ..
+        } = checked(addr, health);
 
         // Probes at 0s, 1s and 2s find nothing listening.
         tokio::time::sleep(Duration::from_millis(1_500)).await;

@@ -12,10 +12,10 @@
 //!   max_fails`, and `max_fails` of them with no success in between make the
 //!   round-robin skip the upstream for `fail_timeout`: it rests. One request
 //!   is let through after that; a success clears the count
-//!   (`ngx_http_upstream_free_round_robin_peer`). An upstream that passes
-//!   `rise` probes in a row after its last failure is back at once (a node
-//!   restarted in a hurry need not wait out its rest), ramping up if slow
-//!   start is on.
+//!   (`ngx_http_upstream_free_round_robin_peer`). A resting upstream that
+//!   passes `rise` probes in a row after its last failure has its rest end
+//!   at once, into that trial (a node restarted in a hurry need not wait
+//!   out its rest), ramping up if slow start is on.
 //! - Slow start: an upstream that comes back up ramps its weight linearly
 //!   over `slow_start`, as `weight * elapsed / slow_start` in integers,
 //!   never below 1, so even weight 1 gets requests while ramping.
@@ -26,7 +26,7 @@
 //! atomics only.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -85,6 +85,9 @@ pub struct Health {
     accessed: AtomicU64,
     /// Good probes in a row since the last failure of live traffic.
     probes_since_failure: AtomicU32,
+    /// Set when probes ended a rest before `fail_timeout`: the next pick is
+    /// the trial.
+    rest_ended: AtomicBool,
     /// What `/stats` shows of the active checks; written by the checker
     /// only, locked for a few instructions.
     checks: Mutex<CheckRecord>,
@@ -106,8 +109,8 @@ pub struct CheckRecord {
 pub enum Transition {
     WentUp,
     WentDown,
-    /// Up all along, but resting or weighed down by failures of live
-    /// traffic: `rise` good probes since the last one forgive them.
+    /// Up all along, but resting after failures of live traffic: `rise`
+    /// good probes since the last one end the rest.
     Recovered,
 }
 
@@ -120,6 +123,7 @@ impl Health {
             checked: AtomicU64::new(0),
             accessed: AtomicU64::new(0),
             probes_since_failure: AtomicU32::new(0),
+            rest_ended: AtomicBool::new(false),
             checks: Mutex::new(CheckRecord {
                 changed_at: now,
                 ..CheckRecord::default()
@@ -149,7 +153,10 @@ impl Health {
     /// `now`, if the upstream rests (counted from the last failure, or from
     /// the last trial request).
     pub fn rest_left(&self, settings: &HealthSettings, now: u64) -> Option<u64> {
-        if settings.max_fails == 0 || self.fails.load(Ordering::Relaxed) < settings.max_fails {
+        if settings.max_fails == 0
+            || self.fails.load(Ordering::Relaxed) < settings.max_fails
+            || self.rest_ended.load(Ordering::Relaxed)
+        {
             return None;
         }
         let ends = self.checked.load(Ordering::Relaxed) + millis(settings.fail_timeout);
@@ -175,7 +182,9 @@ impl Health {
             return;
         }
         let checked = self.checked.load(Ordering::Relaxed);
-        if now.saturating_sub(checked) > millis(settings.fail_timeout) {
+        if now.saturating_sub(checked) > millis(settings.fail_timeout)
+            || self.rest_ended.swap(false, Ordering::Relaxed)
+        {
             self.checked.store(now, Ordering::Relaxed);
         }
     }
@@ -241,6 +250,7 @@ impl Health {
         }
         let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
         self.probes_since_failure.store(0, Ordering::Relaxed);
+        self.rest_ended.store(false, Ordering::Relaxed);
         self.accessed.store(now, Ordering::Relaxed);
         self.checked.store(now, Ordering::Relaxed);
         fails == settings.max_fails
@@ -276,11 +286,13 @@ impl Health {
                 let since_failure = self.probes_since_failure.fetch_add(1, Ordering::Relaxed) + 1;
                 if state == State::Up
                     && since_failure >= settings.rise
-                    && self.fails.load(Ordering::Relaxed) > 0
+                    && self.resting(settings, now)
                 {
-                    // Its failures are forgiven, its rest over; it ramps up
-                    // as an upstream coming back does.
-                    self.fails.store(0, Ordering::Relaxed);
+                    // The rest ends here, as if `fail_timeout` had passed:
+                    // one trial request may go, and its success forgives
+                    // the failures (or its failure rests it again). It
+                    // ramps up as an upstream coming back does.
+                    self.rest_ended.store(true, Ordering::Relaxed);
                     self.up_since.store(now.max(1), Ordering::Relaxed);
                     return Some(Transition::Recovered);
                 }
@@ -448,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn rise_good_probes_after_the_last_failure_end_a_rest_at_once() {
+    fn rise_good_probes_after_the_last_failure_end_a_rest_into_a_trial() {
         let s = HealthSettings {
             slow_start: Duration::ZERO,
             ..settings()
@@ -466,7 +478,14 @@ mod tests {
             Some(Transition::Recovered)
         );
         assert!(health.available(&s, 3_001), "long before fail_timeout");
+        // One trial goes; while it is out, the upstream rests again.
+        health.picked(&s, 3_001);
+        assert!(!health.available(&s, 3_002));
+        // It went well: the failures are forgiven.
+        health.passive_success();
         assert_eq!(health.passive_fails(), 0);
+        assert!(health.available(&s, 3_003));
+
         // A failed probe in between starts the count over.
         health.passive_failure(&s, 4_000);
         health.passive_failure(&s, 4_000);
@@ -474,6 +493,16 @@ mod tests {
         health.record_probe(Err("status 500".to_owned()), &s, 6_000);
         assert_eq!(health.record_probe(Ok(()), &s, 7_000), None);
         assert!(!health.available(&s, 7_001));
+    }
+
+    #[test]
+    fn probes_after_a_failure_short_of_a_rest_change_nothing() {
+        let (health, s) = (Health::new(State::Up, 0), settings());
+        health.passive_failure(&s, 1_000);
+        health.record_probe(Ok(()), &s, 2_000);
+        assert_eq!(health.record_probe(Ok(()), &s, 3_000), None);
+        assert_eq!(health.passive_fails(), 1);
+        assert!(!health.ramping(&s, 3_001), "no slow start for one failure");
     }
 
     #[test]

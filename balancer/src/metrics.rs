@@ -4,8 +4,10 @@
 //! Each upstream holds handles to its own series ([`UpstreamCounters`]),
 //! so the request path updates them without looking anything up.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,6 +50,10 @@ pub struct UpstreamCounters {
     /// Requests that could not be sent here and went to another upstream,
     /// by [`FailoverReason`].
     pub failovers: [Counter; 3],
+    /// Which upstream of this address these series belong to: one removed
+    /// and named again is a new upstream, and the old one, dropped later,
+    /// must not take the new one's series with it.
+    owner: u64,
 }
 
 impl UpstreamCounters {
@@ -70,6 +76,10 @@ pub struct HealthGauges<'a> {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The owner of each address's series now ([`UpstreamCounters`]);
+    /// locked while series are made or removed, so that those of an
+    /// address are only ever removed by their owner.
+    owners: Mutex<(HashMap<SocketAddr, u64>, u64)>,
     requests: Family<UpstreamLabel, Counter>,
     failures: Family<UpstreamLabel, Counter>,
     in_flight: Family<UpstreamLabel, Gauge>,
@@ -215,6 +225,7 @@ impl Metrics {
         );
         Self {
             registry,
+            owners: Mutex::default(),
             requests,
             failures,
             in_flight,
@@ -249,10 +260,15 @@ impl Metrics {
             .inc();
     }
 
-    /// The series of the upstream at `addr`, created on first use.
+    /// The series of a new upstream at `addr`, created on first use.
     pub fn upstream(&self, addr: SocketAddr) -> UpstreamCounters {
         let label = label(addr);
+        let mut owners = self.owners.lock();
+        let (owner_of, last) = &mut *owners;
+        *last += 1;
+        owner_of.insert(addr, *last);
         UpstreamCounters {
+            owner: *last,
             requests: self.requests.get_or_create_owned(&label),
             failures: self.failures.get_or_create_owned(&label),
             in_flight: self.in_flight.get_or_create_owned(&label),
@@ -266,8 +282,14 @@ impl Metrics {
         }
     }
 
-    /// Removes every series of the upstream at `addr`.
-    pub fn forget(&self, addr: SocketAddr) {
+    /// Removes every series of the upstream at `addr` whose `counters`
+    /// they are, if they are still its own.
+    pub fn forget(&self, addr: SocketAddr, counters: &UpstreamCounters) {
+        let mut owners = self.owners.lock();
+        if owners.0.get(&addr) != Some(&counters.owner) {
+            return;
+        }
+        owners.0.remove(&addr);
         let label = label(addr);
         self.requests.remove(&label);
         self.failures.remove(&label);
@@ -340,5 +362,28 @@ impl Metrics {
 fn label(addr: SocketAddr) -> UpstreamLabel {
     UpstreamLabel {
         upstream: addr.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_dropped_after_its_successor_came_leaves_its_series_alone() {
+        let metrics = Metrics::new();
+        let addr: SocketAddr = "127.0.0.1:3001".parse().unwrap();
+        let old = metrics.upstream(addr);
+        // Removed from the table, named again before the old one is gone.
+        let new = metrics.upstream(addr);
+        new.requests.inc();
+        metrics.forget(addr, &old);
+        let text = metrics.encode();
+        assert!(
+            text.contains("spike_balancer_upstream_requests_total{upstream=\"127.0.0.1:3001\"} 1"),
+            "{text}"
+        );
+        metrics.forget(addr, &new);
+        assert!(!metrics.encode().contains("upstream_requests_total{"));
     }
 }

@@ -142,7 +142,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         // Gone from every table and done with its last request.
-        self.metrics.forget(self.addr);
+        self.metrics.forget(self.addr, &self.counters);
     }
 }
 

@@ -298,7 +298,11 @@ pub enum DecodeError {
 pub enum Decoder {
     /// This many bytes are still to come.
     Length(u64),
-    Chunked(Chunked),
+    Chunked {
+        state: Chunked,
+        /// The largest trailer section accepted.
+        trailer_limit: usize,
+    },
     /// Everything until the sender closes the connection.
     UntilClose,
     /// The body has ended.
@@ -314,8 +318,9 @@ pub enum Chunked {
     Data(u64),
     /// At the CRLF that ends a chunk's data.
     DataEnd,
-    /// At the trailer section after the last chunk.
-    Trailers,
+    /// At the trailer section after the last chunk, this much of it
+    /// already read as whole lines.
+    Trailers { scanned: usize },
 }
 
 impl Decoder {
@@ -323,8 +328,23 @@ impl Decoder {
         match length {
             BodyLength::Empty => Decoder::Done,
             BodyLength::Length(n) => Decoder::Length(n),
-            BodyLength::Chunked => Decoder::Chunked(Chunked::Size),
+            BodyLength::Chunked => Decoder::Chunked {
+                state: Chunked::Size,
+                trailer_limit: MAX_HEAD,
+            },
             BodyLength::UntilClose => Decoder::UntilClose,
+        }
+    }
+
+    /// The same, accepting a trailer section of at most `limit` bytes (a
+    /// server holds a client's trailers to its limit on heads).
+    pub fn limit_trailers(self, limit: usize) -> Self {
+        match self {
+            Decoder::Chunked { state, .. } => Decoder::Chunked {
+                state,
+                trailer_limit: limit,
+            },
+            other => other,
         }
     }
 
@@ -353,7 +373,7 @@ impl Decoder {
                 Ok(Some(Frame::data(buf.split_to(n as usize).freeze())))
             }
             Decoder::UntilClose => Ok(Some(Frame::data(buf.split().freeze()))),
-            Decoder::Chunked(_) => self.decode_chunked(buf),
+            Decoder::Chunked { .. } => self.decode_chunked(buf),
         }
     }
 
@@ -380,7 +400,11 @@ impl Decoder {
 
     fn decode_chunked(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, DecodeError> {
         loop {
-            let Decoder::Chunked(state) = self else {
+            let Decoder::Chunked {
+                state,
+                trailer_limit,
+            } = self
+            else {
                 return Ok(None);
             };
             match state {
@@ -393,9 +417,14 @@ impl Decoder {
                         .iter()
                         .position(|b| !b.is_ascii_hexdigit())
                         .unwrap_or(line.len());
-                    // After the size: nothing, or extensions (ignored),
-                    // with no control character but tab.
-                    let rest = line[digits..].trim_ascii_start();
+                    // After the size: nothing, or extensions (ignored)
+                    // after optional spaces and tabs, with no control
+                    // character but tab.
+                    let start = line[digits..]
+                        .iter()
+                        .position(|&b| b != b' ' && b != b'\t')
+                        .map_or(line.len(), |i| digits + i);
+                    let rest = &line[start..];
                     if digits == 0
                         || digits > 15
                         || !(rest.is_empty() || rest[0] == b';')
@@ -408,7 +437,7 @@ impl Decoder {
                     });
                     buf.advance(end + 2);
                     *state = if size == 0 {
-                        Chunked::Trailers
+                        Chunked::Trailers { scanned: 0 }
                     } else {
                         Chunked::Data(size)
                     };
@@ -434,8 +463,8 @@ impl Decoder {
                     buf.advance(2);
                     *state = Chunked::Size;
                 }
-                Chunked::Trailers => {
-                    let Some(end) = trailer_section_end(buf)? else {
+                Chunked::Trailers { scanned } => {
+                    let Some(end) = trailer_section_end(buf, scanned, *trailer_limit)? else {
                         return Ok(None);
                     };
                     let trailers = parse_trailers(&buf[..end])?;
@@ -461,19 +490,27 @@ fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>, DecodeError> {
 }
 
 /// The length of the trailer section at the front of `buf`, its final
-/// empty line included: `None` if it has not all arrived.
-fn trailer_section_end(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
-    let mut at = 0;
+/// empty line included: `None` if it has not all arrived. `scanned` is how
+/// much of it was read as whole lines before (and is moved on), so that
+/// each byte is looked at once; a section longer than `limit` is refused.
+fn trailer_section_end(
+    buf: &[u8],
+    scanned: &mut usize,
+    limit: usize,
+) -> Result<Option<usize>, DecodeError> {
     loop {
-        let Some(end) = line_end(&buf[at..], MAX_HEAD)? else {
-            if buf.len() > MAX_HEAD {
+        let Some(end) = line_end(&buf[*scanned..], limit)? else {
+            if buf.len() > limit {
                 return Err(DecodeError::Chunked);
             }
             return Ok(None);
         };
-        at += end + 2;
+        *scanned += end + 2;
+        if *scanned > limit {
+            return Err(DecodeError::Chunked);
+        }
         if end == 0 {
-            return Ok(Some(at));
+            return Ok(Some(*scanned));
         }
     }
 }
@@ -605,7 +642,14 @@ mod tests {
     /// Feeds `input` to a chunked decoder a byte at a time: the data, the
     /// trailers and what is left after the body.
     fn decode_bytewise(input: &str) -> Result<(String, Option<HeaderMap>, String), DecodeError> {
-        let mut decoder = Decoder::new(BodyLength::Chunked);
+        decode_limited(input, MAX_HEAD)
+    }
+
+    fn decode_limited(
+        input: &str,
+        trailer_limit: usize,
+    ) -> Result<(String, Option<HeaderMap>, String), DecodeError> {
+        let mut decoder = Decoder::new(BodyLength::Chunked).limit_trailers(trailer_limit);
         let mut buf = BytesMut::new();
         let (mut data, mut trailers) = (Vec::new(), None);
         for &byte in input.as_bytes() {
@@ -653,6 +697,7 @@ mod tests {
             "3 x\r\nabc\r\n",
             "5;x\nhello\r\n",
             "5\nhello\r\n0\r\n\r\n",
+            "5\r;x\r\nhello\r\n",
         ] {
             assert_eq!(decode_bytewise(bad), Err(DecodeError::Chunked), "{bad:?}");
         }
@@ -667,6 +712,16 @@ mod tests {
         ] {
             assert_eq!(decode_bytewise(bad), Err(DecodeError::Chunked), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_trailer_section_over_its_limit_is_refused() {
+        let trailers: String = (0..10)
+            .map(|i| format!("x-t{i}: {}\r\n", "v".repeat(20)))
+            .collect();
+        let body = format!("0\r\n{trailers}\r\n");
+        assert!(decode_limited(&body, 1024).is_ok());
+        assert_eq!(decode_limited(&body, 100), Err(DecodeError::Chunked));
     }
 
     #[test]

@@ -177,14 +177,13 @@ pub fn has_connection_option(headers: &HeaderMap, option: &[u8]) -> bool {
 }
 
 /// Whether the sender of a message of `version` with these headers keeps
-/// its connection open after it (RFC 9112, 9.3): in HTTP/1.1 unless it says
-/// `close`, in HTTP/1.0 only if it says `keep-alive`.
+/// its connection open after it (RFC 9112, 9.3): never if it says `close`;
+/// else in HTTP/1.1, and in HTTP/1.0 only if it says `keep-alive`.
 pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    if version == Version::HTTP_10 {
-        has_connection_option(headers, b"keep-alive")
-    } else {
-        !has_connection_option(headers, b"close")
+    if has_connection_option(headers, b"close") {
+        return false;
     }
+    version != Version::HTTP_10 || has_connection_option(headers, b"keep-alive")
 }
 
 #[cfg(test)]
@@ -337,6 +336,10 @@ mod tests {
         assert!(keeps_alive(
             Version::HTTP_10,
             &headers(&[("connection", "Keep-Alive")])
+        ));
+        assert!(!keeps_alive(
+            Version::HTTP_10,
+            &headers(&[("connection", "keep-alive, close")])
         ));
         let map = headers(&[("connection", " a ,, b"), ("connection", "c")]);
         let options: Vec<_> = connection_options(&map).collect();

@@ -245,7 +245,9 @@ impl Connection {
         let version = req.version();
         let mut keep_alive =
             framing::keeps_alive(version, req.headers()) && !checked.framing.ambiguous;
-        let mut decoder = Decoder::new(checked.framing.length);
+        // A client's trailers are held to its limit on heads.
+        let mut decoder =
+            Decoder::new(checked.framing.length).limit_trailers(settings.max_header_bytes);
         let prefetched = match Prefetched::decode(&mut decoder, &mut self.read, limits.bytes) {
             Ok(prefetched) => prefetched,
             Err(error) => {
@@ -276,21 +278,29 @@ impl Connection {
             }
         }
         let reply = handler.call(req.map(|()| body)).await;
-        // A body that failed leaves the rest of the request unread: the
-        // connection is closed after the reply, and the reply says so.
+        // The body gives the buffer back when it ends, or when it is
+        // dropped; the next request is where the body ended, and without
+        // that end it cannot be found. A body the handler let go, or one
+        // that failed, so closes the connection after the reply, and the
+        // reply says so. (One still read as the reply streams, by an
+        // upstream that answered early, is known only after it.)
+        let mut returned = self
+            .home
+            .as_ref()
+            .filter(|_| lent)
+            .and_then(|home| home.take());
         keep_alive &= !self.shared.shutdown.is_cancelled()
             && failure.get().is_none()
+            && returned.as_ref().is_none_or(|returned| returned.complete)
             && !framing::has_connection_option(reply.headers(), b"close");
         let written = self
             .write_reply(reply, head_request, version, &mut keep_alive)
             .await;
         if lent {
-            // The body gave the buffer back if it ended, or was dropped.
-            match self.home.as_ref().and_then(|home| home.take()) {
+            returned = returned.or_else(|| self.home.as_ref().and_then(|home| home.take()));
+            match returned {
                 Some(returned) => {
                     self.read = returned.buf;
-                    // The next request is where the body ended; without
-                    // the end, it cannot be found.
                     keep_alive &= returned.complete;
                 }
                 None => keep_alive = false,
