@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 use spike_tests::ab::ab;
 use spike_tests::balancer::Balancer;
 use spike_tests::client::Client;
+use spike_tests::nodes;
 use spike_tests::process::Process;
 use spike_tests::redis::{RedisServer, sale_in_redis};
 use spike_tests::{wait_until, wait_until_async};
@@ -20,45 +21,8 @@ async fn start_nodes(
     total: u64,
     local_stocks: &[u64],
 ) -> Vec<Process> {
-    let config = dir.join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "redis_url = \"{}\"\ntotal_stock = {total}\nsync_interval = \"50ms\"\n",
-            redis.url()
-        ),
-    )
-    .unwrap();
-    let nodes: Vec<Process> = local_stocks
-        .iter()
-        .enumerate()
-        .map(|(i, local)| {
-            Process::start(
-                "node",
-                &[
-                    "--config",
-                    config.to_str().unwrap(),
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--name",
-                    &format!("node-{}", i + 1),
-                    "--local-stock",
-                    &local.to_string(),
-                ],
-                1,
-            )
-        })
-        .collect();
-    let client = Client::new();
-    for node in &nodes {
-        let url = node.url("/health");
-        wait_until_async("the node to reach Redis", Duration::from_secs(10), || {
-            let (client, url) = (client.clone(), url.clone());
-            async move { client.get(&url).await.json()["redis"] == "up" }
-        })
-        .await;
-    }
-    nodes
+    let config = nodes::node_config(dir, redis, total, "");
+    nodes::start_nodes(&config, local_stocks).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 use spike_tests::ab::ab;
 use spike_tests::client::{Client, Reply};
+use spike_tests::nodes::{self, wait_for_redis};
 use spike_tests::process::Process;
 use spike_tests::raw::RawConnection;
 use spike_tests::redis::{RedisServer, sale_in_redis};
@@ -20,31 +21,15 @@ const READY: Duration = Duration::from_secs(10);
 
 /// A node config for a test sale, in `dir`.
 fn node_config(dir: &TempDir, redis: &RedisServer, total: u64, local: u64) -> PathBuf {
-    let path = dir.path().join("node.toml");
-    let text = format!(
-        "redis_url = \"{}\"\nevent = \"{EVENT}\"\ntotal_stock = {total}\nlocal_stock = {local}\n\
-         stat_log = \"{}\"\nredis_timeout = \"200ms\"\nsync_interval = \"50ms\"\n",
-        redis.url(),
+    let extra = format!(
+        "local_stock = {local}\nstat_log = \"{}\"\nredis_timeout = \"200ms\"\n",
         dir.path().join("stat.log").display(),
     );
-    std::fs::write(&path, text).expect("write node.toml");
-    path
+    nodes::node_config(dir.path(), redis, total, &extra)
 }
 
 fn start_node(config: &Path, name: &str) -> Process {
-    let config = config.to_str().unwrap();
-    Process::start(
-        "node",
-        &[
-            "--config",
-            config,
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            name,
-        ],
-        1,
-    )
+    nodes::start_node(config, name, None)
 }
 
 /// A test sale: nodes sharing one Redis, each ready to sell.
@@ -68,16 +53,6 @@ impl Cluster {
         }
         Self { redis, dir, nodes }
     }
-}
-
-async fn wait_for_redis(node: &Process, state: &str) {
-    let client = Client::new();
-    let url = node.url("/health");
-    wait_until_async(&format!("{url} to report redis {state}"), READY, || {
-        let (client, url) = (client.clone(), url.clone());
-        async move { client.get(&url).await.json()["redis"] == state }
-    })
-    .await;
 }
 
 async fn stats(node: &Process) -> serde_json::Value {

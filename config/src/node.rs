@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -25,8 +25,15 @@ pub const DEFAULT_LOCAL_STOCK: u64 = 2_600;
 /// How long a purchase waits on Redis before the client gets 503.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the node reads the sale's state from Redis: to learn that it is
-/// sold out or was started over, and to know whether Redis answers.
+/// sold out, has tickets back, or was started over, and to know whether
+/// Redis answers.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a buyer has to pay: an order unpaid after it expires, and its
+/// ticket goes back on sale (12306's window is 15 to 30 minutes).
+pub const DEFAULT_PAY_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// How often the node expires the orders past their deadline: an unpaid
+/// order is expired within about this long after it.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The validated settings of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +53,10 @@ pub struct NodeConfig {
     pub stat_log: Option<PathBuf>,
     pub redis_timeout: Duration,
     pub sync_interval: Duration,
+    pub pay_window: Duration,
+    pub sweep_interval: Duration,
+    /// When the sale opens, for a sale this node creates; `None`: at once.
+    pub opens_at: Option<SystemTime>,
     pub server: ServerSettings,
 }
 
@@ -61,6 +72,9 @@ impl Default for NodeConfig {
             stat_log: None,
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
             sync_interval: DEFAULT_SYNC_INTERVAL,
+            pay_window: DEFAULT_PAY_WINDOW,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            opens_at: None,
             server: ServerSettings::default(),
         }
     }
@@ -79,6 +93,9 @@ struct RawNodeConfig {
     stat_log: Option<Spanned<String>>,
     redis_timeout: Option<Spanned<String>>,
     sync_interval: Option<Spanned<String>>,
+    pay_window: Option<Spanned<String>>,
+    sweep_interval: Option<Spanned<String>>,
+    opens_at: Option<Spanned<String>>,
     server: Option<RawServer>,
 }
 
@@ -105,6 +122,15 @@ impl NodeConfig {
             }),
             redis_timeout: v.field(raw.redis_timeout, defaults.redis_timeout, source::duration),
             sync_interval: v.field(raw.sync_interval, defaults.sync_interval, source::duration),
+            pay_window: v.field(raw.pay_window, defaults.pay_window, source::duration),
+            sweep_interval: v.field(
+                raw.sweep_interval,
+                defaults.sweep_interval,
+                source::duration,
+            ),
+            opens_at: v.field(raw.opens_at, defaults.opens_at, |text| {
+                source::instant(&text).map(Some)
+            }),
             server: ServerSettings::validate(raw.server, &mut v),
         };
         v.finish(config)
@@ -181,6 +207,9 @@ mod tests {
             stat_log = "log/stat.log"
             redis_timeout = "250ms"
             sync_interval = "2s"
+            pay_window = "10m"
+            sweep_interval = "1s"
+            opens_at = "2026-12-12T20:00:00+08:00"
 
             [server]
             header_timeout = "3s"
@@ -197,9 +226,26 @@ mod tests {
         assert_eq!(config.stat_log, Some(PathBuf::from("log/stat.log")));
         assert_eq!(config.redis_timeout, Duration::from_millis(250));
         assert_eq!(config.sync_interval, Duration::from_secs(2));
+        assert_eq!(config.pay_window, Duration::from_secs(600));
+        assert_eq!(config.sweep_interval, Duration::from_secs(1));
+        let opens = config.opens_at.unwrap();
+        let since_epoch = opens.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        // 12:00 UTC.
+        assert_eq!(since_epoch.as_secs(), 1_797_076_800);
         assert_eq!(config.server.header_timeout, Duration::from_secs(3));
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(1));
         assert_eq!(config.server.workers, Some(3));
+    }
+
+    #[test]
+    fn an_opening_time_is_an_rfc_3339_instant() {
+        let err = parse("opens_at = \"tomorrow\"\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("node.toml:1:12: `tomorrow` is not a time"),
+            "{err}"
+        );
+        let err = parse("pay_window = \"0s\"\n").unwrap_err().to_string();
+        assert!(err.contains("greater than zero"), "{err}");
     }
 
     #[test]

@@ -210,6 +210,16 @@ pub fn duration_or_zero(text: String) -> Result<std::time::Duration, String> {
         .map_err(|err| format!("`{text}` is not a duration such as 500ms or 2s ({err})"))
 }
 
+/// Parses an instant in RFC 3339, with its offset: `2026-12-12T20:00:00+08:00`
+/// or `2026-12-12T12:00:00Z`.
+pub fn instant(text: &str) -> Result<std::time::SystemTime, String> {
+    text.parse::<jiff::Timestamp>()
+        .and_then(std::time::SystemTime::try_from)
+        .map_err(|err| {
+            format!("`{text}` is not a time such as 2026-12-12T20:00:00+08:00 (RFC 3339): {err}")
+        })
+}
+
 /// Accepts a count of at least `min`.
 pub fn at_least(min: u64) -> impl Fn(u64) -> Result<u64, String> {
     move |n| {

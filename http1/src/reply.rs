@@ -7,27 +7,45 @@
 //! ```
 //!
 //! `error` is a short code a program can match on; `detail` (optional)
-//! says more; `node` (optional) names the node that answered.
+//! says more; `node` (optional) names the node that answered; an error may
+//! carry one more field of its own (`opens_at` of a sale not open yet).
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
+use serde::ser::SerializeMap;
 
 /// The body of every reply made here.
 pub type ReplyBody = Full<Bytes>;
 
 /// An error reply: its status and the fields of its JSON body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Failure<'a> {
-    #[serde(skip)]
     pub status: StatusCode,
     pub error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<&'a str>,
+    /// One more field, name and value, of this error's own.
+    pub field: Option<(&'static str, &'a str)>,
+}
+
+impl Serialize for Failure<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("error", self.error)?;
+        if let Some(detail) = self.detail {
+            map.serialize_entry("detail", detail)?;
+        }
+        if let Some(node) = self.node {
+            map.serialize_entry("node", node)?;
+        }
+        if let Some((name, value)) = self.field {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
 }
 
 impl<'a> Failure<'a> {
@@ -37,6 +55,7 @@ impl<'a> Failure<'a> {
             error,
             detail: None,
             node: None,
+            field: None,
         }
     }
 
@@ -50,6 +69,14 @@ impl<'a> Failure<'a> {
     pub fn node(self, node: &'a str) -> Self {
         Self {
             node: Some(node),
+            ..self
+        }
+    }
+
+    /// One more field of this error's own.
+    pub fn field(self, name: &'static str, value: &'a str) -> Self {
+        Self {
+            field: Some((name, value)),
             ..self
         }
     }
@@ -142,6 +169,13 @@ mod tests {
         assert_eq!(
             text(full).await,
             "{\"error\":\"sold_out\",\"detail\":\"a \\\"quoted\\\" detail\",\"node\":\"node-1\"}\n"
+        );
+        let own = Failure::new(StatusCode::FORBIDDEN, "not_open")
+            .field("opens_at", "2026-12-12T12:00:00Z")
+            .reply();
+        assert_eq!(
+            text(own).await,
+            "{\"error\":\"not_open\",\"opens_at\":\"2026-12-12T12:00:00Z\"}\n"
         );
     }
 

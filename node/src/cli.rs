@@ -5,6 +5,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -50,6 +51,10 @@ enum Command {
         /// Tickets in the new sale (default: the config's total_stock).
         #[arg(long, value_name = "N")]
         total: Option<u64>,
+        /// When the new sale opens, RFC 3339 (default: the config's
+        /// opens_at, or at once).
+        #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+        opens_at: Option<SystemTime>,
     },
     /// Print the sale's state as JSON.
     Status,
@@ -93,9 +98,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => runtime.block_on(serve(config)),
         Some(Command::Status) => runtime.block_on(status(&config)),
-        Some(Command::Reset { total }) => {
-            runtime.block_on(reset(&config, total.unwrap_or(config.total_stock)))
-        }
+        Some(Command::Reset { total, opens_at }) => runtime.block_on(reset(
+            &config,
+            total.unwrap_or(config.total_stock),
+            opens_at.or(config.opens_at),
+        )),
     }
 }
 
@@ -136,9 +143,21 @@ fn store(config: &NodeConfig) -> anyhow::Result<Store> {
 struct Status<'a> {
     event: &'a str,
     total: u64,
+    /// Tickets held by live orders, pending or paid.
     sold: u64,
     remaining: u64,
+    pending: u64,
+    paid: u64,
+    /// Orders expired unpaid, their tickets returned to the sale.
+    expired: u64,
+    /// Returned tickets sold again.
+    resold: u64,
+    /// Orders created.
     orders: u64,
+    /// Changes of orders in the order stream.
+    events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    opens_at: Option<String>,
 }
 
 async fn status(config: &NodeConfig) -> anyhow::Result<()> {
@@ -158,18 +177,31 @@ async fn status(config: &NodeConfig) -> anyhow::Result<()> {
         total,
         sold: state.sold,
         remaining: total.saturating_sub(state.sold),
+        pending: state.pending(),
+        paid: state.paid,
+        expired: state.expired,
+        resold: state.resold,
         orders: state.orders,
+        events: state.events,
+        opens_at: state.opens_at.map(|at| {
+            jiff::Timestamp::from_millisecond(at as i64)
+                .map_or_else(|_| at.to_string(), |time| time.to_string())
+        }),
     };
     println!("{}", serde_json::to_string(&status)?);
     Ok(())
 }
 
-async fn reset(config: &NodeConfig, total: u64) -> anyhow::Result<()> {
+async fn reset(
+    config: &NodeConfig,
+    total: u64,
+    opens_at: Option<SystemTime>,
+) -> anyhow::Result<()> {
     if total == 0 {
         bail!("--total must be at least 1");
     }
     let state = store(config)?
-        .reset(total)
+        .reset(total, opens_at.map(crate::server::millis_since_epoch))
         .await
         .with_context(|| format!("cannot reach Redis at {}", config.redis_url))?;
     eprintln!(
@@ -177,4 +209,8 @@ async fn reset(config: &NodeConfig, total: u64) -> anyhow::Result<()> {
         config.event, state.epoch
     );
     Ok(())
+}
+
+fn parse_instant(text: &str) -> Result<SystemTime, String> {
+    spike_config::source::instant(text)
 }

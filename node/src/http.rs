@@ -2,7 +2,9 @@
 //!
 //! | request | reply |
 //! |---|---|
-//! | `GET`/`POST /buy/ticket[?user=ID]` | 200 order, 409 sold out, 503 store unavailable, 400 bad buyer id |
+//! | `GET`/`POST /buy/ticket[?user=ID]` | 200 order, 409 sold out, 403 not open, 503 store unavailable, 400 bad buyer id |
+//! | `POST /orders/ID/pay[?user=ID]` | 200 the order, paid; 409 expired; 404 no such order; 403 another buyer's; 400 a malformed id |
+//! | `GET /orders/ID` | 200 the order; 404; 400 |
 //! | `GET /health` | 200 while the node serves; the body says whether Redis answers |
 //! | `GET /stats` | 200, the node's counters |
 //! | anything else | 404, or 405 with `Allow` |
@@ -16,7 +18,8 @@ use serde::Serialize;
 use spike_http1::reply::{self, Failure, ReplyBody};
 use spike_http1::server::{Handler, RequestBody};
 
-use crate::sale::{Purchase, Sale, Unavailable};
+use crate::sale::{Pay, Purchase, Sale, Unavailable};
+use crate::store::{self, Payment, Status, Ticket};
 
 /// The header that carries a buyer id, as an alternative to `?user=`.
 pub const BUYER_HEADER: &str = "x-user-id";
@@ -33,16 +36,60 @@ pub struct Api {
     sold_out: Bytes,
     unavailable: Bytes,
     unknown: Bytes,
+    unknown_payment: Bytes,
     no_sale: Bytes,
 }
 
+/// What a purchase answers.
 #[derive(Serialize)]
-struct Order<'a> {
+struct Bought<'a> {
     order_id: &'a str,
     node: &'a str,
     buyer: Option<&'a str>,
     /// True when the buyer already held this order and nothing was sold.
     existing: bool,
+    ticket: u64,
+    /// RFC 3339, UTC.
+    pay_by: String,
+}
+
+/// An order, as payments and look-ups answer it.
+#[derive(Serialize)]
+struct OrderReply<'a> {
+    order_id: &'a str,
+    ticket: u64,
+    buyer: Option<&'a str>,
+    /// The node that sold it.
+    node: &'a str,
+    status: Status,
+    created: String,
+    pay_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paid_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expired_at: Option<String>,
+}
+
+impl<'a> From<&'a store::Order> for OrderReply<'a> {
+    fn from(order: &'a store::Order) -> Self {
+        let closed = order.closed.map(rfc3339);
+        let (paid_at, expired_at) = match order.status {
+            Status::Paid => (closed, None),
+            Status::Expired => (None, closed),
+            Status::Pending => (None, None),
+        };
+        Self {
+            order_id: &order.id,
+            ticket: order.ticket,
+            buyer: order.buyer.as_deref(),
+            node: &order.node,
+            status: order.status,
+            created: rfc3339(order.created),
+            pay_by: rfc3339(order.pay_by),
+            paid_at,
+            expired_at,
+        }
+    }
 }
 
 /// What `/health` answers.
@@ -65,6 +112,12 @@ impl Api {
                      ask again with the same buyer id to learn its outcome",
                 )
                 .body(),
+            unknown_payment: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+                .detail(
+                    "redis did not answer the payment, which may have been made: \
+                     GET the order to learn its status, or pay again",
+                )
+                .body(),
             no_sale: failure(StatusCode::SERVICE_UNAVAILABLE, "no_sale").body(),
             sale,
         }
@@ -72,6 +125,19 @@ impl Api {
 
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let method = req.method();
+        if let Some(rest) = req.uri().path().strip_prefix("/orders/") {
+            return match rest.split_once('/') {
+                None => match *method {
+                    Method::GET | Method::HEAD => self.look_up(rest).await,
+                    _ => reply::method_not_allowed("GET, HEAD"),
+                },
+                Some((id, "pay")) => match *method {
+                    Method::POST => self.pay(id, &req).await,
+                    _ => reply::method_not_allowed("POST"),
+                },
+                Some(_) => Failure::new(StatusCode::NOT_FOUND, "not_found").reply(),
+            };
+        }
         match req.uri().path() {
             "/buy/ticket" => match *method {
                 Method::GET | Method::POST => self.buy(req).await,
@@ -115,20 +181,78 @@ impl Api {
         let purchase = sale.buy(buyer.clone()).await;
         let buyer = buyer.as_deref();
         match purchase {
-            Purchase::Sold { order_id } => order(sale, &order_id, buyer, false),
-            Purchase::AlreadyBought { order_id } => order(sale, &order_id, buyer, true),
+            Purchase::Sold(ticket) => bought(sale, &ticket, buyer, false),
+            Purchase::AlreadyBought(ticket) => bought(sale, &ticket, buyer, true),
             Purchase::SoldOut => reply::json(StatusCode::CONFLICT, self.sold_out.clone()),
-            Purchase::Unavailable(why) => {
-                let body = match why {
-                    Unavailable::Store => self.unavailable.clone(),
-                    Unavailable::Unknown => self.unknown.clone(),
-                    Unavailable::NoSale => self.no_sale.clone(),
-                };
-                reply::retry_after(
-                    reply::json(StatusCode::SERVICE_UNAVAILABLE, body),
-                    RETRY_AFTER_SECS,
-                )
+            Purchase::NotOpen { opens_at } => {
+                let wait = opens_at
+                    .saturating_sub(crate::sale::now_ms())
+                    .div_ceil(1000);
+                let opens_at = rfc3339(opens_at);
+                let reply = Failure::new(StatusCode::FORBIDDEN, "not_open")
+                    .node(sale.name())
+                    .field("opens_at", &opens_at)
+                    .reply();
+                reply::retry_after(reply, wait)
             }
+            Purchase::Unavailable(why) => self.unavailable(why, &self.unknown),
+        }
+    }
+
+    /// 503, with `Retry-After`, saying whether the change may have been
+    /// made (`unknown`) or not.
+    fn unavailable(&self, why: Unavailable, unknown: &Bytes) -> Response<ReplyBody> {
+        let body = match why {
+            Unavailable::Store => self.unavailable.clone(),
+            Unavailable::Unknown => unknown.clone(),
+            Unavailable::NoSale => self.no_sale.clone(),
+        };
+        reply::retry_after(
+            reply::json(StatusCode::SERVICE_UNAVAILABLE, body),
+            RETRY_AFTER_SECS,
+        )
+    }
+
+    /// `POST /orders/ID/pay`: the payment of a provider's callback.
+    async fn pay(&self, id: &str, req: &Request<RequestBody>) -> Response<ReplyBody> {
+        if !valid_order_id(id) {
+            return bad_order_id();
+        }
+        let payer = match buyer(req) {
+            Ok(payer) => payer,
+            Err(detail) => {
+                self.sale.counters.rejected();
+                return Failure::new(StatusCode::BAD_REQUEST, "bad_buyer_id")
+                    .detail(detail)
+                    .reply();
+            }
+        };
+        match self.sale.pay(id, payer.as_deref()).await {
+            Pay::Done(Payment::Paid(order) | Payment::AlreadyPaid(order)) => order_reply(&order),
+            Pay::Done(Payment::Expired(order)) => {
+                let body = reply::json_bytes(&ExpiredReply {
+                    error: "expired",
+                    order: OrderReply::from(&order),
+                });
+                reply::json(StatusCode::CONFLICT, body)
+            }
+            Pay::Done(Payment::NoSuchOrder) => no_such_order(),
+            Pay::Done(Payment::NotYours) => Failure::new(StatusCode::FORBIDDEN, "not_your_order")
+                .detail("the order was bought by another buyer id")
+                .reply(),
+            Pay::Unavailable(why) => self.unavailable(why, &self.unknown_payment),
+        }
+    }
+
+    /// `GET /orders/ID`.
+    async fn look_up(&self, id: &str) -> Response<ReplyBody> {
+        if !valid_order_id(id) {
+            return bad_order_id();
+        }
+        match self.sale.order(id).await {
+            Ok(Some(order)) => order_reply(&order),
+            Ok(None) => no_such_order(),
+            Err(why) => self.unavailable(why, &self.unavailable),
         }
     }
 
@@ -187,14 +311,58 @@ fn valid_buyer(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_BUYER_LEN && id.bytes().all(allowed)
 }
 
-fn order(sale: &Sale, order_id: &str, buyer: Option<&str>, existing: bool) -> Response<ReplyBody> {
-    let order = Order {
-        order_id,
+fn bought(
+    sale: &Sale,
+    ticket: &Ticket,
+    buyer: Option<&str>,
+    existing: bool,
+) -> Response<ReplyBody> {
+    let bought = Bought {
+        order_id: &ticket.order_id,
         node: sale.name(),
         buyer,
         existing,
+        ticket: ticket.ticket,
+        pay_by: rfc3339(ticket.pay_by),
     };
-    reply::json(StatusCode::OK, reply::json_bytes(&order))
+    reply::json(StatusCode::OK, reply::json_bytes(&bought))
+}
+
+/// An expired order, as a payment too late answers it: the error and the
+/// order.
+#[derive(Serialize)]
+struct ExpiredReply<'a> {
+    error: &'static str,
+    order: OrderReply<'a>,
+}
+
+fn order_reply(order: &store::Order) -> Response<ReplyBody> {
+    reply::json(StatusCode::OK, reply::json_bytes(&OrderReply::from(order)))
+}
+
+fn no_such_order() -> Response<ReplyBody> {
+    Failure::new(StatusCode::NOT_FOUND, "no_such_order").reply()
+}
+
+fn bad_order_id() -> Response<ReplyBody> {
+    Failure::new(StatusCode::BAD_REQUEST, "bad_order_id")
+        .detail("an order id is two numbers joined by '-', as the purchase gave it")
+        .reply()
+}
+
+/// Whether `id` is an order id: a stream entry id, `MILLISECONDS-SEQUENCE`.
+fn valid_order_id(id: &str) -> bool {
+    let number = |part: &str| {
+        !part.is_empty() && part.len() <= 20 && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    id.split_once('-')
+        .is_some_and(|(ms, sequence)| number(ms) && number(sequence))
+}
+
+/// `ms` milliseconds since the epoch in RFC 3339, UTC.
+fn rfc3339(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(i64::try_from(ms).unwrap_or(i64::MAX))
+        .map_or_else(|_| ms.to_string(), |time| time.to_string())
 }
 
 #[cfg(test)]
@@ -224,6 +392,28 @@ mod tests {
             buyer(&request("/buy/ticket?x=1&user=u%2B1", Some("u+1"))),
             Ok(Some("u+1".into()))
         );
+    }
+
+    #[test]
+    fn an_order_id_is_a_stream_entry_id() {
+        for good in ["1764590000000-0", "1-12"] {
+            assert!(valid_order_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "1",
+            "1-2-3",
+            "a-1",
+            "1-0x",
+            "1 -0",
+            &"9".repeat(21),
+        ] {
+            assert!(!valid_order_id(bad), "{bad}");
+        }
+        assert_eq!(rfc3339(1_797_076_800_123), "2026-12-12T12:00:00.123Z");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! A node's side of the sale: the two deductions of a purchase, what the node
-//! knows of the global stock, and the background task that keeps that
-//! knowledge fresh.
+//! A node's side of the sale: the two deductions of a purchase, payments
+//! and look-ups of orders, what the node knows of the global stock, and the
+//! background tasks that keep that knowledge fresh and expire unpaid
+//! orders.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,18 +13,18 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::stock::LocalStock;
-use crate::store::{Outcome, Store, StoreError};
+use crate::store::{Order, Outcome, Payment, Store, StoreError, Ticket};
 
 /// How a purchase ended, as the client and the stat log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Purchase {
-    Sold {
-        order_id: String,
-    },
-    AlreadyBought {
-        order_id: String,
-    },
+    Sold(Ticket),
+    AlreadyBought(Ticket),
     SoldOut,
+    /// The sale opens at this time (ms since the epoch).
+    NotOpen {
+        opens_at: u64,
+    },
     /// Redis failed or timed out, or holds no sale; the local unit was given
     /// back.
     Unavailable(Unavailable),
@@ -52,6 +53,15 @@ pub struct Counters {
     pub sold_out: AtomicU64,
     pub errors: AtomicU64,
     pub rejected: AtomicU64,
+    /// Purchases before the sale opened.
+    pub not_open: AtomicU64,
+    /// Purchase scripts sent to Redis: about the local stock (and the
+    /// tickets returned), whatever the number of requests.
+    pub purchase_scripts: AtomicU64,
+    /// Orders paid through this node.
+    pub paid: AtomicU64,
+    /// Orders this node's sweeps expired.
+    pub expired: AtomicU64,
 }
 
 impl Counters {
@@ -68,6 +78,19 @@ pub struct Sale {
     total: u64,
     stock: LocalStock,
     store: Store,
+    /// How long a buyer has to pay for an order this node sells.
+    pay_window: Duration,
+    /// When the sale opens (ms since the epoch), 0 if it has no time set:
+    /// this node's own, for a sale it creates, then Redis's.
+    opens_at: AtomicU64,
+    /// Pending orders, as the node last read them plus those it sold since:
+    /// with none, there is nothing to expire, and the sweep asks nothing
+    /// of Redis.
+    pending: AtomicU64,
+    /// The sale's count of expired orders when the node last looked
+    /// ([`UNKNOWN`] before the first look): each one since is a ticket
+    /// back on sale, which the local stock makes room for.
+    expired_seen: AtomicU64,
     pub counters: Counters,
     /// Set once the sale is known to exist in Redis (created by this node or
     /// another). Until then purchases answer 503 without asking Redis.
@@ -77,8 +100,8 @@ pub struct Sale {
     /// Set once Redis said the sale is sold out: later purchases answer from
     /// memory. Cleared when a sync sees tickets left again (a reset).
     sold_out: AtomicBool,
-    /// The sale's epoch when the node last looked ([`UNKNOWN_EPOCH`] before
-    /// the first look); a new one means the sale was started over, and the
+    /// The sale's epoch when the node last looked ([`UNKNOWN`] before the
+    /// first look); a new one means the sale was started over, and the
     /// local stock is refilled.
     epoch: AtomicU64,
     /// Once the sale is sold out, every buyer and their order: the set is
@@ -89,14 +112,15 @@ pub struct Sale {
     buyers: ArcSwapOption<Buyers>,
 }
 
-/// The buyers of a sold-out sale, by buyer id, with their order ids.
+/// The buyers of a sold-out sale, by buyer id, with their orders.
 #[derive(Debug)]
 struct Buyers {
     epoch: u64,
-    orders: HashMap<String, String>,
+    orders: HashMap<String, Ticket>,
 }
 
-const UNKNOWN_EPOCH: u64 = u64::MAX;
+/// A count not read from Redis yet.
+const UNKNOWN: u64 = u64::MAX;
 
 /// Whether Redis answered the node's last command, kept so that only a change
 /// is logged: a dead Redis cannot flood the log.
@@ -140,22 +164,51 @@ pub struct NodeStats<'a> {
     pub sold_out: u64,
     pub errors: u64,
     pub rejected: u64,
+    pub not_open: u64,
+    pub purchase_scripts: u64,
+    pub paid: u64,
+    pub expired: u64,
     pub redis_up: bool,
     pub global_sold_out: bool,
 }
 
+/// How a payment ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pay {
+    Done(Payment),
+    /// Redis failed: before the script was sent (nothing happened), or
+    /// while it ran (it may have been paid: looking it up tells).
+    Unavailable(Unavailable),
+}
+
+/// What a node sells: its name, the sale's size should it create it, its
+/// own stock, and the terms of its orders.
+#[derive(Debug, Clone)]
+pub struct Terms {
+    pub name: String,
+    pub total: u64,
+    pub local_stock: u64,
+    pub pay_window: Duration,
+    /// When a sale this node creates opens (ms since the epoch).
+    pub opens_at: Option<u64>,
+}
+
 impl Sale {
-    pub fn new(name: String, total: u64, local_stock: u64, store: Store) -> Self {
+    pub fn new(terms: Terms, store: Store) -> Self {
         Self {
-            name,
-            total,
-            stock: LocalStock::new(local_stock),
+            name: terms.name,
+            total: terms.total,
+            stock: LocalStock::new(terms.local_stock),
             store,
+            pay_window: terms.pay_window,
+            opens_at: AtomicU64::new(terms.opens_at.unwrap_or(0)),
+            pending: AtomicU64::new(0),
+            expired_seen: AtomicU64::new(UNKNOWN),
             counters: Counters::default(),
             ready: AtomicBool::new(false),
             redis: RedisHealth::default(),
             sold_out: AtomicBool::new(false),
-            epoch: AtomicU64::new(UNKNOWN_EPOCH),
+            epoch: AtomicU64::new(UNKNOWN),
             buyers: ArcSwapOption::empty(),
         }
     }
@@ -170,7 +223,13 @@ impl Sale {
 
     /// Tickets this node sold and kept (for the stat line).
     pub fn local_sold(&self) -> u64 {
-        self.stock.capacity() - self.stock.remaining()
+        self.stock.sold()
+    }
+
+    /// When the sale opens (ms since the epoch), if it is not open at `now`.
+    fn opens_after(&self, now: u64) -> Option<u64> {
+        let opens_at = self.opens_at.load(Ordering::Relaxed);
+        (opens_at > now).then_some(opens_at)
     }
 
     /// One purchase: local stock first, then the global stock in Redis.
@@ -182,13 +241,18 @@ impl Sale {
             // purchase whose answer was lost) gets it once the sale's buyers
             // are known.
             let purchase = match buyer.as_deref().and_then(|buyer| self.held_by(buyer)) {
-                Some(order_id) => Purchase::AlreadyBought { order_id },
+                Some(ticket) => Purchase::AlreadyBought(ticket),
                 None => Purchase::SoldOut,
             };
             return self.record(purchase);
         }
         if !self.ready.load(Ordering::Relaxed) {
             return self.record(Purchase::Unavailable(Unavailable::Store));
+        }
+        // Before the opening, from memory: the flood that starts before it
+        // never reaches Redis.
+        if let Some(opens_at) = self.opens_after(now_ms()) {
+            return self.record(Purchase::NotOpen { opens_at });
         }
         // The rest runs in a task of its own: a client that hangs up must not
         // cancel a purchase that Redis may already have made, or the node
@@ -208,7 +272,7 @@ impl Sale {
 
     /// The order `buyer` holds, from the buyers of the sale as loaded once
     /// it sold out (`None` before).
-    fn held_by(&self, buyer: &str) -> Option<String> {
+    fn held_by(&self, buyer: &str) -> Option<Ticket> {
         let buyers = self.buyers.load();
         let epoch = self.epoch.load(Ordering::Relaxed);
         let buyers = buyers.as_deref().filter(|buyers| buyers.epoch == epoch)?;
@@ -221,20 +285,30 @@ impl Sale {
         };
         // From here on, every path but a sale drops `reservation`, which
         // gives the unit back.
-        match self.store.purchase(buyer, &self.name).await {
+        match self
+            .store
+            .purchase(buyer, &self.name, self.pay_window)
+            .await
+        {
             Ok(outcome) => {
                 self.redis.answered();
                 match outcome {
-                    Outcome::Sold { order_id } => {
+                    Outcome::Sold(ticket) => {
                         reservation.commit();
-                        Purchase::Sold { order_id }
+                        self.pending.fetch_add(1, Ordering::Relaxed);
+                        Purchase::Sold(ticket)
                     }
-                    Outcome::AlreadyBought { order_id } => Purchase::AlreadyBought { order_id },
+                    Outcome::AlreadyBought(ticket) => Purchase::AlreadyBought(ticket),
                     Outcome::SoldOut => {
                         self.sold_out.store(true, Ordering::Relaxed);
                         Purchase::SoldOut
                     }
                     Outcome::NoSale => Purchase::Unavailable(Unavailable::NoSale),
+                    Outcome::NotOpen { opens_at } => {
+                        // Redis's clock says so, or the node had not heard.
+                        self.opens_at.store(opens_at, Ordering::Relaxed);
+                        Purchase::NotOpen { opens_at }
+                    }
                 }
             }
             Err(err) => {
@@ -249,9 +323,10 @@ impl Sale {
     fn record(&self, purchase: Purchase) -> Purchase {
         let c = &self.counters;
         let (counter, result) = match purchase {
-            Purchase::Sold { .. } => (&c.granted, "sold"),
-            Purchase::AlreadyBought { .. } => (&c.already_bought, "already_bought"),
+            Purchase::Sold(_) => (&c.granted, "sold"),
+            Purchase::AlreadyBought(_) => (&c.already_bought, "already_bought"),
             Purchase::SoldOut => (&c.sold_out, "sold_out"),
+            Purchase::NotOpen { .. } => (&c.not_open, "not_open"),
             Purchase::Unavailable(Unavailable::Store) => (&c.errors, "store_unavailable"),
             Purchase::Unavailable(Unavailable::Unknown) => (&c.errors, "outcome_unknown"),
             Purchase::Unavailable(Unavailable::NoSale) => (&c.errors, "no_sale"),
@@ -264,6 +339,69 @@ impl Sale {
             local_sales = self.local_sold(),
         );
         purchase
+    }
+
+    /// Pays order `id` for `payer`.
+    pub async fn pay(&self, id: &str, payer: Option<&str>) -> Pay {
+        match self.store.pay(id, payer).await {
+            Ok(payment) => {
+                self.redis.answered();
+                if matches!(payment, Payment::Paid(_)) {
+                    self.counters.paid.fetch_add(1, Ordering::Relaxed);
+                }
+                Pay::Done(payment)
+            }
+            Err(err) => {
+                self.redis.failed(&err);
+                Pay::Unavailable(Unavailable::Unknown)
+            }
+        }
+    }
+
+    /// The order `id`, `Err` if Redis did not answer.
+    pub async fn order(&self, id: &str) -> Result<Option<Order>, Unavailable> {
+        match self.store.order(id).await {
+            Ok(order) => {
+                self.redis.answered();
+                Ok(order)
+            }
+            Err(err) => {
+                self.redis.failed(&err);
+                Err(Unavailable::Store)
+            }
+        }
+    }
+
+    /// Expires the unpaid orders past their deadline, every `interval`,
+    /// until `shutdown`; right away again while more are due. Every node
+    /// does: each expiry is one atomic script, so their sweeps never expire
+    /// an order twice, and expiry goes on while any node runs. While no
+    /// order is pending, as far as the node knows, it asks nothing of Redis.
+    pub async fn expire(&self, interval: Duration, shutdown: CancellationToken) {
+        /// The most orders one script expires: a burst of deadlines is
+        /// taken in slices, so no call holds Redis up.
+        const SLICE: u64 = 200;
+        loop {
+            if self.pending.load(Ordering::Relaxed) > 0 {
+                match self.store.sweep(SLICE).await {
+                    Ok((expired, more)) => {
+                        self.redis.answered();
+                        if expired > 0 {
+                            self.counters.expired.fetch_add(expired, Ordering::Relaxed);
+                            tracing::debug!(expired, "expired unpaid orders");
+                        }
+                        if more {
+                            continue;
+                        }
+                    }
+                    Err(err) => self.redis.failed(&err),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
     }
 
     pub fn stats(&self) -> NodeStats<'_> {
@@ -279,6 +417,10 @@ impl Sale {
             sold_out: c.sold_out.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
+            not_open: c.not_open.load(Ordering::Relaxed),
+            purchase_scripts: c.purchase_scripts.load(Ordering::Relaxed),
+            paid: c.paid.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
             redis_up: self.redis_up(),
             global_sold_out: self.sold_out.load(Ordering::Relaxed),
         }
@@ -307,7 +449,8 @@ impl Sale {
     /// Redis restart that lost the data, recreating it would sell again the
     /// tickets already sold, so the node answers "no sale" instead.
     async fn prepare(&self) {
-        match self.store.ensure_sale(self.total).await {
+        let opens_at = Some(self.opens_at.load(Ordering::Relaxed)).filter(|&at| at > 0);
+        match self.store.ensure_sale(self.total, opens_at).await {
             Ok(created) => {
                 if created {
                     tracing::info!(total = self.total, "created the sale");
@@ -320,16 +463,27 @@ impl Sale {
         }
     }
 
-    /// Reads the sale's state: whether it is sold out, and whether it was
-    /// started over since the last look.
+    /// Reads the sale's state: whether it is sold out, when it opens,
+    /// whether tickets came back, and whether it was started over since
+    /// the last look.
     async fn refresh(&self) {
         match self.store.state().await {
             Ok(state) => {
                 self.redis.answered();
+                self.opens_at
+                    .store(state.opens_at.unwrap_or(0), Ordering::Relaxed);
+                self.pending.store(state.pending(), Ordering::Relaxed);
                 let previous = self.epoch.swap(state.epoch, Ordering::Relaxed);
-                if previous != UNKNOWN_EPOCH && previous != state.epoch {
+                let started_over = previous != UNKNOWN && previous != state.epoch;
+                if started_over {
                     self.stock.refill();
                     tracing::info!(epoch = state.epoch, "the sale was started over");
+                }
+                // Tickets that expired since the last look are on sale
+                // again: room for them, on every node.
+                let seen = self.expired_seen.swap(state.expired, Ordering::Relaxed);
+                if seen != UNKNOWN && !started_over && state.expired > seen {
+                    self.stock.add(state.expired - seen);
                 }
                 let sold_out = state.total.is_some_and(|total| state.sold >= total);
                 self.sold_out.store(sold_out, Ordering::Relaxed);
@@ -369,4 +523,11 @@ impl Sale {
             Err(err) => self.redis.failed(&err),
         }
     }
+}
+
+/// Milliseconds since the epoch, by this node's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::Api;
-use crate::sale::Sale;
+use crate::sale::{Sale, Terms};
 use crate::store::Store;
 
 /// Why a node could not start.
@@ -34,18 +34,28 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("node-{}", local.port()));
     let store = Store::new(&config.redis_url, &config.event, config.redis_timeout)?;
-    let sale = Arc::new(Sale::new(
+    let terms = Terms {
         name,
-        config.total_stock,
-        config.local_stock,
-        store,
-    ));
+        total: config.total_stock,
+        local_stock: config.local_stock,
+        pay_window: config.pay_window,
+        opens_at: config.opens_at.map(millis_since_epoch),
+    };
+    let sale = Arc::new(Sale::new(terms, store));
     let sync = task::supervise("sync", shutdown.clone(), {
         let sale = Arc::clone(&sale);
         let (interval, stop) = (config.sync_interval, shutdown.clone());
         move || {
             let (sale, stop) = (Arc::clone(&sale), stop.clone());
             async move { sale.sync(interval, stop).await }
+        }
+    });
+    let expiry = task::supervise("expiry", shutdown.clone(), {
+        let sale = Arc::clone(&sale);
+        let (interval, stop) = (config.sweep_interval, shutdown.clone());
+        move || {
+            let (sale, stop) = (Arc::clone(&sale), stop.clone());
+            async move { sale.expire(interval, stop).await }
         }
     });
     tracing::info!(
@@ -66,6 +76,12 @@ pub async fn run(
     let server = Server::new(config.server.clone(), rejections, shutdown);
     let api = Arc::new(Api::new(sale));
     server.serve(listener, move |_peer| Arc::clone(&api)).await;
-    let _ = sync.await;
+    let _ = tokio::join!(sync, expiry);
     Ok(())
+}
+
+/// Milliseconds from the epoch to `time` (0 before it).
+pub fn millis_since_epoch(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug)]
 pub struct LocalStock {
     capacity: u64,
+    /// Units added since the last refill, for tickets returned to the sale.
+    added: AtomicU64,
     remaining: AtomicU64,
 }
 
@@ -30,6 +32,7 @@ impl LocalStock {
     pub fn new(capacity: u64) -> Self {
         Self {
             capacity,
+            added: AtomicU64::new(0),
             remaining: AtomicU64::new(capacity),
         }
     }
@@ -56,11 +59,26 @@ impl LocalStock {
         self.capacity
     }
 
+    /// The units taken and kept: the capacity, and the units added since,
+    /// that are not left.
+    pub fn sold(&self) -> u64 {
+        (self.capacity + self.added.load(Ordering::Relaxed)).saturating_sub(self.remaining())
+    }
+
+    /// Adds `units`, for tickets returned to the sale: every node may then
+    /// ask Redis for them, its own stock used up or not. Redis still caps
+    /// the sale; this only bounds how often the node asks.
+    pub fn add(&self, units: u64) {
+        self.added.fetch_add(units, Ordering::Relaxed);
+        self.remaining.fetch_add(units, Ordering::Relaxed);
+    }
+
     /// Starts over with the full capacity, for a sale that was reset.
     /// Reservations still in flight give their units back on top of it; Redis
     /// still caps the sale, so that can only let this node ask Redis a few
     /// more times.
     pub fn refill(&self) {
+        self.added.store(0, Ordering::Relaxed);
         self.remaining.store(self.capacity, Ordering::Relaxed);
     }
 
@@ -107,6 +125,18 @@ mod tests {
         assert_eq!(stock.remaining(), 1);
         stock.take().unwrap().commit();
         assert_eq!(stock.remaining(), 0);
+    }
+
+    #[test]
+    fn returned_units_are_sold_on_top_of_a_used_up_stock() {
+        let stock = LocalStock::new(1);
+        stock.take().unwrap().commit();
+        assert!(stock.take().is_none());
+        stock.add(2);
+        stock.take().unwrap().commit();
+        assert_eq!((stock.sold(), stock.remaining()), (2, 1));
+        stock.refill();
+        assert_eq!((stock.sold(), stock.remaining()), (0, 1));
     }
 
     #[test]

@@ -1,29 +1,41 @@
-//! The global stock in Redis: the second deduction of a purchase and the only
-//! source of truth for how many tickets were sold.
+//! The global stock in Redis: the second deduction of a purchase, the life
+//! of every order, and the only source of truth of the sale.
 //!
-//! One sale (an "event") lives in three keys that share the hash tag
+//! One sale (an "event") lives in six keys that share the hash tag
 //! `{EVENT}`, so a Redis Cluster keeps them in one slot and one script can
-//! touch all three:
+//! touch them all ([`Keys`]; `lua/order.lua` says what each holds).
 //!
-//! - `spike:{EVENT}:stock`, a hash: `total` tickets, `sold` so far, and
-//!   `epoch`, bumped each time the sale is started over;
-//! - `spike:{EVENT}:buyers`, a hash from buyer id to order id;
-//! - `spike:{EVENT}:orders`, a stream with one entry per order (`ticket`,
-//!   `buyer`, `node`, `time`), whose entry id is the order id. It is the queue
-//!   that order and payment services downstream consume.
-//!
-//! A purchase is one Lua script ([`PURCHASE_SCRIPT`]), sent as EVALSHA and
-//! loaded again whenever Redis answers NOSCRIPT (after a restart or a
-//! failover).
+//! Every change of an order is one Lua script, which also appends the
+//! change to the order stream: a purchase (`lua/purchase.lua`) creates an
+//! order `pending` with a deadline; a payment (`lua/pay.lua`) makes it
+//! `paid`, or `expired` if its deadline has passed; a sweep
+//! (`lua/expire.lua`) expires the pending orders past their deadline, and
+//! their tickets go back on sale. Scripts are sent as EVALSHA and loaded
+//! again whenever Redis answers NOSCRIPT (after a restart or a failover);
+//! every key a script touches is declared.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, RedisError, Script};
+use redis::{AsyncCommands, RedisError, Script, ScriptInvocation};
+
+/// What every script that changes an order shares.
+#[cfg(test)]
+const ORDER_LUA: &str = include_str!("lua/order.lua");
 
 /// The purchase script; see the comments at its top.
-pub const PURCHASE_SCRIPT: &str = include_str!("purchase.lua");
+pub const PURCHASE_SCRIPT: &str = concat!(
+    include_str!("lua/order.lua"),
+    include_str!("lua/purchase.lua")
+);
+/// The payment script.
+pub const PAY_SCRIPT: &str = concat!(include_str!("lua/order.lua"), include_str!("lua/pay.lua"));
+/// The expiry sweep.
+pub const EXPIRE_SCRIPT: &str = concat!(
+    include_str!("lua/order.lua"),
+    include_str!("lua/expire.lua")
+);
 
 /// The Redis keys of one sale.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,44 +43,146 @@ pub struct Keys {
     pub stock: String,
     pub buyers: String,
     pub orders: String,
+    pub ledger: String,
+    pub deadlines: String,
+    pub returned: String,
 }
 
 impl Keys {
     pub fn new(event: &str) -> Self {
+        let key = |name: &str| format!("spike:{{{event}}}:{name}");
         Self {
-            stock: format!("spike:{{{event}}}:stock"),
-            buyers: format!("spike:{{{event}}}:buyers"),
-            orders: format!("spike:{{{event}}}:orders"),
+            stock: key("stock"),
+            buyers: key("buyers"),
+            orders: key("orders"),
+            ledger: key("ledger"),
+            deadlines: key("deadlines"),
+            returned: key("returned"),
         }
     }
+
+    /// Every key, in the order the scripts take them.
+    fn all(&self) -> [&str; 6] {
+        [
+            &self.stock,
+            &self.buyers,
+            &self.orders,
+            &self.ledger,
+            &self.deadlines,
+            &self.returned,
+        ]
+    }
+}
+
+/// Where an order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Paid,
+    Expired,
+}
+
+/// An order, as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Order {
+    pub id: String,
+    pub ticket: u64,
+    pub buyer: Option<String>,
+    /// The node that sold it.
+    pub node: String,
+    pub status: Status,
+    /// Milliseconds since the epoch, by Redis's clock.
+    pub created: u64,
+    pub pay_by: u64,
+    /// When it was paid or expired.
+    pub closed: Option<u64>,
+}
+
+impl Order {
+    /// The order `id` from its ledger record,
+    /// `status|ticket|buyer|node|created|pay_by|closed`.
+    pub fn parse(id: &str, record: &str) -> Option<Self> {
+        let mut fields = record.split('|');
+        let mut next = || fields.next();
+        let status = match next()? {
+            "pending" => Status::Pending,
+            "paid" => Status::Paid,
+            "expired" => Status::Expired,
+            _ => return None,
+        };
+        let ticket = next()?.parse().ok()?;
+        let buyer = Some(next()?).filter(|buyer| !buyer.is_empty());
+        let node = next()?.to_owned();
+        let created = next()?.parse().ok()?;
+        let pay_by = next()?.parse().ok()?;
+        let closed = match next()? {
+            "" => None,
+            closed => Some(closed.parse().ok()?),
+        };
+        Some(Self {
+            id: id.to_owned(),
+            ticket,
+            buyer: buyer.map(str::to_owned),
+            node,
+            status,
+            created,
+            pay_by,
+            closed,
+        })
+    }
+}
+
+/// What a purchase tells of the order it made or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub order_id: String,
+    pub ticket: u64,
+    /// The deadline to pay (ms since the epoch).
+    pub pay_by: u64,
 }
 
 /// What Redis decided about one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A ticket was sold and its order appended to the stream.
-    Sold {
-        order_id: String,
-    },
-    /// The buyer already holds this order; nothing was sold.
-    AlreadyBought {
-        order_id: String,
-    },
+    /// A ticket was sold: a new order, pending.
+    Sold(Ticket),
+    /// The buyer holds this live order; nothing was sold.
+    AlreadyBought(Ticket),
+    /// Every ticket is held by a live order.
     SoldOut,
     /// The sale's total was never set (e.g. Redis restarted without its data).
     NoSale,
+    /// The sale opens at this time (ms since the epoch).
+    NotOpen { opens_at: u64 },
 }
 
-/// Why Redis gave no answer. In every case the outcome of a purchase is
-/// unknown to the node: the script may or may not have run.
+/// What Redis decided about one payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payment {
+    /// Paid now.
+    Paid(Order),
+    /// Paid before: nothing changed.
+    AlreadyPaid(Order),
+    /// Expired, before this payment or now: its deadline had passed.
+    Expired(Order),
+    NoSuchOrder,
+    /// The order is another buyer's.
+    NotYours,
+}
+
+/// Why Redis gave no answer. In every case the outcome of a script is
+/// unknown to the node: it may or may not have run.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("unexpected reply from the purchase script: code {0}")]
+    #[error("unexpected reply from a script: code {0}")]
     Reply(i64),
+    #[error("a malformed record in the ledger: {0:?}")]
+    Record(String),
 }
 
 /// The state of a sale, as `node status` prints it.
@@ -76,14 +190,40 @@ pub enum StoreError {
 pub struct SaleState {
     /// `None` when the sale does not exist.
     pub total: Option<u64>,
+    /// Tickets held by live orders, pending or paid.
     pub sold: u64,
-    pub epoch: u64,
-    /// Entries in the order stream.
+    pub paid: u64,
+    /// Orders expired unpaid, their tickets returned.
+    pub expired: u64,
+    /// Returned tickets sold again.
+    pub resold: u64,
+    /// Orders created: every purchase that sold a ticket.
     pub orders: u64,
+    /// Entries in the order stream: one per change of an order.
+    pub events: u64,
+    pub epoch: u64,
+    /// When the sale opens (ms since the epoch), if it has a time set.
+    pub opens_at: Option<u64>,
 }
 
-/// `total`, `sold` and `epoch` of the stock hash, each absent until set.
-type StockFields = (Option<u64>, Option<u64>, Option<u64>);
+impl SaleState {
+    /// Live orders not paid yet.
+    pub fn pending(&self) -> u64 {
+        self.sold.saturating_sub(self.paid)
+    }
+}
+
+/// The fields of the stock hash `state` reads, each absent until set.
+type StockFields = (
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
+);
 
 /// A handle on one sale in Redis. Cheap to share: every clone of the
 /// connection multiplexes requests over the same TCP connection, which is
@@ -93,6 +233,8 @@ pub struct Store {
     conn: ConnectionManager,
     keys: Keys,
     purchase: Script,
+    pay: Script,
+    expire: Script,
     timeout: Duration,
 }
 
@@ -122,6 +264,8 @@ impl Store {
             conn,
             keys: Keys::new(event),
             purchase: Script::new(PURCHASE_SCRIPT),
+            pay: Script::new(PAY_SCRIPT),
+            expire: Script::new(EXPIRE_SCRIPT),
             timeout,
         })
     }
@@ -130,32 +274,88 @@ impl Store {
         &self.keys
     }
 
-    /// Runs the purchase script for `buyer` (anonymous when `None`).
-    pub async fn purchase(&self, buyer: Option<&str>, node: &str) -> Result<Outcome, StoreError> {
+    /// `script` with every key of the sale.
+    fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        for key in self.keys.all() {
+            invocation.key(key);
+        }
+        invocation
+    }
+
+    /// Runs the purchase script for `buyer` (anonymous when `None`); an
+    /// order it creates must be paid within `pay_window`.
+    pub async fn purchase(
+        &self,
+        buyer: Option<&str>,
+        node: &str,
+        pay_window: Duration,
+    ) -> Result<Outcome, StoreError> {
         let mut conn = self.conn.clone();
-        let reply: (i64, String) = self
-            .bounded(
-                self.purchase
-                    .key(&self.keys.stock)
-                    .key(&self.keys.buyers)
-                    .key(&self.keys.orders)
-                    .arg(buyer.unwrap_or(""))
-                    .arg(node)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        match reply {
-            (1, order_id) => Ok(Outcome::Sold { order_id }),
-            (2, order_id) => Ok(Outcome::AlreadyBought { order_id }),
-            (0, _) => Ok(Outcome::SoldOut),
-            (-1, _) => Ok(Outcome::NoSale),
-            (code, _) => Err(StoreError::Reply(code)),
+        let mut invocation = self.invocation(&self.purchase);
+        invocation
+            .arg(buyer.unwrap_or(""))
+            .arg(node)
+            .arg(pay_window.as_millis() as u64);
+        let (code, order_id, ticket, at): (i64, String, u64, u64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let ticket = || Ticket {
+            order_id: order_id.clone(),
+            ticket,
+            pay_by: at,
+        };
+        match code {
+            1 => Ok(Outcome::Sold(ticket())),
+            2 => Ok(Outcome::AlreadyBought(ticket())),
+            0 => Ok(Outcome::SoldOut),
+            -1 => Ok(Outcome::NoSale),
+            -2 => Ok(Outcome::NotOpen { opens_at: at }),
+            code => Err(StoreError::Reply(code)),
         }
     }
 
-    /// Every buyer and their order, read in batches (`HSCAN`) so that a large
+    /// Runs the payment script for order `id`, paid by `payer`.
+    pub async fn pay(&self, id: &str, payer: Option<&str>) -> Result<Payment, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.invocation(&self.pay);
+        invocation.arg(id).arg(payer.unwrap_or(""));
+        let (code, record): (i64, String) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let order = || Order::parse(id, &record).ok_or_else(|| StoreError::Record(record.clone()));
+        match code {
+            1 => Ok(Payment::Paid(order()?)),
+            2 => Ok(Payment::AlreadyPaid(order()?)),
+            -4 => Ok(Payment::Expired(order()?)),
+            -1 => Ok(Payment::NoSuchOrder),
+            -3 => Ok(Payment::NotYours),
+            code => Err(StoreError::Reply(code)),
+        }
+    }
+
+    /// The order `id`, as the ledger holds it.
+    pub async fn order(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        let mut conn = self.conn.clone();
+        let record: Option<String> = self.bounded(conn.hget(&self.keys.ledger, id)).await?;
+        record
+            .map(|record| Order::parse(id, &record).ok_or(StoreError::Record(record)))
+            .transpose()
+    }
+
+    /// Expires at most `limit` pending orders past their deadline; returns
+    /// how many it expired, and whether more may be due.
+    pub async fn sweep(&self, limit: u64) -> Result<(u64, bool), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.invocation(&self.expire);
+        invocation.arg(limit);
+        let (expired, looked_at): (u64, u64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok((expired, looked_at >= limit))
+    }
+
+    /// Every buyer holding a live order, with it, read in batches (`HSCAN`
+    /// of the buyers, then their orders from the ledger) so that a large
     /// sale does not hold Redis up; each batch is bounded by the timeout.
-    pub async fn buyers(&self) -> Result<HashMap<String, String>, StoreError> {
+    pub async fn buyers(&self) -> Result<HashMap<String, Ticket>, StoreError> {
         let mut conn = self.conn.clone();
         let mut buyers = HashMap::new();
         let mut cursor = 0u64;
@@ -170,7 +370,28 @@ impl Store {
                         .query_async(&mut conn),
                 )
                 .await?;
-            buyers.extend(batch);
+            if !batch.is_empty() {
+                let ids: Vec<&str> = batch.iter().map(|(_, id)| id.as_str()).collect();
+                let records: Vec<Option<String>> = self
+                    .bounded(
+                        redis::cmd("HMGET")
+                            .arg(&self.keys.ledger)
+                            .arg(&ids)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                for ((buyer, id), record) in batch.iter().zip(records) {
+                    let Some(order) = record.and_then(|record| Order::parse(id, &record)) else {
+                        continue;
+                    };
+                    let ticket = Ticket {
+                        order_id: order.id,
+                        ticket: order.ticket,
+                        pay_by: order.pay_by,
+                    };
+                    buyers.insert(buyer.clone(), ticket);
+                }
+            }
             if next == 0 {
                 return Ok(buyers);
             }
@@ -178,59 +399,99 @@ impl Store {
         }
     }
 
-    /// Creates the sale with `total` tickets unless it exists; never touches
-    /// `sold`. Returns whether it was created.
-    pub async fn ensure_sale(&self, total: u64) -> Result<bool, StoreError> {
+    /// Creates the sale with `total` tickets, opening at `opens_at` (ms
+    /// since the epoch) if given, unless it exists; never touches `sold`.
+    /// Returns whether it was created.
+    pub async fn ensure_sale(&self, total: u64, opens_at: Option<u64>) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let created: bool = self
             .bounded(conn.hset_nx(&self.keys.stock, "total", total))
             .await?;
+        if let (true, Some(opens_at)) = (created, opens_at) {
+            let () = self
+                .bounded(conn.hset(&self.keys.stock, "opens_at", opens_at))
+                .await?;
+        }
         Ok(created)
     }
 
-    /// Starts the sale over with `total` tickets: nothing sold, no buyers, no
-    /// orders, and a new epoch so running nodes refill their local stock.
-    pub async fn reset(&self, total: u64) -> Result<SaleState, StoreError> {
+    /// Starts the sale over with `total` tickets, opening at `opens_at` if
+    /// given (at once if not): nothing sold, no buyers, no orders, and a
+    /// new epoch so running nodes refill their local stock.
+    pub async fn reset(&self, total: u64, opens_at: Option<u64>) -> Result<SaleState, StoreError> {
         let mut conn = self.conn.clone();
-        let (epoch,): (u64,) = self
-            .bounded(
-                redis::pipe()
-                    .atomic()
-                    .del(&self.keys.buyers)
-                    .ignore()
-                    .del(&self.keys.orders)
-                    .ignore()
-                    .hset_multiple(&self.keys.stock, &[("total", total), ("sold", 0)])
-                    .ignore()
-                    .hincr(&self.keys.stock, "epoch", 1)
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let keys = &self.keys;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for key in [
+            &keys.buyers,
+            &keys.orders,
+            &keys.ledger,
+            &keys.deadlines,
+            &keys.returned,
+        ] {
+            pipe.del(key).ignore();
+        }
+        pipe.hset_multiple(
+            &keys.stock,
+            &[
+                ("total", total),
+                ("sold", 0),
+                ("issued", 0),
+                ("paid", 0),
+                ("expired", 0),
+                ("resold", 0),
+            ],
+        )
+        .ignore();
+        match opens_at {
+            Some(opens_at) => pipe.hset(&keys.stock, "opens_at", opens_at).ignore(),
+            None => pipe.hdel(&keys.stock, "opens_at").ignore(),
+        };
+        pipe.hincr(&keys.stock, "epoch", 1);
+        let (epoch,): (u64,) = self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(SaleState {
             total: Some(total),
             sold: 0,
-            epoch,
+            paid: 0,
+            expired: 0,
+            resold: 0,
             orders: 0,
+            events: 0,
+            epoch,
+            opens_at,
         })
     }
 
     /// Reads the sale's state in one round trip.
     pub async fn state(&self) -> Result<SaleState, StoreError> {
         let mut conn = self.conn.clone();
-        let (fields, orders): (StockFields, u64) = self
+        let (fields, events): (StockFields, u64) = self
             .bounded(
                 redis::pipe()
-                    .hmget(&self.keys.stock, &["total", "sold", "epoch"])
+                    .hmget(
+                        &self.keys.stock,
+                        &[
+                            "total", "sold", "issued", "paid", "expired", "resold", "epoch",
+                            "opens_at",
+                        ],
+                    )
                     .xlen(&self.keys.orders)
                     .query_async(&mut conn),
             )
             .await?;
-        let (total, sold, epoch) = fields;
+        let (total, sold, issued, paid, expired, resold, epoch, opens_at) = fields;
+        let resold = resold.unwrap_or(0);
         Ok(SaleState {
             total,
             sold: sold.unwrap_or(0),
+            paid: paid.unwrap_or(0),
+            expired: expired.unwrap_or(0),
+            resold,
+            orders: issued.unwrap_or(0) + resold,
+            events,
             epoch: epoch.unwrap_or(0),
-            orders,
+            opens_at,
         })
     }
 
@@ -257,5 +518,43 @@ mod tests {
         assert_eq!(keys.stock, "spike:{g1234}:stock");
         assert_eq!(keys.buyers, "spike:{g1234}:buyers");
         assert_eq!(keys.orders, "spike:{g1234}:orders");
+        assert_eq!(keys.ledger, "spike:{g1234}:ledger");
+        assert_eq!(keys.deadlines, "spike:{g1234}:deadlines");
+        assert_eq!(keys.returned, "spike:{g1234}:returned");
+    }
+
+    #[test]
+    fn a_ledger_record_is_read_whole_or_not_at_all() {
+        let order = Order::parse("5-0", "paid|7|alice|node-1|1000|2000|1500").unwrap();
+        assert_eq!(
+            order,
+            Order {
+                id: "5-0".to_owned(),
+                ticket: 7,
+                buyer: Some("alice".to_owned()),
+                node: "node-1".to_owned(),
+                status: Status::Paid,
+                created: 1000,
+                pay_by: 2000,
+                closed: Some(1500),
+            }
+        );
+        let anonymous = Order::parse("6-0", "pending|8||node-2|1000|2000|").unwrap();
+        assert_eq!((anonymous.buyer, anonymous.closed), (None, None));
+        for bad in [
+            "",
+            "sold|1||n|1|2|",
+            "pending|x||n|1|2|",
+            "pending|1||n|1|2",
+        ] {
+            assert_eq!(Order::parse("1-0", bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_script_that_changes_an_order_shares_the_same_rules() {
+        for script in [PURCHASE_SCRIPT, PAY_SCRIPT, EXPIRE_SCRIPT] {
+            assert!(script.starts_with(ORDER_LUA));
+        }
     }
 }

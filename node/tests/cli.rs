@@ -14,10 +14,11 @@ fn reset_starts_the_sale_over_and_status_reports_it() {
     let redis = RedisServer::start();
     let url = redis.url();
     let mut conn = redis.conn();
-    // A sale in progress: 7 of 10 sold, with buyers and orders.
+    // A sale in progress: 7 of 10 sold, 2 of them paid, with buyers and
+    // orders.
     redis::cmd("HSET")
         .arg("spike:{ticket}:stock")
-        .arg(&["total", "10", "sold", "7"])
+        .arg(&["total", "10", "sold", "7", "issued", "7", "paid", "2"])
         .exec(&mut conn)
         .unwrap();
     redis::cmd("HSET")
@@ -36,10 +37,19 @@ fn reset_starts_the_sale_over_and_status_reports_it() {
     let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(
         status,
-        serde_json::json!({"event": "ticket", "total": 10, "sold": 7, "remaining": 3, "orders": 1})
+        serde_json::json!({"event": "ticket", "total": 10, "sold": 7, "remaining": 3,
+            "pending": 5, "paid": 2, "expired": 0, "resold": 0, "orders": 7, "events": 1})
     );
 
-    let (ok, _, stderr) = node(&["reset", "--redis", &url, "--total", "25"]);
+    let (ok, _, stderr) = node(&[
+        "reset",
+        "--redis",
+        &url,
+        "--total",
+        "25",
+        "--opens-at",
+        "2026-12-12T20:00:00+08:00",
+    ]);
     assert!(ok, "{stderr}");
     let truth = sale_in_redis(&mut conn, "ticket");
     assert_eq!(truth.total, Some(25));
@@ -48,7 +58,11 @@ fn reset_starts_the_sale_over_and_status_reports_it() {
     let (ok, stdout, _) = node(&["status", "--redis", &url]);
     assert!(ok);
     assert!(
-        stdout.contains(r#""total":25,"sold":0,"remaining":25,"orders":0"#),
+        stdout.contains(r#""total":25,"sold":0,"remaining":25,"pending":0,"paid":0"#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#""orders":0,"events":0,"opens_at":"2026-12-12T12:00:00Z""#),
         "{stdout}"
     );
 }

@@ -6,9 +6,11 @@
 //! this machine and the balancer ([`children`]: `spike` itself, running the
 //! `node` and `balancer` command lines), shows the sale live ([`status`]),
 //! and on Ctrl-C or SIGTERM stops everything in order and prints a summary
-//! ([`up`]). `spike status` and `spike reset` look at and start over a sale.
+//! ([`up`]). `spike status` and `spike reset` look at and start over a sale;
+//! `spike load` ([`load`]) sends named buyers who buy and pay.
 
 pub mod children;
+pub mod load;
 pub mod plan;
 pub mod redis;
 pub mod status;

@@ -2,12 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use spike::load::LoadOptions;
 use spike::plan::Plan;
 use spike::status::Observer;
 use spike::up::UpOptions;
+use std::io::IsTerminal;
 
 /// The balancer's allocator, since this executable also runs the balancer
 /// (see `balancer/src/main.rs`).
@@ -43,15 +46,55 @@ enum Command {
         /// Where the processes' logs go.
         #[arg(long, value_name = "DIR", default_value = "log")]
         log_dir: PathBuf,
+        /// When a sale created or started over opens, RFC 3339 (default:
+        /// node.toml's opens_at, or at once).
+        #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+        opens_at: Option<SystemTime>,
     },
     /// Print the sale's summary: tickets, orders, requests per node.
     Status,
+    /// Send named buyers who buy a ticket, and some of whom pay for it;
+    /// report what they were told.
+    Load(LoadArgs),
     /// Start the sale over: nothing sold, no buyers, no orders.
     Reset {
         /// Tickets in the new sale (default: total_stock of node.toml).
         #[arg(long, value_name = "N")]
         total: Option<u64>,
+        /// When the new sale opens, RFC 3339 (default: node.toml's
+        /// opens_at, or at once).
+        #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+        opens_at: Option<SystemTime>,
     },
+}
+
+/// `spike load`'s flags.
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The balancer (or a node) to buy from.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+    url: http::Uri,
+    /// How many buyers, each buying once.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    buyers: u64,
+    /// Clients at once, each with its own keep-alive connection.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    concurrency: usize,
+    /// The share of buyers with a new order who pay for it, from 0 to 1.
+    #[arg(long, value_name = "P", default_value_t = 0.7, value_parser = share)]
+    pay: f64,
+    /// How long after buying a buyer pays.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = duration)]
+    pay_after: std::time::Duration,
+    /// Buyers are PREFIX-0, PREFIX-1... (default: load-SECONDS, new each run).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Threads sending the load (like ab, one by default).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    threads: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -84,10 +127,16 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime = match &cli.command {
+        Command::Load(args) if args.threads > 1 => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Up {
@@ -95,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 total,
                 restart_nodes,
                 log_dir,
+                opens_at,
             } => {
                 let shutdown =
                     spike_http1::task::shutdown_on_signal().context("cannot handle signals")?;
@@ -104,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     reset,
                     total,
                     restart_nodes,
+                    opens_at,
                 };
                 spike::up::up(options, shutdown).await
             }
@@ -116,11 +167,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Reset { total } => {
+            Command::Load(args) => load(args).await,
+            Command::Reset { total, opens_at } => {
                 let plan = Plan::read(&cli.config_dir, total)?;
+                let opens_at = opens_at
+                    .or(plan.node.opens_at)
+                    .map(node::server::millis_since_epoch);
                 Observer::new(&plan)?
                     .store()
-                    .reset(plan.total)
+                    .reset(plan.total, opens_at)
                     .await
                     .with_context(|| format!("cannot reach Redis at {}", plan.node.redis_url))?;
                 println!(
@@ -131,4 +186,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+fn parse_instant(text: &str) -> Result<SystemTime, String> {
+    spike_config::source::instant(text)
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let prefix = args.prefix.unwrap_or_else(|| {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+        format!("load-{}", now.map_or(0, |since| since.as_secs()))
+    });
+    let options = LoadOptions {
+        url: args.url,
+        buyers: args.buyers,
+        concurrency: args.concurrency,
+        pay: args.pay,
+        pay_after: args.pay_after,
+        prefix,
+        progress: std::io::stderr().is_terminal() && !args.json,
+    };
+    let report = spike::load::run(options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("`{text}` is not a share from 0 to 1")),
+    }
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("`{text}`: {err}"))
 }

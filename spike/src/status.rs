@@ -27,13 +27,23 @@ pub struct Snapshot {
     pub upstreams: Option<Vec<UpstreamView>>,
 }
 
-/// What Redis holds of a sale: its tickets, those sold, the orders in its
-/// stream.
+/// What Redis holds of a sale: its tickets, those held by live orders
+/// (sold), paid or pending, those returned by expired orders and sold
+/// again, and the orders created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SaleFigures {
     pub total: u64,
     pub sold: u64,
+    pub paid: u64,
+    pub expired: u64,
+    pub resold: u64,
     pub orders: u64,
+}
+
+impl SaleFigures {
+    pub fn pending(&self) -> u64 {
+        self.sold.saturating_sub(self.paid)
+    }
 }
 
 /// One upstream as the balancer's `/stats` shows it.
@@ -116,6 +126,9 @@ impl Observer {
         Some(SaleFigures {
             total: state.total?,
             sold: state.sold,
+            paid: state.paid,
+            expired: state.expired,
+            resold: state.resold,
             orders: state.orders,
         })
     }
@@ -153,7 +166,15 @@ impl Snapshot {
     /// weight's, with its health.
     pub fn line(&self, previous: Option<&Snapshot>, elapsed: Duration) -> String {
         let mut line = match self.sale {
-            Some(sale) => format!("sold {}/{}", sale.sold, sale.total),
+            Some(sale) => format!(
+                "sold {}/{} (paid {}, pending {}) | expired {}, resold {}",
+                sale.sold,
+                sale.total,
+                sale.paid,
+                sale.pending(),
+                sale.expired,
+                sale.resold
+            ),
             None => "sale: redis does not answer".to_owned(),
         };
         match (self.requests(), previous.and_then(Snapshot::requests)) {
@@ -182,15 +203,30 @@ impl Snapshot {
         line
     }
 
-    /// The summary: tickets sold of the total, orders in the stream,
-    /// oversold (which must be 0), requests per node against its weight.
+    /// The summary: tickets sold (held by live orders) of the total, paid
+    /// and pending; orders created, expired and resold; oversold (which
+    /// must be 0); requests per node against its weight.
     pub fn summary(&self) -> String {
         let mut text = String::new();
         match self.sale {
             Some(sale) => {
-                let oversold = sale.sold.max(sale.orders).saturating_sub(sale.total);
-                let _ = writeln!(text, "tickets sold: {} of {}", sale.sold, sale.total);
-                let _ = writeln!(text, "orders in the stream: {}", sale.orders);
+                // More tickets held than the sale has, or more orders alive
+                // than were created and not expired.
+                let live = sale.orders.saturating_sub(sale.expired);
+                let oversold = sale.sold.max(live).saturating_sub(sale.total);
+                let _ = writeln!(
+                    text,
+                    "tickets sold: {} of {} (paid {}, pending {})",
+                    sale.sold,
+                    sale.total,
+                    sale.paid,
+                    sale.pending()
+                );
+                let _ = writeln!(
+                    text,
+                    "orders: {} created, {} expired unpaid, {} tickets sold again",
+                    sale.orders, sale.expired, sale.resold
+                );
                 let _ = writeln!(text, "oversold: {oversold}");
             }
             None => text.push_str("sale: Redis does not answer, or holds no such sale\n"),
@@ -252,7 +288,10 @@ mod tests {
             sale: Some(SaleFigures {
                 total: 100,
                 sold: 40,
-                orders: 40,
+                paid: 10,
+                expired: 5,
+                resold: 3,
+                orders: 42,
             }),
             upstreams: Some(vec![view(3001, 1, 250, "up"), view(3002, 3, 750, "down")]),
         }
@@ -265,7 +304,7 @@ mod tests {
         let line = snapshot().line(Some(&before), Duration::from_secs(2));
         assert_eq!(
             line,
-            "sold 40/100 | 100 req/s | 3001 up 25%/25% | 3002 down 75%/75%"
+            "sold 40/100 (paid 10, pending 30) | expired 5, resold 3 | 100 req/s | 3001 up 25%/25% | 3002 down 75%/75%"
         );
     }
 
@@ -284,7 +323,10 @@ mod tests {
     fn the_summary_counts_oversold_tickets() {
         let summary = snapshot().summary();
         assert!(
-            summary.contains("tickets sold: 40 of 100\norders in the stream: 40\noversold: 0\n"),
+            summary.contains(
+                "tickets sold: 40 of 100 (paid 10, pending 30)\n\
+                 orders: 42 created, 5 expired unpaid, 3 tickets sold again\noversold: 0\n"
+            ),
             "{summary}"
         );
         assert!(
@@ -295,6 +337,9 @@ mod tests {
         over.sale = Some(SaleFigures {
             total: 100,
             sold: 101,
+            paid: 0,
+            expired: 0,
+            resold: 0,
             orders: 101,
         });
         assert!(over.summary().contains("oversold: 1\n"));

@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,6 +27,9 @@ pub struct UpOptions {
     pub total: Option<u64>,
     /// Restart a node that dies.
     pub restart_nodes: bool,
+    /// When a sale started over or created opens (default: node.toml's
+    /// `opens_at`, or at once).
+    pub opens_at: Option<SystemTime>,
 }
 
 /// How long a node may take to reach Redis once it listens.
@@ -93,9 +96,13 @@ async fn start(
     }
 
     let store = observer.store();
+    let opens_at = options
+        .opens_at
+        .or(plan.node.opens_at)
+        .map(node::server::millis_since_epoch);
     if options.reset {
         store
-            .reset(plan.total)
+            .reset(plan.total, opens_at)
             .await
             .context("cannot reset the sale")?;
         println!(
@@ -103,7 +110,7 @@ async fn start(
             plan.node.event, plan.total
         );
     } else if store
-        .ensure_sale(plan.total)
+        .ensure_sale(plan.total, opens_at)
         .await
         .context("cannot create the sale")?
     {
@@ -114,10 +121,11 @@ async fn start(
     } else {
         let state = store.state().await.context("cannot read the sale")?;
         println!(
-            "sale `{}` exists: {} of {} tickets sold (spike up --reset starts it over)",
+            "sale `{}` exists: {} of {} tickets held, {} paid (spike up --reset starts it over)",
             plan.node.event,
             state.sold,
-            state.total.unwrap_or(0)
+            state.total.unwrap_or(0),
+            state.paid,
         );
     }
 

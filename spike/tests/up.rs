@@ -26,11 +26,16 @@ struct ConfigDir {
 
 impl ConfigDir {
     fn new(redis_url: &str, total: u64) -> Self {
+        Self::with_node(redis_url, total, "")
+    }
+
+    /// The same, with the lines `node` added to node.toml.
+    fn with_node(redis_url: &str, total: u64, node: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("node.toml"),
             format!(
-                "redis_url = \"{redis_url}\"\ntotal_stock = {total}\nstat_log = \"\"\nsync_interval = \"50ms\"\n\n\
+                "redis_url = \"{redis_url}\"\ntotal_stock = {total}\nstat_log = \"\"\nsync_interval = \"50ms\"\n{node}\n\
                  [server]\nshutdown_grace = \"2s\"\n"
             ),
         )
@@ -65,6 +70,10 @@ impl ConfigDir {
 
     fn buy_url(&self) -> String {
         format!("http://{}/buy/ticket", self.proxy)
+    }
+
+    fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy)
     }
 }
 
@@ -143,7 +152,10 @@ fn up_sells_exactly_the_stock_reports_it_and_leaves_nothing_behind() {
     let (status, stdout, stderr) = run("spike", &["status", "--config-dir", config.arg()]);
     assert!(status.success(), "{stderr}");
     assert!(
-        stdout.contains("tickets sold: 1000 of 1000\norders in the stream: 1000\noversold: 0\n"),
+        stdout.contains(
+            "tickets sold: 1000 of 1000 (paid 0, pending 1000)\n\
+             orders: 1000 created, 0 expired unpaid, 0 tickets sold again\noversold: 0\n"
+        ),
         "{stdout}"
     );
     assert!(
@@ -305,4 +317,74 @@ fn restart_nodes_brings_a_dead_node_back() {
 
     stop(&mut spike);
     assert!(!alive(new_pid), "the restarted node outlived spike");
+}
+
+/// `spike load` against `spike up`, slow enough for orders to expire and
+/// their tickets to be bought again by later buyers: what its report says
+/// the buyers were told agrees with what Redis holds.
+#[test]
+fn load_reports_what_redis_holds() {
+    let redis = RedisServer::start();
+    let config = ConfigDir::with_node(
+        &redis.url(),
+        100,
+        "pay_window = \"1s\"\nsweep_interval = \"50ms\"\n",
+    );
+    let mut spike = spike_up(&config, &[]);
+    let url = config.proxy_url();
+    let (status, stdout, stderr) = run(
+        "spike",
+        &[
+            "load",
+            "--url",
+            &url,
+            "--buyers",
+            "3000",
+            "--concurrency",
+            "2",
+            "--pay",
+            "0.5",
+            "--prefix",
+            "agree",
+            "--json",
+        ],
+    );
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let count = |name: &str| report[name].as_u64().unwrap();
+    assert_eq!(count("errors"), 0, "{report}");
+    assert_eq!(
+        count("bought") + count("already") + count("sold_out"),
+        3_000,
+        "every buyer answered: {report}"
+    );
+    assert!(
+        count("resold") > 0,
+        "the load outlasted a pay window: {report}"
+    );
+    // Once the last unpaid orders have expired, the stock agrees.
+    let mut conn = redis.conn();
+    wait_until("the last orders to expire", Duration::from_secs(10), || {
+        let stock = spike_tests::redis::stock_in_redis(&mut conn, "ticket");
+        stock["sold"] == stock["paid"]
+    });
+    let stock = spike_tests::redis::stock_in_redis(&mut conn, "ticket");
+    assert_eq!(
+        stock["issued"] + stock["resold"],
+        count("bought"),
+        "{report}"
+    );
+    assert_eq!(stock["paid"], count("paid"), "{report}");
+    assert_eq!(stock["resold"], count("resold"), "{report}");
+    assert_eq!(
+        stock["expired"],
+        count("unpaid") + count("expired"),
+        "{report}"
+    );
+    let text = run("spike", &["status", "--config-dir", config.arg()]).1;
+    assert!(
+        text.contains(&format!("(paid {}, pending 0)", count("paid"))),
+        "{text}"
+    );
+    stop(&mut spike);
 }

@@ -55,6 +55,12 @@ impl Client {
             .unwrap_or_else(|err| panic!("GET {url}: {err}"))
     }
 
+    pub async fn post(&self, url: &str) -> Reply {
+        self.send(Self::request(Method::POST, url, &[], b""))
+            .await
+            .unwrap_or_else(|err| panic!("POST {url}: {err}"))
+    }
+
     /// Sends a request; an error means no complete response arrived.
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
         let response = self

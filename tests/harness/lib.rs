@@ -12,6 +12,7 @@ pub mod ab;
 pub mod backend;
 pub mod balancer;
 pub mod client;
+pub mod nodes;
 pub mod process;
 pub mod raw;
 pub mod redis;

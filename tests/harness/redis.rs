@@ -209,3 +209,112 @@ pub fn sale_in_redis(conn: &mut redis::Connection, event: &str) -> SaleInRedis {
         buyers,
     }
 }
+
+/// An order as the sale's ledger holds it, read and parsed by the test
+/// itself: `status|ticket|buyer|node|created|pay_by|closed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerOrder {
+    pub id: String,
+    pub status: String,
+    pub ticket: u64,
+    pub buyer: String,
+    pub pay_by: u64,
+}
+
+/// Every order of a sale's ledger.
+pub fn ledger_in_redis(conn: &mut redis::Connection, event: &str) -> Vec<LedgerOrder> {
+    let records: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("spike:{{{event}}}:ledger"))
+        .query(conn)
+        .expect("HGETALL ledger");
+    records
+        .into_iter()
+        .map(|(id, record)| {
+            let fields: Vec<&str> = record.split('|').collect();
+            assert_eq!(fields.len(), 7, "a ledger record of 7 fields: {record:?}");
+            LedgerOrder {
+                id,
+                status: fields[0].to_owned(),
+                ticket: fields[1].parse().expect("a ticket number"),
+                buyer: fields[2].to_owned(),
+                pay_by: fields[5].parse().expect("a deadline"),
+            }
+        })
+        .collect()
+}
+
+/// One entry of a sale's order stream: a change of one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderEvent {
+    /// `created`, `paid` or `expired`.
+    pub event: String,
+    /// The order: the entry's own id for `created`.
+    pub order: String,
+    pub ticket: u64,
+    pub buyer: String,
+}
+
+/// Every entry of a sale's order stream, in order.
+pub fn events_in_redis(conn: &mut redis::Connection, event: &str) -> Vec<OrderEvent> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("spike:{{{event}}}:orders"))
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .expect("XRANGE orders");
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let field = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .map(|(_, value)| value.clone())
+            };
+            let kind = field("event").expect("an event field");
+            OrderEvent {
+                order: if kind == "created" {
+                    id
+                } else {
+                    field("order").expect("an order field")
+                },
+                event: kind,
+                ticket: field("ticket")
+                    .and_then(|t| t.parse().ok())
+                    .expect("a ticket"),
+                buyer: field("buyer").unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// The counters of a sale's stock hash (`total`, `sold`, `paid`,
+/// `expired`, `resold`...), each 0 until set.
+pub fn stock_in_redis(
+    conn: &mut redis::Connection,
+    event: &str,
+) -> std::collections::HashMap<String, u64> {
+    redis::cmd("HGETALL")
+        .arg(format!("spike:{{{event}}}:stock"))
+        .query(conn)
+        .expect("HGETALL stock")
+}
+
+/// How often Redis ran a script (`EVAL` and `EVALSHA`) since it started.
+pub fn script_calls(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("INFO commandstats");
+    info.lines()
+        .filter(|line| line.starts_with("cmdstat_eval:") || line.starts_with("cmdstat_evalsha:"))
+        .filter_map(|line| {
+            line.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}

@@ -269,7 +269,10 @@ async fn a_body_the_handler_does_not_read_closes_the_connection_after_the_reply(
         .unwrap();
     let (head, body) = reply(&mut client).await;
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"));
-    assert!(head.contains("connection: close\r\n"), "and says so: {head}");
+    assert!(
+        head.contains("connection: close\r\n"),
+        "and says so: {head}"
+    );
     assert_eq!(body, "ok");
     assert!(
         closed(&mut client).await,

@@ -1,0 +1,67 @@
+-- The life of an order in Redis, shared by every script that changes one:
+-- each script is this file followed by its own.
+--
+-- The keys of one sale, all in one hash slot, given to every script in
+-- this order:
+--   KEYS[1]  the stock hash: total, sold (tickets held by live orders,
+--            pending or paid), issued (ticket numbers handed out so far),
+--            paid, expired, resold, epoch, and opens_at (ms) if set
+--   KEYS[2]  the buyers hash: buyer id -> the id of their live order
+--   KEYS[3]  the order stream: one event per change of an order
+--   KEYS[4]  the ledger hash: order id -> its record
+--   KEYS[5]  the deadlines sorted set: pending orders by pay_by (ms)
+--   KEYS[6]  the returned list: tickets of expired orders, to sell again
+--
+-- A record is `status|ticket|buyer|node|created|pay_by|closed`: status
+-- `pending`, `paid` or `expired`; times in milliseconds since the epoch,
+-- by Redis's clock; `closed` the time it was paid or expired, empty
+-- while pending. Buyer ids and node names hold no `|`.
+--
+-- Redis runs a script atomically, and it does not roll a script back when
+-- a command in it fails: every check comes first, and the first write is
+-- the event (XADD), the only one that can fail (out of memory): once a
+-- script has written, Redis lets the rest of its writes through. So no
+-- change of an order happens without its event, and no event without its
+-- change.
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+local function parse(record)
+  local status, ticket, buyer, node, created, pay_by, closed = string.match(
+    record, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  return {
+    status = status, ticket = tonumber(ticket), buyer = buyer, node = node,
+    created = tonumber(created), pay_by = tonumber(pay_by), closed = closed,
+  }
+end
+
+local function format(order)
+  return order.status .. '|' .. order.ticket .. '|' .. order.buyer .. '|' .. order.node
+    .. '|' .. order.created .. '|' .. order.pay_by .. '|' .. (order.closed or '')
+end
+
+-- Closes pending order `id` as `status` (paid or expired) at `now`: its
+-- event, its record, and no deadline any more.
+local function close(id, order, status, now)
+  redis.call('XADD', KEYS[3], '*', 'event', status, 'order', id, 'ticket', order.ticket,
+    'buyer', order.buyer, 'node', order.node, 'status', status, 'time', now)
+  order.status = status
+  order.closed = now
+  redis.call('HSET', KEYS[4], id, format(order))
+  redis.call('ZREM', KEYS[5], id)
+end
+
+-- Expires pending order `id`: its ticket goes back on sale, and its buyer
+-- may buy again.
+local function expire(id, order, now)
+  close(id, order, 'expired', now)
+  redis.call('RPUSH', KEYS[6], order.ticket)
+  redis.call('HINCRBY', KEYS[1], 'sold', -1)
+  redis.call('HINCRBY', KEYS[1], 'expired', 1)
+  if order.buyer ~= '' and redis.call('HGET', KEYS[2], order.buyer) == id then
+    redis.call('HDEL', KEYS[2], order.buyer)
+  end
+end

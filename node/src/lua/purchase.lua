@@ -1,0 +1,63 @@
+-- Sells one ticket of a sale, or returns the buyer's live order.
+--
+-- ARGV[1]  buyer id, '' for an anonymous purchase
+-- ARGV[2]  the selling node's name
+-- ARGV[3]  the pay window (ms): the order expires unpaid after it
+--
+-- Returns {code, order id, ticket, pay_by or opens_at}:
+--   1  sold: a new order, pending
+--   2  this buyer already holds the live order returned
+--   0  sold out: every ticket is held by a live order
+--  -1  no such sale (its total was never set)
+--  -2  not open yet: the last field is when it opens (ms)
+--
+-- A ticket returned by an expired order is sold first, under its own
+-- number; otherwise the next number never handed out. Every ticket number
+-- is held by at most one live order.
+local buyer, node, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if buyer ~= '' then
+  local existing = redis.call('HGET', KEYS[2], buyer)
+  if existing then
+    local record = redis.call('HGET', KEYS[4], existing)
+    if record then
+      local order = parse(record)
+      return {2, existing, order.ticket, order.pay_by}
+    end
+  end
+end
+
+local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'issued', 'opens_at')
+local total = tonumber(stock[1])
+if not total then
+  return {-1, '', 0, 0}
+end
+local now = now_ms()
+local opens_at = tonumber(stock[4])
+if opens_at and now < opens_at then
+  return {-2, '', 0, opens_at}
+end
+if (tonumber(stock[2]) or 0) >= total then
+  return {0, '', 0, 0}
+end
+
+local returned = redis.call('LINDEX', KEYS[6], 0)
+local ticket = tonumber(returned) or (tonumber(stock[3]) or 0) + 1
+local pay_by = now + window
+local id = redis.call('XADD', KEYS[3], '*', 'event', 'created', 'ticket', ticket,
+  'buyer', buyer, 'node', node, 'status', 'pending', 'time', now, 'pay_by', pay_by)
+if returned then
+  redis.call('LPOP', KEYS[6])
+  redis.call('HINCRBY', KEYS[1], 'resold', 1)
+else
+  redis.call('HINCRBY', KEYS[1], 'issued', 1)
+end
+redis.call('HSET', KEYS[4], id, format({
+  status = 'pending', ticket = ticket, buyer = buyer, node = node,
+  created = now, pay_by = pay_by,
+}))
+redis.call('ZADD', KEYS[5], pay_by, id)
+redis.call('HINCRBY', KEYS[1], 'sold', 1)
+if buyer ~= '' then
+  redis.call('HSET', KEYS[2], buyer, id)
+end
+return {1, id, ticket, pay_by}
