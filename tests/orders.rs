@@ -11,12 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use spike_tests::balancer::Balancer;
 use spike_tests::client::{Client, Reply};
-use spike_tests::nodes::{node_config, start_nodes};
+use spike_tests::nodes::{node_config, start_node, start_nodes, wait_for_redis};
 use spike_tests::process::Process;
 use spike_tests::redis::{
     LedgerOrder, RedisServer, events_in_redis, ledger_in_redis, script_calls, stock_in_redis,
 };
-use spike_tests::{wait_until, wait_until_async};
+use spike_tests::wait_until_async;
 
 const EVENT: &str = "ticket";
 
@@ -38,6 +38,23 @@ async fn pay(client: &Client, url: &str, order: &str, buyer: &str) -> Reply {
     client
         .post(&format!("{url}/orders/{order}/pay?user={buyer}"))
         .await
+}
+
+/// Pays every order of `orders` (order id, buyer), 50 at a time; the
+/// answers in order.
+async fn pay_all(client: &Client, url: &str, orders: &[(String, String)]) -> Vec<Reply> {
+    let mut answers = Vec::with_capacity(orders.len());
+    for batch in orders.chunks(50) {
+        let calls = batch.iter().map(|(id, buyer)| {
+            let (client, url, id, buyer) =
+                (client.clone(), url.to_owned(), id.clone(), buyer.clone());
+            tokio::spawn(async move { pay(&client, &url, &id, &buyer).await })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            answers.push(call.await.unwrap());
+        }
+    }
+    answers
 }
 
 /// The order stream replayed: each order's status as its events leave it,
@@ -128,7 +145,7 @@ fn watch_invariants(
     (stop, watching)
 }
 
-/// 1,000 tickets, 1,500 named buyers, a pay window of 2 s, 60% of the
+/// 1,000 tickets, 1,500 named buyers, a pay window of 4 s, 60% of the
 /// holders pay: every unpaid ticket expires after the window and is sold
 /// again to a buyer who had none, under its own number; nothing is ever
 /// held twice, and the order stream replays to the ledger.
@@ -142,7 +159,7 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
         dir.path(),
         &redis,
         TOTAL,
-        "pay_window = \"2s\"\nsweep_interval = \"50ms\"\n",
+        "pay_window = \"4s\"\nsweep_interval = \"50ms\"\n",
     );
     let nodes = start_nodes(&config, &[300; 4]).await;
     let upstreams: Vec<_> = nodes.iter().map(|node| (node.addr(), 1)).collect();
@@ -167,21 +184,24 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
     assert_eq!(first_tickets, (1..=TOTAL).collect(), "numbers 1 to 1,000");
 
     // 60% of the holders pay at once; the others walk away.
-    let mut expected_paid = HashSet::new();
-    for (k, (i, id, _)) in holders.iter().enumerate() {
-        if k % 5 < 3 {
-            let reply = pay(&client, &url, id, &format!("b{i}")).await;
-            assert_eq!(reply.status, 200, "{}", reply.text());
-            assert_eq!(reply.json()["status"], "paid");
-            expected_paid.insert(id.clone());
-        }
+    let paying: Vec<(String, String)> = holders
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| k % 5 < 3)
+        .map(|(_, (i, id, _))| (id.clone(), format!("b{i}")))
+        .collect();
+    for reply in pay_all(&client, &url, &paying).await {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["status"], "paid");
     }
+    let expected_paid: HashSet<String> = paying.into_iter().map(|(id, _)| id).collect();
     let mut conn = redis.conn();
-    wait_until(
+    wait_until_async(
         "the unpaid orders to expire",
-        Duration::from_secs(10),
-        || stock_in_redis(&mut conn, EVENT).get("expired") == Some(&400),
-    );
+        Duration::from_secs(15),
+        || std::future::ready(stock_in_redis(&mut conn, EVENT).get("expired") == Some(&400)),
+    )
+    .await;
 
     // Those who had none buy the returned tickets, through any node, and
     // pay for them.
@@ -198,12 +218,15 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
             .copied()
             .collect();
         let replies = futures_all(&client, &url, trying.iter().map(|i| format!("b{i}"))).await;
+        let mut bought = Vec::new();
         for (i, (status, order)) in trying.into_iter().zip(replies) {
             if let (200, Some((id, ticket))) = (status, order) {
-                let reply = pay(&client, &url, &id, &format!("b{i}")).await;
-                assert_eq!(reply.status, 200, "{}", reply.text());
+                bought.push((id.clone(), format!("b{i}")));
                 second.insert(i, (id, ticket));
             }
+        }
+        for reply in pay_all(&client, &url, &bought).await {
+            assert_eq!(reply.status, 200, "{}", reply.text());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -348,14 +371,17 @@ async fn a_payment_racing_the_deadline_wins_or_loses_whole() {
         .collect();
     let (mut paid, mut expired) = (0, 0);
     for id in &orders {
-        let status = ledger[id].status.as_str();
+        let order = &ledger[id];
+        let closed = order.closed.expect("every order closed");
         match told[id] {
             200 => {
-                assert_eq!(status, "paid", "{id} was told paid");
+                assert_eq!(order.status, "paid", "{id} was told paid");
+                assert!(closed <= order.pay_by, "{id} paid after its deadline");
                 paid += 1;
             }
             409 => {
-                assert_eq!(status, "expired", "{id} was told expired");
+                assert_eq!(order.status, "expired", "{id} was told expired");
+                assert!(closed > order.pay_by, "{id} expired before its deadline");
                 expired += 1;
             }
             other => panic!("{id}: {other}"),
@@ -406,9 +432,10 @@ async fn expiry_goes_on_while_any_node_runs() {
         node.wait(Duration::from_secs(5));
     }
     let mut conn = redis.conn();
-    wait_until("every order to expire", Duration::from_secs(5), || {
-        stock_in_redis(&mut conn, EVENT).get("expired") == Some(&60)
-    });
+    wait_until_async("every order to expire", Duration::from_secs(5), || {
+        std::future::ready(stock_in_redis(&mut conn, EVENT).get("expired") == Some(&60))
+    })
+    .await;
     let ledger = redis::cmd("HGETALL")
         .arg(format!("spike:{{{EVENT}}}:ledger"))
         .query::<HashMap<String, String>>(&mut conn)
@@ -426,19 +453,140 @@ async fn expiry_goes_on_while_any_node_runs() {
     );
 }
 
+/// Waits until `order`'s deadline has passed by Redis's clock.
+async fn wait_past_deadline(conn: &mut redis::Connection, order: &str) {
+    let pay_by = ledger_in_redis(conn, EVENT)
+        .into_iter()
+        .find(|o| o.id == order)
+        .expect("the order in the ledger")
+        .pay_by;
+    wait_until_async("the deadline to pass", Duration::from_secs(10), || {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query(conn).unwrap();
+        std::future::ready(secs * 1000 + micros / 1000 > pay_by)
+    })
+    .await;
+}
+
+/// A buyer whose order is past its deadline and not swept yet buys again:
+/// the old order expires there and then, and a new one is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_order_expires_when_its_buyer_comes_back() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // No sweep within the test: only the purchase can expire the order.
+    let config = node_config(
+        dir.path(),
+        &redis,
+        5,
+        "pay_window = \"300ms\"\nsweep_interval = \"1h\"\n",
+    );
+    let nodes = start_nodes(&config, &[5]).await;
+    let client = Client::new();
+    let url = nodes[0].url("");
+    let (_, first) = buy(&client, &url, "x").await;
+    let (first, ticket) = first.expect("bought");
+    let mut conn = redis.conn();
+    wait_past_deadline(&mut conn, &first).await;
+
+    let reply = client.get(&format!("{url}/buy/ticket?user=x")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let again = reply.json();
+    assert_eq!(again["existing"], false, "{again}");
+    assert_ne!(again["order_id"], first.as_str());
+    assert_eq!(again["ticket"], ticket, "its own ticket, back on sale");
+    let ledger: HashMap<String, LedgerOrder> = ledger_in_redis(&mut conn, EVENT)
+        .into_iter()
+        .map(|order| (order.id.clone(), order))
+        .collect();
+    assert_eq!(ledger[&first].status, "expired");
+    let stock = stock_in_redis(&mut conn, EVENT);
+    assert_eq!(
+        (stock["sold"], stock["expired"], stock["resold"]),
+        (1, 1, 1)
+    );
+    let replayed = replay(&events_in_redis(&mut conn, EVENT));
+    assert_eq!(replayed[&first].0, "expired");
+    check_invariants(&mut conn).unwrap();
+}
+
+/// A node answering a sold-out sale's buyers from memory reads them again
+/// once an order has expired and its ticket was sold to another: the
+/// first buyer holds nothing any more, the second holds the ticket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_node_learns_of_an_expiry_and_a_resale() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let terms = "pay_window = \"500ms\"\nsweep_interval = \"1h\"\n";
+    let config = node_config(dir.path(), &redis, 2, terms);
+    // Node A looks at the sale every 2 s, node B every 50 ms: the expiry
+    // and the resale happen between two of A's looks.
+    let slow = tempfile::tempdir().unwrap();
+    let slow_config = slow.path().join("node.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("sync_interval = \"50ms\"", "sync_interval = \"2s\"");
+    std::fs::write(&slow_config, text).unwrap();
+    let a = start_node(&slow_config, "node-a", Some(1));
+    let b = start_node(&config, "node-b", Some(1));
+    wait_for_redis(&a, "up").await;
+    wait_for_redis(&b, "up").await;
+    let client = Client::new();
+    let (a_url, b_url) = (a.url(""), b.url(""));
+
+    let (_, x) = buy(&client, &a_url, "x").await;
+    let (x, ticket) = x.expect("x bought");
+    let (_, z) = buy(&client, &b_url, "z").await;
+    let (z, _) = z.expect("z bought");
+    assert_eq!(pay(&client, &b_url, &z, "z").await.status, 200);
+    // A, sold out, answers x from memory once it has read the buyers.
+    wait_until_async(
+        "node A to know x's order",
+        Duration::from_secs(10),
+        || async {
+            buy(&client, &a_url, "x")
+                .await
+                .1
+                .is_some_and(|(id, _)| id == x)
+        },
+    )
+    .await;
+
+    let mut conn = redis.conn();
+    wait_past_deadline(&mut conn, &x).await;
+    assert_eq!(pay(&client, &b_url, &x, "x").await.status, 409);
+    wait_until_async("y to buy x's ticket", Duration::from_secs(5), || async {
+        buy(&client, &b_url, "y").await.0 == 200
+    })
+    .await;
+    let y = ledger_in_redis(&mut conn, EVENT)
+        .into_iter()
+        .find(|o| o.buyer == "y")
+        .expect("y's order");
+    assert_eq!(y.ticket, ticket);
+
+    wait_until_async(
+        "node A to read the buyers again",
+        Duration::from_secs(10),
+        || async {
+            let x_told = buy(&client, &a_url, "x").await.0;
+            let y_told = buy(&client, &a_url, "y").await.1;
+            x_told == 409 && y_told.is_some_and(|(id, _)| id == y.id)
+        },
+    )
+    .await;
+}
+
 async fn stats_of(node: &Process) -> serde_json::Value {
     Client::new().get(&node.url("/stats")).await.json()
 }
 
 /// Before the sale opens, purchases are turned away from memory: Redis
-/// runs no script. After, they sell.
+/// runs no script. Once it opens (brought forward in Redis), they sell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn before_it_opens_a_sale_asks_nothing_of_redis() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    // Built first: the opening is counted from here.
-    spike_tests::process::binary("node");
-    let opens_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
+    let opens_at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
     let config = node_config(
         dir.path(),
         &redis,
@@ -446,6 +594,9 @@ async fn before_it_opens_a_sale_asks_nothing_of_redis() {
         &format!("opens_at = \"{opens_at}\"\n"),
     );
     let nodes = start_nodes(&config, &[10]).await;
+    // The script that created the sale is the node's last until it opens.
+    let mut conn = redis.conn();
+    let before = script_calls(&mut conn);
     let client = Client::new();
     for i in 0..200 {
         let reply = client
@@ -461,11 +612,23 @@ async fn before_it_opens_a_sale_asks_nothing_of_redis() {
             .unwrap()
             .parse()
             .unwrap();
-        assert!((1..=3).contains(&wait), "Retry-After: {wait}");
+        assert!((3000..=3600).contains(&wait), "Retry-After: {wait}");
     }
-    let mut conn = redis.conn();
-    assert_eq!(script_calls(&mut conn), 0, "no script before the opening");
+    assert_eq!(
+        script_calls(&mut conn),
+        before,
+        "no script before the opening"
+    );
     assert_eq!(stats_of(&nodes[0]).await["not_open"], 200);
+
+    // The opening brought forward to now, in Redis: the node reads it.
+    let now = jiff::Timestamp::now().as_millisecond();
+    let () = redis::cmd("HSET")
+        .arg(format!("spike:{{{EVENT}}}:stock"))
+        .arg("opens_at")
+        .arg(now)
+        .query(&mut conn)
+        .unwrap();
 
     wait_until_async("the sale to open", Duration::from_secs(10), || async {
         client
@@ -475,8 +638,9 @@ async fn before_it_opens_a_sale_asks_nothing_of_redis() {
             == 200
     })
     .await;
-    assert!(script_calls(&mut conn) >= 1);
+    assert!(script_calls(&mut conn) > before);
     assert_eq!(stock_in_redis(&mut conn, EVENT)["sold"], 1);
+    assert_eq!(stats_of(&nodes[0]).await["purchase_scripts"], 1);
 }
 
 /// What a payment and a look-up answer, bad input included, and with

@@ -122,7 +122,15 @@ impl NodeConfig {
             }),
             redis_timeout: v.field(raw.redis_timeout, defaults.redis_timeout, source::duration),
             sync_interval: v.field(raw.sync_interval, defaults.sync_interval, source::duration),
-            pay_window: v.field(raw.pay_window, defaults.pay_window, source::duration),
+            pay_window: v.field(raw.pay_window, defaults.pay_window, |text| {
+                // Deadlines are kept in whole milliseconds.
+                match source::duration(text.clone())? {
+                    d if d < Duration::from_millis(1) => {
+                        Err(format!("pay_window `{text}` must be at least 1ms"))
+                    }
+                    d => Ok(d),
+                }
+            }),
             sweep_interval: v.field(
                 raw.sweep_interval,
                 defaults.sweep_interval,
@@ -246,6 +254,12 @@ mod tests {
         );
         let err = parse("pay_window = \"0s\"\n").unwrap_err().to_string();
         assert!(err.contains("greater than zero"), "{err}");
+        let err = parse("pay_window = \"500us\"\n").unwrap_err().to_string();
+        assert!(err.contains("at least 1ms"), "{err}");
+        let err = parse("pay_window = \"5000years\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 365 days"), "{err}");
     }
 
     #[test]

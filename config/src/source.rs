@@ -195,19 +195,25 @@ pub fn socket_addr(text: String) -> Result<std::net::SocketAddr, String> {
 
 /// Parses a positive duration such as `500ms`, `2s` or `1m 30s`.
 pub fn duration(text: String) -> Result<std::time::Duration, String> {
+    match duration_or_zero(text.clone())? {
+        d if d.is_zero() => Err(format!("duration `{text}` must be greater than zero")),
+        d => Ok(d),
+    }
+}
+
+/// The longest duration any setting takes: a year. Every timer, deadline
+/// and count of milliseconds made from a setting stays far from overflow.
+pub const LONGEST: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// Parses a duration that may be zero (`0s` turns a feature off).
+pub fn duration_or_zero(text: String) -> Result<std::time::Duration, String> {
     match humantime::parse_duration(&text) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!("duration `{text}` must be greater than zero")),
+        Ok(d) if d > LONGEST => Err(format!("duration `{text}` must be at most 365 days")),
+        Ok(d) => Ok(d),
         Err(err) => Err(format!(
             "`{text}` is not a duration such as 500ms or 2s ({err})"
         )),
     }
-}
-
-/// Parses a duration that may be zero (`0s` turns a feature off).
-pub fn duration_or_zero(text: String) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(&text)
-        .map_err(|err| format!("`{text}` is not a duration such as 500ms or 2s ({err})"))
 }
 
 /// Parses an instant in RFC 3339, with its offset: `2026-12-12T20:00:00+08:00`
@@ -263,5 +269,11 @@ mod tests {
                 .contains("greater than zero")
         );
         assert!(duration("5".into()).is_err());
+        assert!(duration("366days".into()).unwrap_err().contains("at most"));
+        assert!(
+            duration_or_zero("1000years".into())
+                .unwrap_err()
+                .contains("at most")
+        );
     }
 }

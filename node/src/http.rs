@@ -132,7 +132,10 @@ impl Api {
                     _ => reply::method_not_allowed("GET, HEAD"),
                 },
                 Some((id, "pay")) => match *method {
-                    Method::POST => self.pay(id, &req).await,
+                    Method::POST => {
+                        let id = id.to_owned();
+                        self.pay(&id, req).await
+                    }
                     _ => reply::method_not_allowed("POST"),
                 },
                 Some(_) => Failure::new(StatusCode::NOT_FOUND, "not_found").reply(),
@@ -162,13 +165,10 @@ impl Api {
     /// server has counted it as refused).
     async fn buy(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let sale = &self.sale;
-        let (parts, body) = req.into_parts();
-        if let Err(err) = body.collect().await {
-            return Failure::new(err.status(), err.rejection().as_str())
-                .detail(&err.to_string())
-                .reply();
-        }
-        let req = Request::from_parts(parts, ());
+        let req = match whole(req).await {
+            Ok(req) => req,
+            Err(refused) => return refused,
+        };
         let buyer = match buyer(&req) {
             Ok(buyer) => buyer,
             Err(detail) => {
@@ -185,9 +185,7 @@ impl Api {
             Purchase::AlreadyBought(ticket) => bought(sale, &ticket, buyer, true),
             Purchase::SoldOut => reply::json(StatusCode::CONFLICT, self.sold_out.clone()),
             Purchase::NotOpen { opens_at } => {
-                let wait = opens_at
-                    .saturating_sub(crate::sale::now_ms())
-                    .div_ceil(1000);
+                let wait = opens_at.saturating_sub(sale.redis_now()).div_ceil(1000);
                 let opens_at = rfc3339(opens_at);
                 let reply = Failure::new(StatusCode::FORBIDDEN, "not_open")
                     .node(sale.name())
@@ -213,12 +211,17 @@ impl Api {
         )
     }
 
-    /// `POST /orders/ID/pay`: the payment of a provider's callback.
-    async fn pay(&self, id: &str, req: &Request<RequestBody>) -> Response<ReplyBody> {
+    /// `POST /orders/ID/pay`: the payment of a provider's callback, made
+    /// only once the whole request has arrived, as a purchase is.
+    async fn pay(&self, id: &str, req: Request<RequestBody>) -> Response<ReplyBody> {
         if !valid_order_id(id) {
             return bad_order_id();
         }
-        let payer = match buyer(req) {
+        let req = match whole(req).await {
+            Ok(req) => req,
+            Err(refused) => return refused,
+        };
+        let payer = match buyer(&req) {
             Ok(payer) => payer,
             Err(detail) => {
                 self.sale.counters.rejected();
@@ -277,6 +280,19 @@ impl Handler for Api {
 
 /// The buyer id from `?user=ID` or the `X-User-Id` header; both may be given
 /// only if they agree. `None` for an anonymous purchase.
+/// The request once its whole body has arrived (and been let go: neither a
+/// purchase nor a payment reads one), or the refusal of a body cut short
+/// or too slow.
+async fn whole(req: Request<RequestBody>) -> Result<Request<()>, Response<ReplyBody>> {
+    let (parts, body) = req.into_parts();
+    match body.collect().await {
+        Ok(_) => Ok(Request::from_parts(parts, ())),
+        Err(err) => Err(Failure::new(err.status(), err.rejection().as_str())
+            .detail(&err.to_string())
+            .reply()),
+    }
+}
+
 fn buyer<B>(req: &Request<B>) -> Result<Option<String>, &'static str> {
     let from_query = req.uri().query().and_then(|query| {
         form_urlencoded::parse(query.as_bytes())

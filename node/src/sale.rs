@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::stock::LocalStock;
-use crate::store::{Order, Outcome, Payment, Store, StoreError, Ticket};
+use crate::store::{Order, Outcome, Payment, SaleState, Store, StoreError, Ticket};
 
 /// How a purchase ended, as the client and the stat log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,9 +80,14 @@ pub struct Sale {
     store: Store,
     /// How long a buyer has to pay for an order this node sells.
     pay_window: Duration,
-    /// When the sale opens (ms since the epoch), 0 if it has no time set:
-    /// this node's own, for a sale it creates, then Redis's.
+    /// When the sale opens (ms since the epoch, by Redis's clock), 0 if it
+    /// has no time set: this node's own, for a sale it creates, then
+    /// Redis's.
     opens_at: AtomicU64,
+    /// Redis's clock minus this node's (ms), as last measured: the sale
+    /// opens by Redis's clock, and a node whose clock runs ahead must not
+    /// send the flood of the opening moment to Redis early.
+    clock_offset: AtomicI64,
     /// Pending orders, as the node last read them plus those it sold since:
     /// with none, there is nothing to expire, and the sweep asks nothing
     /// of Redis.
@@ -104,19 +109,39 @@ pub struct Sale {
     /// first look); a new one means the sale was started over, and the
     /// local stock is refilled.
     epoch: AtomicU64,
-    /// Once the sale is sold out, every buyer and their order: the set is
-    /// final then, and a buyer asking again is answered from memory, as
-    /// everyone else is. Kept with the epoch it belongs to: once the node
-    /// has seen the sale started over, it no longer answers from the last
-    /// one's buyers.
+    /// While the sale is sold out, every buyer and their order, so that a
+    /// buyer asking again is answered from memory, as everyone else is.
+    /// Kept with the sale's [`Generation`] it was read at: an order that
+    /// expires, or a ticket sold again, makes a new one, and the node
+    /// reads the buyers again at its next sync; once the node has seen the
+    /// sale started over, it no longer answers from the last one's buyers.
     buyers: ArcSwapOption<Buyers>,
 }
 
 /// The buyers of a sold-out sale, by buyer id, with their orders.
 #[derive(Debug)]
 struct Buyers {
-    epoch: u64,
+    generation: Generation,
     orders: HashMap<String, Ticket>,
+}
+
+/// What tells one set of buyers from another: the sale's epoch, the orders
+/// created and the orders expired in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Generation {
+    epoch: u64,
+    orders: u64,
+    expired: u64,
+}
+
+impl Generation {
+    fn of(state: &SaleState) -> Self {
+        Self {
+            epoch: state.epoch,
+            orders: state.orders,
+            expired: state.expired,
+        }
+    }
 }
 
 /// A count not read from Redis yet.
@@ -202,6 +227,7 @@ impl Sale {
             store,
             pay_window: terms.pay_window,
             opens_at: AtomicU64::new(terms.opens_at.unwrap_or(0)),
+            clock_offset: AtomicI64::new(0),
             pending: AtomicU64::new(0),
             expired_seen: AtomicU64::new(UNKNOWN),
             counters: Counters::default(),
@@ -226,10 +252,23 @@ impl Sale {
         self.stock.sold()
     }
 
-    /// When the sale opens (ms since the epoch), if it is not open at `now`.
-    fn opens_after(&self, now: u64) -> Option<u64> {
+    /// The time by Redis's clock (ms since the epoch), as this node's
+    /// clock and the last measured offset tell.
+    pub fn redis_now(&self) -> u64 {
+        now_ms().saturating_add_signed(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Notes Redis's clock read as `redis_now`, just now.
+    fn clock_read(&self, redis_now: u64) {
+        let offset = i64::try_from(redis_now).unwrap_or(i64::MAX)
+            - i64::try_from(now_ms()).unwrap_or(i64::MAX);
+        self.clock_offset.store(offset, Ordering::Relaxed);
+    }
+
+    /// When the sale opens (ms since the epoch), if it is not open yet.
+    fn opens_after(&self) -> Option<u64> {
         let opens_at = self.opens_at.load(Ordering::Relaxed);
-        (opens_at > now).then_some(opens_at)
+        (opens_at > self.redis_now()).then_some(opens_at)
     }
 
     /// One purchase: local stock first, then the global stock in Redis.
@@ -251,7 +290,7 @@ impl Sale {
         }
         // Before the opening, from memory: the flood that starts before it
         // never reaches Redis.
-        if let Some(opens_at) = self.opens_after(now_ms()) {
+        if let Some(opens_at) = self.opens_after() {
             return self.record(Purchase::NotOpen { opens_at });
         }
         // The rest runs in a task of its own: a client that hangs up must not
@@ -275,7 +314,9 @@ impl Sale {
     fn held_by(&self, buyer: &str) -> Option<Ticket> {
         let buyers = self.buyers.load();
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let buyers = buyers.as_deref().filter(|buyers| buyers.epoch == epoch)?;
+        let buyers = buyers
+            .as_deref()
+            .filter(|buyers| buyers.generation.epoch == epoch)?;
         buyers.orders.get(buyer).cloned()
     }
 
@@ -285,6 +326,9 @@ impl Sale {
         };
         // From here on, every path but a sale drops `reservation`, which
         // gives the unit back.
+        self.counters
+            .purchase_scripts
+            .fetch_add(1, Ordering::Relaxed);
         match self
             .store
             .purchase(buyer, &self.name, self.pay_window)
@@ -304,8 +348,10 @@ impl Sale {
                         Purchase::SoldOut
                     }
                     Outcome::NoSale => Purchase::Unavailable(Unavailable::NoSale),
-                    Outcome::NotOpen { opens_at } => {
-                        // Redis's clock says so, or the node had not heard.
+                    Outcome::NotOpen { opens_at, now } => {
+                        // The node had not heard, or its clock runs ahead
+                        // of Redis's: it holds the next ones itself.
+                        self.clock_read(now);
                         self.opens_at.store(opens_at, Ordering::Relaxed);
                         Purchase::NotOpen { opens_at }
                     }
@@ -470,6 +516,7 @@ impl Sale {
         match self.store.state().await {
             Ok(state) => {
                 self.redis.answered();
+                self.clock_read(state.clock);
                 self.opens_at
                     .store(state.opens_at.unwrap_or(0), Ordering::Relaxed);
                 self.pending.store(state.pending(), Ordering::Relaxed);
@@ -487,29 +534,31 @@ impl Sale {
                 }
                 let sold_out = state.total.is_some_and(|total| state.sold >= total);
                 self.sold_out.store(sold_out, Ordering::Relaxed);
+                let generation = Generation::of(&state);
                 let loaded = self
                     .buyers
                     .load()
                     .as_deref()
-                    .is_some_and(|buyers| buyers.epoch == state.epoch);
+                    .is_some_and(|buyers| buyers.generation == generation);
                 if !sold_out {
                     self.buyers.store(None);
                 } else if !loaded {
-                    self.load_buyers(state.epoch).await;
+                    self.load_buyers(generation).await;
                 }
             }
             Err(err) => self.redis.failed(&err),
         }
     }
 
-    /// Loads the buyers of the sold-out sale of `epoch`, and keeps them only
-    /// if the sale was not started over meanwhile; until then (a later sync
-    /// tries again), buyers asking again are answered "sold out".
-    async fn load_buyers(&self, epoch: u64) {
+    /// Loads the buyers of the sold-out sale at `generation`, and keeps
+    /// them only if no order was created or expired meanwhile; until then
+    /// (a later sync tries again), buyers asking again are answered "sold
+    /// out".
+    async fn load_buyers(&self, generation: Generation) {
         let loaded = async {
             let orders = self.store.buyers().await?;
             let state = self.store.state().await?;
-            Ok::<_, StoreError>((state.epoch == epoch).then_some(orders))
+            Ok::<_, StoreError>((Generation::of(&state) == generation).then_some(orders))
         };
         match loaded.await {
             Ok(Some(orders)) => {
@@ -517,7 +566,8 @@ impl Sale {
                     buyers = orders.len(),
                     "sold out; buyers asking again are answered from memory"
                 );
-                self.buyers.store(Some(Arc::new(Buyers { epoch, orders })));
+                self.buyers
+                    .store(Some(Arc::new(Buyers { generation, orders })));
             }
             Ok(None) => {}
             Err(err) => self.redis.failed(&err),

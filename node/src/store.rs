@@ -36,6 +36,18 @@ pub const EXPIRE_SCRIPT: &str = concat!(
     include_str!("lua/order.lua"),
     include_str!("lua/expire.lua")
 );
+/// Creates a sale unless it exists: its total, and its opening time if
+/// given (ARGV[2], '' for none), in one step, so that no purchase ever
+/// sees a sale without the time it opens at.
+const CREATE_SCRIPT: &str = r"
+if redis.call('HSETNX', KEYS[1], 'total', ARGV[1]) == 0 then
+  return 0
+end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'opens_at', ARGV[2])
+end
+return 1
+";
 
 /// The Redis keys of one sale.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,8 +165,9 @@ pub enum Outcome {
     SoldOut,
     /// The sale's total was never set (e.g. Redis restarted without its data).
     NoSale,
-    /// The sale opens at this time (ms since the epoch).
-    NotOpen { opens_at: u64 },
+    /// The sale opens at `opens_at`; Redis's clock read `now` (both ms
+    /// since the epoch).
+    NotOpen { opens_at: u64, now: u64 },
 }
 
 /// What Redis decided about one payment.
@@ -204,6 +217,8 @@ pub struct SaleState {
     pub epoch: u64,
     /// When the sale opens (ms since the epoch), if it has a time set.
     pub opens_at: Option<u64>,
+    /// Redis's clock when it was read (ms since the epoch).
+    pub clock: u64,
 }
 
 impl SaleState {
@@ -212,6 +227,9 @@ impl SaleState {
         self.sold.saturating_sub(self.paid)
     }
 }
+
+/// Redis's `TIME`: seconds and microseconds since the epoch.
+type RedisTime = (u64, u64);
 
 /// The fields of the stock hash `state` reads, each absent until set.
 type StockFields = (
@@ -235,6 +253,7 @@ pub struct Store {
     purchase: Script,
     pay: Script,
     expire: Script,
+    create: Script,
     timeout: Duration,
 }
 
@@ -266,6 +285,7 @@ impl Store {
             purchase: Script::new(PURCHASE_SCRIPT),
             pay: Script::new(PAY_SCRIPT),
             expire: Script::new(EXPIRE_SCRIPT),
+            create: Script::new(CREATE_SCRIPT),
             timeout,
         })
     }
@@ -297,11 +317,11 @@ impl Store {
             .arg(buyer.unwrap_or(""))
             .arg(node)
             .arg(pay_window.as_millis() as u64);
-        let (code, order_id, ticket, at): (i64, String, u64, u64) =
+        let (code, order_id, number, at): (i64, String, u64, u64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
         let ticket = || Ticket {
             order_id: order_id.clone(),
-            ticket,
+            ticket: number,
             pay_by: at,
         };
         match code {
@@ -309,7 +329,11 @@ impl Store {
             2 => Ok(Outcome::AlreadyBought(ticket())),
             0 => Ok(Outcome::SoldOut),
             -1 => Ok(Outcome::NoSale),
-            -2 => Ok(Outcome::NotOpen { opens_at: at }),
+            // Redis's clock is in the ticket's place.
+            -2 => Ok(Outcome::NotOpen {
+                opens_at: at,
+                now: number,
+            }),
             code => Err(StoreError::Reply(code)),
         }
     }
@@ -404,15 +428,11 @@ impl Store {
     /// Returns whether it was created.
     pub async fn ensure_sale(&self, total: u64, opens_at: Option<u64>) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let created: bool = self
-            .bounded(conn.hset_nx(&self.keys.stock, "total", total))
-            .await?;
-        if let (true, Some(opens_at)) = (created, opens_at) {
-            let () = self
-                .bounded(conn.hset(&self.keys.stock, "opens_at", opens_at))
-                .await?;
-        }
-        Ok(created)
+        let mut invocation = self.create.key(&self.keys.stock);
+        invocation
+            .arg(total)
+            .arg(opens_at.map_or_else(String::new, |at| at.to_string()));
+        self.bounded(invocation.invoke_async(&mut conn)).await
     }
 
     /// Starts the sale over with `total` tickets, opening at `opens_at` if
@@ -449,7 +469,8 @@ impl Store {
             None => pipe.hdel(&keys.stock, "opens_at").ignore(),
         };
         pipe.hincr(&keys.stock, "epoch", 1);
-        let (epoch,): (u64,) = self.bounded(pipe.query_async(&mut conn)).await?;
+        pipe.cmd("TIME");
+        let (epoch, clock): (u64, RedisTime) = self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(SaleState {
             total: Some(total),
             sold: 0,
@@ -460,13 +481,14 @@ impl Store {
             events: 0,
             epoch,
             opens_at,
+            clock: clock.0 * 1000 + clock.1 / 1000,
         })
     }
 
     /// Reads the sale's state in one round trip.
     pub async fn state(&self) -> Result<SaleState, StoreError> {
         let mut conn = self.conn.clone();
-        let (fields, events): (StockFields, u64) = self
+        let (fields, events, clock): (StockFields, u64, RedisTime) = self
             .bounded(
                 redis::pipe()
                     .hmget(
@@ -477,6 +499,7 @@ impl Store {
                         ],
                     )
                     .xlen(&self.keys.orders)
+                    .cmd("TIME")
                     .query_async(&mut conn),
             )
             .await?;
@@ -492,6 +515,7 @@ impl Store {
             events,
             epoch: epoch.unwrap_or(0),
             opens_at,
+            clock: clock.0 * 1000 + clock.1 / 1000,
         })
     }
 

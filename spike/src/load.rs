@@ -8,7 +8,8 @@
 //! after` later (`POST /orders/ID/pay?user=...`), through the same
 //! clients, which send due payments before new purchases. The others walk
 //! away, and their orders expire at the end of the pay window. The report
-//! counts what the clients were told, and the latency of every request.
+//! counts what the clients were told, and the latency of every request,
+//! failed ones included.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use http_body_util::{BodyExt, Empty};
 use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use serde::Serialize;
-use spike_http1::client::Connection;
+use spike_http1::client::{Connection, SendError};
 
 /// How long one request may take before it counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,8 +52,14 @@ pub struct LoadOptions {
 pub struct Report {
     pub buyers: u64,
     pub requests: u64,
+    /// From the first request to the last answer, the payments waited for
+    /// at the end included.
     pub seconds: f64,
     pub requests_per_second: f64,
+    /// From the first request to the last purchase's answer: how long the
+    /// buyers took, without the wait for payments due after them.
+    pub buying_seconds: f64,
+    pub purchases_per_second: f64,
     /// New orders.
     pub bought: u64,
     /// Buyers told they held an order already.
@@ -87,6 +94,7 @@ pub struct Latency {
 #[derive(Debug, Default)]
 struct Counts {
     requests: AtomicU64,
+    purchases: AtomicU64,
     bought: AtomicU64,
     already: AtomicU64,
     sold_out: AtomicU64,
@@ -122,6 +130,8 @@ struct Shared {
     /// Ticket numbers held by these buyers' orders so far.
     tickets: Mutex<HashSet<u64>>,
     counts: Counts,
+    /// When the last purchase was answered.
+    bought_by: Mutex<Option<Instant>>,
 }
 
 /// Runs the load of `options` to its end and reports it.
@@ -145,6 +155,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
         payments: Mutex::new(VecDeque::new()),
         tickets: Mutex::new(HashSet::new()),
         counts: Counts::default(),
+        bought_by: Mutex::new(None),
         options,
     });
     let bar = shared.options.progress.then(|| {
@@ -181,19 +192,28 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<Report> {
         latencies.extend(client.await?);
     }
     let seconds = started.elapsed().as_secs_f64();
+    let buying_seconds = shared
+        .bought_by
+        .lock()
+        .map_or(seconds, |at| at.duration_since(started).as_secs_f64());
     if let Some(progress) = progress {
         progress.abort();
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    Ok(report(&shared, seconds, latencies))
+    Ok(report(&shared, (seconds, buying_seconds), latencies))
 }
 
-fn report(shared: &Shared, seconds: f64, mut latencies: Vec<u32>) -> Report {
+fn report(
+    shared: &Shared,
+    (seconds, buying_seconds): (f64, f64),
+    mut latencies: Vec<u32>,
+) -> Report {
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
     let counts = &shared.counts;
     let requests = load(&counts.requests);
+    let purchases = shared.options.buyers.min(load(&counts.purchases));
     latencies.sort_unstable();
     let percentile = |p: f64| {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len().max(1)) - 1;
@@ -204,6 +224,8 @@ fn report(shared: &Shared, seconds: f64, mut latencies: Vec<u32>) -> Report {
         requests,
         seconds,
         requests_per_second: requests as f64 / seconds.max(f64::EPSILON),
+        buying_seconds,
+        purchases_per_second: purchases as f64 / buying_seconds.max(f64::EPSILON),
         bought: load(&counts.bought),
         already: load(&counts.already),
         sold_out: load(&counts.sold_out),
@@ -288,6 +310,12 @@ async fn buy(
     let path = format!("/buy/ticket?user={}-{buyer}", shared.options.prefix);
     let counts = &shared.counts;
     let answer = exchange(shared, connection, Method::GET, &path, latencies).await;
+    counts.purchases.fetch_add(1, Ordering::Relaxed);
+    {
+        let now = Instant::now();
+        let mut bought_by = shared.bought_by.lock();
+        *bought_by = Some(bought_by.map_or(now, |at| at.max(now)));
+    }
     let (status, body) = match answer {
         Some(answer) => answer,
         None => {
@@ -342,8 +370,9 @@ fn pays(buyer: u64, pay: f64) -> bool {
     pay >= 1.0 || (z as f64) < pay * (u64::MAX as f64)
 }
 
-/// One request on the client's connection (made anew if it has none):
-/// the status and the body, or `None` if it failed.
+/// One request on the client's connection (made anew if it has none, or
+/// if the server has closed it): the status and the body, or `None` if it
+/// failed. Its latency is recorded either way.
 async fn exchange(
     shared: &Shared,
     connection: &mut Option<Connection>,
@@ -353,17 +382,42 @@ async fn exchange(
 ) -> Option<(StatusCode, Bytes)> {
     let started = Instant::now();
     shared.counts.requests.fetch_add(1, Ordering::Relaxed);
-    let conn = match connection.take() {
-        Some(conn) => conn,
-        None => Connection::connect(shared.addr, REQUEST_TIMEOUT)
-            .await
-            .ok()?,
-    };
+    let answer = send(shared, connection, method, path).await;
+    latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    answer
+}
+
+async fn send(
+    shared: &Shared,
+    connection: &mut Option<Connection>,
+    method: Method,
+    path: &str,
+) -> Option<(StatusCode, Bytes)> {
     let mut request = Request::new(Empty::<Bytes>::new());
     *request.method_mut() = method;
     *request.uri_mut() = path.parse().ok()?;
     request.headers_mut().insert(HOST, shared.host.clone());
-    let response = conn.send(Box::new(request), REQUEST_TIMEOUT).await.ok()?;
+    let mut request = Box::new(request);
+    let mut reused = connection.take();
+    if reused.as_mut().is_some_and(|conn| !conn.is_open()) {
+        reused = None;
+    }
+    let response = loop {
+        let fresh = reused.is_none();
+        let conn = match reused.take() {
+            Some(conn) => conn,
+            None => Connection::connect(shared.addr, REQUEST_TIMEOUT)
+                .await
+                .ok()?,
+        };
+        match conn.send(request, REQUEST_TIMEOUT).await {
+            Ok(response) => break response,
+            // A kept-alive connection the server closed meanwhile: nothing
+            // reached it, and the request goes again on a new one.
+            Err(SendError::NotSent(unsent, _)) if !fresh => request = unsent,
+            Err(_) => return None,
+        }
+    };
     let status = response.status();
     let mut body = response.into_body();
     let mut data = Vec::new();
@@ -373,7 +427,6 @@ async fn exchange(
         }
     }
     *connection = body.into_reusable();
-    latencies.push(started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
     Some((status, Bytes::from(data)))
 }
 
@@ -383,6 +436,7 @@ impl Report {
         let l = &self.latency_ms;
         format!(
             "buyers: {}\nrequests: {} in {:.2} s, {:.0} req/s\n\
+             purchases: {:.0} per second over {:.2} s\n\
              bought: {} (resold tickets among them: {})\nalready held: {}\nsold out: {}\nnot open: {}\n\
              paid: {}\npaid too late (expired): {}\nleft unpaid (expire at the end of their window): {}\n\
              errors: {}\nlatency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}\n",
@@ -390,6 +444,8 @@ impl Report {
             self.requests,
             self.seconds,
             self.requests_per_second,
+            self.purchases_per_second,
+            self.buying_seconds,
             self.bought,
             self.resold,
             self.already,

@@ -87,7 +87,7 @@ struct LoadArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = duration)]
     pay_after: std::time::Duration,
     /// Buyers are PREFIX-0, PREFIX-1... (default: load-SECONDS, new each run).
-    #[arg(long)]
+    #[arg(long, value_parser = buyer_prefix)]
     prefix: Option<String>,
     /// Threads sending the load (like ab, one by default).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -223,5 +223,18 @@ fn share(text: &str) -> Result<f64, String> {
 }
 
 fn duration(text: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(text).map_err(|err| format!("`{text}`: {err}"))
+    spike_config::source::duration_or_zero(text.to_owned())
+}
+
+/// A prefix that makes buyer ids a node accepts: up to 100 characters of
+/// those a buyer id may hold, leaving room for `-` and the buyer's number.
+fn buyer_prefix(text: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-@:".contains(c);
+    if !text.is_empty() && text.len() <= 100 && text.chars().all(allowed) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "`{text}` must be 1 to 100 characters of letters, digits and . _ - @ :"
+        ))
+    }
 }

@@ -319,9 +319,10 @@ fn restart_nodes_brings_a_dead_node_back() {
     assert!(!alive(new_pid), "the restarted node outlived spike");
 }
 
-/// `spike load` against `spike up`, slow enough for orders to expire and
-/// their tickets to be bought again by later buyers: what its report says
-/// the buyers were told agrees with what Redis holds.
+/// `spike load` against `spike up`: a first load buys every ticket and
+/// pays for half; once the unpaid orders have expired, a second load of
+/// other buyers gets exactly their tickets back. What the reports say the
+/// buyers were told agrees with what Redis holds.
 #[test]
 fn load_reports_what_redis_holds() {
     let redis = RedisServer::start();
@@ -332,58 +333,72 @@ fn load_reports_what_redis_holds() {
     );
     let mut spike = spike_up(&config, &[]);
     let url = config.proxy_url();
-    let (status, stdout, stderr) = run(
-        "spike",
-        &[
-            "load",
-            "--url",
-            &url,
-            "--buyers",
-            "3000",
-            "--concurrency",
-            "2",
-            "--pay",
-            "0.5",
-            "--prefix",
-            "agree",
-            "--json",
-        ],
-    );
-    assert!(status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let count = |name: &str| report[name].as_u64().unwrap();
-    assert_eq!(count("errors"), 0, "{report}");
-    assert_eq!(
-        count("bought") + count("already") + count("sold_out"),
-        3_000,
-        "every buyer answered: {report}"
-    );
-    assert!(
-        count("resold") > 0,
-        "the load outlasted a pay window: {report}"
-    );
-    // Once the last unpaid orders have expired, the stock agrees.
+    let load = |prefix: &str, buyers: &str, pay: &str| {
+        let (status, stdout, stderr) = run(
+            "spike",
+            &[
+                "load",
+                "--url",
+                &url,
+                "--buyers",
+                buyers,
+                "--concurrency",
+                "2",
+                "--pay",
+                pay,
+                "--prefix",
+                prefix,
+                "--json",
+            ],
+        );
+        assert!(status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        report
+    };
+    let count = |report: &serde_json::Value, name: &str| report[name].as_u64().unwrap();
     let mut conn = redis.conn();
-    wait_until("the last orders to expire", Duration::from_secs(10), || {
-        let stock = spike_tests::redis::stock_in_redis(&mut conn, "ticket");
-        stock["sold"] == stock["paid"]
-    });
-    let stock = spike_tests::redis::stock_in_redis(&mut conn, "ticket");
+    let settled = |conn: &mut redis::Connection| {
+        wait_until(
+            "the unpaid orders to expire",
+            Duration::from_secs(10),
+            || {
+                let stock = spike_tests::redis::stock_in_redis(conn, "ticket");
+                stock["sold"] == stock["paid"]
+            },
+        );
+        spike_tests::redis::stock_in_redis(conn, "ticket")
+    };
+
+    let first = load("first", "100", "0.5");
+    assert_eq!(count(&first, "errors"), 0, "{first}");
+    assert_eq!(count(&first, "bought"), 100, "one ticket each: {first}");
+    let unpaid = count(&first, "unpaid") + count(&first, "expired");
+    assert!(unpaid > 20 && count(&first, "paid") > 20, "{first}");
+    let stock = settled(&mut conn);
+    assert_eq!(stock["paid"], count(&first, "paid"), "{first}");
+    assert_eq!(stock["expired"], unpaid, "{first}");
+
+    let second = load("second", "200", "1");
+    assert_eq!(count(&second, "errors"), 0, "{second}");
+    assert_eq!(
+        (count(&second, "bought"), count(&second, "sold_out")),
+        (unpaid, 200 - unpaid),
+        "the returned tickets and no more: {second}"
+    );
+    let stock = settled(&mut conn);
     assert_eq!(
         stock["issued"] + stock["resold"],
-        count("bought"),
-        "{report}"
+        count(&first, "bought") + count(&second, "bought")
     );
-    assert_eq!(stock["paid"], count("paid"), "{report}");
-    assert_eq!(stock["resold"], count("resold"), "{report}");
+    // Every returned ticket was sold again, and all of them.
+    assert_eq!((stock["resold"], stock["issued"]), (unpaid, 100));
     assert_eq!(
-        stock["expired"],
-        count("unpaid") + count("expired"),
-        "{report}"
+        stock["paid"],
+        count(&first, "paid") + count(&second, "paid")
     );
     let text = run("spike", &["status", "--config-dir", config.arg()]).1;
     assert!(
-        text.contains(&format!("(paid {}, pending 0)", count("paid"))),
+        text.contains(&format!("(paid {}, pending 0)", stock["paid"])),
         "{text}"
     );
     stop(&mut spike);

@@ -219,6 +219,8 @@ pub struct LedgerOrder {
     pub ticket: u64,
     pub buyer: String,
     pub pay_by: u64,
+    /// When it was paid or expired; `None` while pending.
+    pub closed: Option<u64>,
 }
 
 /// Every order of a sale's ledger.
@@ -238,6 +240,8 @@ pub fn ledger_in_redis(conn: &mut redis::Connection, event: &str) -> Vec<LedgerO
                 ticket: fields[1].parse().expect("a ticket number"),
                 buyer: fields[2].to_owned(),
                 pay_by: fields[5].parse().expect("a deadline"),
+                closed: (!fields[6].is_empty())
+                    .then(|| fields[6].parse().expect("a time of closing")),
             }
         })
         .collect()

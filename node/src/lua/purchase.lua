@@ -9,23 +9,15 @@
 --   2  this buyer already holds the live order returned
 --   0  sold out: every ticket is held by a live order
 --  -1  no such sale (its total was never set)
---  -2  not open yet: the last field is when it opens (ms)
+--  -2  not open yet: the last field is when it opens (ms), the ticket's
+--      place holds Redis's clock (ms)
 --
--- A ticket returned by an expired order is sold first, under its own
--- number; otherwise the next number never handed out. Every ticket number
--- is held by at most one live order.
+-- A buyer's pending order past its deadline, not swept yet, is expired
+-- here and then, and the buyer buys again. A ticket returned by an
+-- expired order is sold first, under its own number; otherwise the next
+-- number never handed out. Every ticket number is held by at most one
+-- live order.
 local buyer, node, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if buyer ~= '' then
-  local existing = redis.call('HGET', KEYS[2], buyer)
-  if existing then
-    local record = redis.call('HGET', KEYS[4], existing)
-    if record then
-      local order = parse(record)
-      return {2, existing, order.ticket, order.pay_by}
-    end
-  end
-end
-
 local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'issued', 'opens_at')
 local total = tonumber(stock[1])
 if not total then
@@ -34,9 +26,25 @@ end
 local now = now_ms()
 local opens_at = tonumber(stock[4])
 if opens_at and now < opens_at then
-  return {-2, '', 0, opens_at}
+  return {-2, '', now, opens_at}
 end
-if (tonumber(stock[2]) or 0) >= total then
+
+local sold = tonumber(stock[2]) or 0
+if buyer ~= '' then
+  local existing = redis.call('HGET', KEYS[2], buyer)
+  local record = existing and redis.call('HGET', KEYS[4], existing)
+  if record then
+    local order = parse(record)
+    if order.status ~= 'pending' or now <= order.pay_by then
+      return {2, existing, order.ticket, order.pay_by}
+    end
+    -- Its deadline has passed: no payment can take it any more (the
+    -- payment script refuses it), so it is expired as a sweep would.
+    expire(existing, order, now)
+    sold = sold - 1
+  end
+end
+if sold >= total then
   return {0, '', 0, 0}
 end
 
