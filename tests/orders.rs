@@ -251,7 +251,6 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
         ("paid", 1_000),
         ("expired", 400),
         ("resold", 400),
-        ("issued", 1_000),
     ] {
         assert_eq!(stock[counter], value, "{counter}: {stock:?}");
     }

@@ -240,7 +240,6 @@ type StockFields = (
     Option<u64>,
     Option<u64>,
     Option<u64>,
-    Option<u64>,
 );
 
 /// A handle on one sale in Redis. Cheap to share: every clone of the
@@ -457,7 +456,6 @@ impl Store {
             &[
                 ("total", total),
                 ("sold", 0),
-                ("issued", 0),
                 ("paid", 0),
                 ("expired", 0),
                 ("resold", 0),
@@ -494,8 +492,7 @@ impl Store {
                     .hmget(
                         &self.keys.stock,
                         &[
-                            "total", "sold", "issued", "paid", "expired", "resold", "epoch",
-                            "opens_at",
+                            "total", "sold", "paid", "expired", "resold", "epoch", "opens_at",
                         ],
                     )
                     .xlen(&self.keys.orders)
@@ -503,15 +500,16 @@ impl Store {
                     .query_async(&mut conn),
             )
             .await?;
-        let (total, sold, issued, paid, expired, resold, epoch, opens_at) = fields;
-        let resold = resold.unwrap_or(0);
+        let (total, sold, paid, expired, resold, epoch, opens_at) = fields;
+        let (sold, expired) = (sold.unwrap_or(0), expired.unwrap_or(0));
         Ok(SaleState {
             total,
-            sold: sold.unwrap_or(0),
+            sold,
             paid: paid.unwrap_or(0),
-            expired: expired.unwrap_or(0),
-            resold,
-            orders: issued.unwrap_or(0) + resold,
+            expired,
+            resold: resold.unwrap_or(0),
+            // Every order created is live or expired.
+            orders: sold + expired,
             events,
             epoch: epoch.unwrap_or(0),
             opens_at,

@@ -4,8 +4,11 @@
 -- The keys of one sale, all in one hash slot, given to every script in
 -- this order:
 --   KEYS[1]  the stock hash: total, sold (tickets held by live orders,
---            pending or paid), issued (ticket numbers handed out so far),
---            paid, expired, resold, epoch, and opens_at (ms) if set
+--            pending or paid), paid, expired (orders, their tickets
+--            returned), resold (returned tickets sold again), epoch, and
+--            opens_at (ms) if set; the tickets waiting to be sold again
+--            are expired - resold, the numbers handed out sold + expired
+--            - resold
 --   KEYS[2]  the buyers hash: buyer id -> the id of their live order
 --   KEYS[3]  the order stream: one event per change of an order
 --   KEYS[4]  the ledger hash: order id -> its record
@@ -23,6 +26,14 @@
 -- script has written, Redis lets the rest of its writes through. So no
 -- change of an order happens without its event, and no event without its
 -- change.
+--
+-- Numbers go to Redis as strings made once with `digits`: Redis would
+-- otherwise print every Lua number it is given with "%.17g", slowly.
+
+-- The decimal digits of whole number `n`.
+local function digits(n)
+  return string.format('%d', n)
+end
 
 local function now_ms()
   local time = redis.call('TIME')
@@ -34,20 +45,21 @@ local function parse(record)
     record, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
   return {
     status = status, ticket = tonumber(ticket), buyer = buyer, node = node,
-    created = tonumber(created), pay_by = tonumber(pay_by), closed = closed,
+    created = tonumber(created), pay_by = tonumber(pay_by), closed = tonumber(closed),
   }
 end
 
 local function format(order)
-  return order.status .. '|' .. order.ticket .. '|' .. order.buyer .. '|' .. order.node
-    .. '|' .. order.created .. '|' .. order.pay_by .. '|' .. (order.closed or '')
+  local closed = order.closed and digits(order.closed) or ''
+  return string.format('%s|%d|%s|%s|%d|%d|%s', order.status, order.ticket, order.buyer,
+    order.node, order.created, order.pay_by, closed)
 end
 
 -- Closes pending order `id` as `status` (paid or expired) at `now`: its
 -- event, its record, and no deadline any more.
 local function close(id, order, status, now)
-  redis.call('XADD', KEYS[3], '*', 'event', status, 'order', id, 'ticket', order.ticket,
-    'buyer', order.buyer, 'node', order.node, 'status', status, 'time', now)
+  redis.call('XADD', KEYS[3], '*', 'event', status, 'order', id, 'ticket', digits(order.ticket),
+    'buyer', order.buyer, 'node', order.node, 'status', status, 'time', digits(now))
   order.status = status
   order.closed = now
   redis.call('HSET', KEYS[4], id, format(order))
@@ -58,7 +70,7 @@ end
 -- may buy again.
 local function expire(id, order, now)
   close(id, order, 'expired', now)
-  redis.call('RPUSH', KEYS[6], order.ticket)
+  redis.call('RPUSH', KEYS[6], digits(order.ticket))
   redis.call('HINCRBY', KEYS[1], 'sold', -1)
   redis.call('HINCRBY', KEYS[1], 'expired', 1)
   if order.buyer ~= '' and redis.call('HGET', KEYS[2], order.buyer) == id then
