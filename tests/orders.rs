@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use spike_tests::balancer::Balancer;
-use spike_tests::client::{Client, Reply};
+use spike_tests::buyers::{buy, buy_all, pay, pay_all};
+use spike_tests::client::Client;
 use spike_tests::nodes::{node_config, start_node, start_nodes, wait_for_redis};
 use spike_tests::process::Process;
 use spike_tests::redis::{
@@ -19,43 +20,6 @@ use spike_tests::redis::{
 use spike_tests::wait_until_async;
 
 const EVENT: &str = "ticket";
-
-/// A purchase's answer: its status, and the order id and ticket of a 200.
-async fn buy(client: &Client, url: &str, buyer: &str) -> (u16, Option<(String, u64)>) {
-    let reply = client.get(&format!("{url}/buy/ticket?user={buyer}")).await;
-    let status = reply.status.as_u16();
-    let order = (status == 200).then(|| {
-        let body = reply.json();
-        (
-            body["order_id"].as_str().unwrap().to_owned(),
-            body["ticket"].as_u64().unwrap(),
-        )
-    });
-    (status, order)
-}
-
-async fn pay(client: &Client, url: &str, order: &str, buyer: &str) -> Reply {
-    client
-        .post(&format!("{url}/orders/{order}/pay?user={buyer}"))
-        .await
-}
-
-/// Pays every order of `orders` (order id, buyer), 50 at a time; the
-/// answers in order.
-async fn pay_all(client: &Client, url: &str, orders: &[(String, String)]) -> Vec<Reply> {
-    let mut answers = Vec::with_capacity(orders.len());
-    for batch in orders.chunks(50) {
-        let calls = batch.iter().map(|(id, buyer)| {
-            let (client, url, id, buyer) =
-                (client.clone(), url.to_owned(), id.clone(), buyer.clone());
-            tokio::spawn(async move { pay(&client, &url, &id, &buyer).await })
-        });
-        for call in calls.collect::<Vec<_>>() {
-            answers.push(call.await.unwrap());
-        }
-    }
-    answers
-}
 
 /// The order stream replayed: each order's status as its events leave it,
 /// with its ticket and buyer. Panics on an event out of place: a change of
@@ -171,7 +135,7 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
     let client = Client::new();
     let mut holders: Vec<(usize, String, u64)> = Vec::new();
     let mut without = Vec::new();
-    let replies = futures_all(&client, &url, (0..BUYERS).map(|i| format!("b{i}"))).await;
+    let replies = buy_all(&client, &url, (0..BUYERS).map(|i| format!("b{i}"))).await;
     for (i, (status, order)) in replies.into_iter().enumerate() {
         match (status, order) {
             (200, Some((id, ticket))) => holders.push((i, id, ticket)),
@@ -217,7 +181,7 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
             .filter(|i| !second.contains_key(i))
             .copied()
             .collect();
-        let replies = futures_all(&client, &url, trying.iter().map(|i| format!("b{i}"))).await;
+        let replies = buy_all(&client, &url, trying.iter().map(|i| format!("b{i}"))).await;
         let mut bought = Vec::new();
         for (i, (status, order)) in trying.into_iter().zip(replies) {
             if let (200, Some((id, ticket))) = (status, order) {
@@ -275,26 +239,6 @@ async fn unpaid_tickets_expire_and_are_sold_again_to_others() {
             (&order.status, order.ticket, &order.buyer)
         );
     }
-}
-
-/// Every buyer of `buyers` buys once, 50 at a time; their answers in order.
-async fn futures_all(
-    client: &Client,
-    url: &str,
-    buyers: impl Iterator<Item = String>,
-) -> Vec<(u16, Option<(String, u64)>)> {
-    let buyers: Vec<String> = buyers.collect();
-    let mut answers = Vec::with_capacity(buyers.len());
-    for batch in buyers.chunks(50) {
-        let calls = batch.iter().map(|buyer| {
-            let (client, url, buyer) = (client.clone(), url.to_owned(), buyer.clone());
-            tokio::spawn(async move { buy(&client, &url, &buyer).await })
-        });
-        for call in calls.collect::<Vec<_>>() {
-            answers.push(call.await.unwrap());
-        }
-    }
-    answers
 }
 
 /// Hundreds of payments sent around their deadline, with the sweeps

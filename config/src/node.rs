@@ -165,7 +165,8 @@ pub fn name_like(what: &str, value: String) -> Result<String, String> {
     }
 }
 
-fn redis_url(url: String) -> Result<String, String> {
+/// Accepts a Redis URL: `redis://`, `rediss://` or a Unix socket.
+pub fn redis_url(url: String) -> Result<String, String> {
     const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
     if SCHEMES.iter().any(|scheme| url.starts_with(scheme)) {
         Ok(url)

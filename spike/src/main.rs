@@ -46,6 +46,10 @@ enum Command {
         /// Where the processes' logs go.
         #[arg(long, value_name = "DIR", default_value = "log")]
         log_dir: PathBuf,
+        /// Where the order service's SQLite database goes (unless
+        /// orders.toml names another database).
+        #[arg(long, value_name = "DIR", default_value = "data")]
+        data_dir: PathBuf,
         /// When a sale created or started over opens, RFC 3339 (default:
         /// node.toml's opens_at, or at once).
         #[arg(long, value_name = "TIME", value_parser = parse_instant)]
@@ -114,6 +118,10 @@ fn main() -> ExitCode {
             spike::supervised_by_parent();
             return balancer::cli::main(std::env::args_os().skip(1));
         }
+        Some("orders") => {
+            spike::supervised_by_parent();
+            return orders::cli::main(std::env::args_os().skip(1));
+        }
         _ => {}
     }
     let cli = Cli::parse();
@@ -144,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 total,
                 restart_nodes,
                 log_dir,
+                data_dir,
                 opens_at,
             } => {
                 let shutdown =
@@ -151,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let options = UpOptions {
                     config_dir: cli.config_dir,
                     log_dir,
+                    data_dir,
                     reset,
                     total,
                     restart_nodes,

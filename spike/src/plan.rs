@@ -1,16 +1,18 @@
 //! What `spike up` starts, read from the configuration directory: the
 //! Redis, the sale, one node per upstream of the balancer on this machine,
-//! and the balancer.
+//! the order service, and the balancer.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use spike_config::{BalancerConfig, NodeConfig};
+use spike_config::{BalancerConfig, NodeConfig, OrdersConfig};
 
 /// The files of a configuration directory.
 pub const BALANCER_FILE: &str = "balancer.toml";
 pub const NODE_FILE: &str = "node.toml";
+/// Optional: without it, the order service has its defaults.
+pub const ORDERS_FILE: &str = "orders.toml";
 
 /// Everything `spike up` starts, and how.
 #[derive(Debug, Clone)]
@@ -19,6 +21,10 @@ pub struct Plan {
     pub balancer_file: PathBuf,
     pub node: NodeConfig,
     pub balancer: BalancerConfig,
+    /// `orders.toml`, if the directory has one.
+    pub orders_file: Option<PathBuf>,
+    /// The order service's settings; its Redis and sale are the nodes'.
+    pub orders: OrdersConfig,
     /// Tickets in the sale.
     pub total: u64,
     /// The nodes to start, in the balancer's order.
@@ -45,6 +51,13 @@ impl Plan {
         let balancer_file = dir.join(BALANCER_FILE);
         let node = NodeConfig::load(&node_file)?;
         let balancer = BalancerConfig::load(&balancer_file)?;
+        let orders_file = Some(dir.join(ORDERS_FILE)).filter(|file| file.exists());
+        let mut orders = match &orders_file {
+            Some(file) => OrdersConfig::load(file)?,
+            None => OrdersConfig::default(),
+        };
+        orders.redis_url = node.redis_url.clone();
+        orders.event = node.event.clone();
         let total = total.unwrap_or(node.total_stock);
         let (local, remote): (Vec<_>, Vec<_>) = balancer
             .upstreams
@@ -65,6 +78,8 @@ impl Plan {
             balancer_file,
             node,
             balancer,
+            orders_file,
+            orders,
             total,
             nodes,
             remote: remote.into_iter().map(|(addr, _)| addr).collect(),
@@ -80,6 +95,7 @@ impl Plan {
             .collect();
         wanted.push((self.balancer.listen, "the balancer's listen".to_owned()));
         wanted.push((self.balancer.admin, "the balancer's admin".to_owned()));
+        wanted.push((self.orders.admin, "the order service's admin".to_owned()));
         for (addr, what) in wanted {
             std::net::TcpListener::bind(addr)
                 .with_context(|| format!("{addr} ({what}) is already in use or cannot be bound"))?;

@@ -1,6 +1,7 @@
-//! The state of a sale, from Redis (the truth about tickets) and from the
-//! balancer's admin API (the traffic per node), as the live status line and
-//! as the summary that `spike status` and a stopping `spike up` print.
+//! The state of a sale, from Redis (the truth about tickets), from the
+//! balancer's admin API (the traffic per node) and from the order
+//! service's (the orders in the database), as the live status line and as
+//! the summary that `spike status` and a stopping `spike up` print.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -25,6 +26,23 @@ pub struct Snapshot {
     pub sale: Option<SaleFigures>,
     /// `None` when the balancer did not answer.
     pub upstreams: Option<Vec<UpstreamView>>,
+    /// `None` when the order service did not answer.
+    pub orders: Option<OrdersView>,
+}
+
+/// The orders in the database, as the order service's `/stats` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OrdersView {
+    pub orders: u64,
+    pub paid: u64,
+    pub pending: u64,
+    pub expired: u64,
+    /// Events of the stream not in the database yet.
+    pub lag: u64,
+    /// How long the oldest of them has waited (ms).
+    pub lag_ms: u64,
+    /// Entries in the order stream when the lag was read.
+    pub stream: u64,
 }
 
 /// What Redis holds of a sale: its tickets, those held by live orders
@@ -38,6 +56,8 @@ pub struct SaleFigures {
     pub expired: u64,
     pub resold: u64,
     pub orders: u64,
+    /// Entries in the order stream.
+    pub events: u64,
 }
 
 impl SaleFigures {
@@ -74,6 +94,7 @@ impl UpstreamView {
 pub struct Observer {
     store: Store,
     admin: SocketAddr,
+    orders_admin: SocketAddr,
     client: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -83,6 +104,7 @@ impl Observer {
         Ok(Self {
             store,
             admin: plan.balancer.admin,
+            orders_admin: plan.orders.admin,
             client: Client::builder(TokioExecutor::new()).build_http(),
         })
     }
@@ -117,8 +139,28 @@ impl Observer {
     }
 
     pub async fn look(&self) -> Snapshot {
-        let (sale, upstreams) = tokio::join!(self.sale(), self.upstreams());
-        Snapshot { sale, upstreams }
+        let (sale, upstreams, orders) = tokio::join!(self.sale(), self.upstreams(), self.orders());
+        Snapshot {
+            sale,
+            upstreams,
+            orders,
+        }
+    }
+
+    async fn orders(&self) -> Option<OrdersView> {
+        let stats = self
+            .get_json(&format!("http://{}/stats", self.orders_admin))
+            .await?;
+        let (orders, lag) = (&stats["orders"], &stats["lag"]);
+        Some(OrdersView {
+            orders: orders["orders"].as_u64()?,
+            paid: orders["paid"].as_u64()?,
+            pending: orders["pending"].as_u64()?,
+            expired: orders["expired"].as_u64()?,
+            lag: lag["events"].as_u64()?,
+            lag_ms: lag["oldest_ms"].as_u64()?,
+            stream: lag["stream"].as_u64()?,
+        })
     }
 
     async fn sale(&self) -> Option<SaleFigures> {
@@ -130,6 +172,7 @@ impl Observer {
             expired: state.expired,
             resold: state.resold,
             orders: state.orders,
+            events: state.events,
         })
     }
 
@@ -154,6 +197,15 @@ impl Observer {
 }
 
 impl Snapshot {
+    /// Whether the order service has written every event the stream holds,
+    /// as it last looked.
+    pub fn orders_written(&self) -> bool {
+        match (self.orders, self.sale) {
+            (Some(orders), Some(sale)) => orders.lag == 0 && orders.stream == sale.events,
+            _ => false,
+        }
+    }
+
     /// Requests the balancer has routed, over all upstreams.
     pub fn requests(&self) -> Option<u64> {
         self.upstreams
@@ -177,6 +229,9 @@ impl Snapshot {
             ),
             None => "sale: redis does not answer".to_owned(),
         };
+        if let Some(orders) = self.orders {
+            let _ = write!(line, " | db {} orders, lag {}", orders.orders, orders.lag);
+        }
         match (self.requests(), previous.and_then(Snapshot::requests)) {
             (Some(now), Some(before)) if elapsed > Duration::ZERO => {
                 let rate = now.saturating_sub(before) as f64 / elapsed.as_secs_f64();
@@ -230,6 +285,25 @@ impl Snapshot {
                 let _ = writeln!(text, "oversold: {oversold}");
             }
             None => text.push_str("sale: Redis does not answer, or holds no such sale\n"),
+        }
+        match self.orders {
+            Some(orders) => {
+                let _ = writeln!(
+                    text,
+                    "orders in the database: {} (paid {}, pending {}, expired {}), {} events behind{}",
+                    orders.orders,
+                    orders.paid,
+                    orders.pending,
+                    orders.expired,
+                    orders.lag,
+                    if orders.lag > 0 {
+                        format!(" (the oldest by {:.1} s)", orders.lag_ms as f64 / 1e3)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            None => text.push_str("orders in the database: the order service does not answer\n"),
         }
         match &self.upstreams {
             None => text.push_str("requests per node: the balancer does not answer\n"),
@@ -292,8 +366,18 @@ mod tests {
                 expired: 5,
                 resold: 3,
                 orders: 42,
+                events: 50,
             }),
             upstreams: Some(vec![view(3001, 1, 250, "up"), view(3002, 3, 750, "down")]),
+            orders: Some(OrdersView {
+                orders: 42,
+                paid: 10,
+                pending: 27,
+                expired: 5,
+                lag: 3,
+                lag_ms: 120,
+                stream: 50,
+            }),
         }
     }
 
@@ -304,7 +388,7 @@ mod tests {
         let line = snapshot().line(Some(&before), Duration::from_secs(2));
         assert_eq!(
             line,
-            "sold 40/100 (paid 10, pending 30) | expired 5, resold 3 | 100 req/s | 3001 up 25%/25% | 3002 down 75%/75%"
+            "sold 40/100 (paid 10, pending 30) | expired 5, resold 3 | db 42 orders, lag 3 | 100 req/s | 3001 up 25%/25% | 3002 down 75%/75%"
         );
     }
 
@@ -325,7 +409,9 @@ mod tests {
         assert!(
             summary.contains(
                 "tickets sold: 40 of 100 (paid 10, pending 30)\n\
-                 orders: 42 created, 5 expired unpaid, 3 tickets sold again\noversold: 0\n"
+                 orders: 42 created, 5 expired unpaid, 3 tickets sold again\noversold: 0\n\
+                 orders in the database: 42 (paid 10, pending 27, expired 5), 3 events behind \
+                 (the oldest by 0.1 s)\n"
             ),
             "{summary}"
         );
@@ -341,6 +427,7 @@ mod tests {
             expired: 0,
             resold: 0,
             orders: 101,
+            events: 101,
         });
         assert!(over.summary().contains("oversold: 1\n"));
     }

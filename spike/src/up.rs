@@ -21,6 +21,9 @@ pub struct UpOptions {
     pub config_dir: PathBuf,
     /// Where the children's logs go.
     pub log_dir: PathBuf,
+    /// Where the order service's SQLite database goes, unless orders.toml
+    /// names another database.
+    pub data_dir: PathBuf,
     /// Start the sale over instead of joining a running one.
     pub reset: bool,
     /// Tickets in a new sale (default: `total_stock` of node.toml).
@@ -34,12 +37,16 @@ pub struct UpOptions {
 
 /// How long a node may take to reach Redis once it listens.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping `spike up` waits for the order service to write
+/// the last events.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The children, in the order they were started.
 #[derive(Debug, Default)]
 struct Cluster {
     redis: Option<Running>,
     nodes: Vec<Running>,
+    orders: Option<Running>,
     balancer: Option<Running>,
 }
 
@@ -61,19 +68,21 @@ pub async fn up(options: UpOptions, shutdown: CancellationToken) -> anyhow::Resu
     };
     if let Err(err) = started {
         cluster.stop_serving(&plan).await;
+        cluster.stop_orders(&observer).await;
         cluster.stop_redis().await;
         return Err(err);
     }
     let watched = watch(&plan, &options, &observer, &mut cluster, &shutdown).await;
     // The traffic while the balancer still answers; the tickets once no
-    // node sells any more, before a Redis of spike's own goes.
+    // node sells any more, and the orders once the order service has
+    // written the last events, before a Redis of spike's own goes.
     let traffic = observer.look().await.upstreams;
     cluster.stop_serving(&plan).await;
-    let sale = observer.look().await.sale;
+    let look = cluster.stop_orders(&observer).await;
     cluster.stop_redis().await;
     let summary = Snapshot {
-        sale,
         upstreams: traffic,
+        ..look
     };
     println!("stopped\n{}", summary.summary());
     watched
@@ -145,6 +154,30 @@ async fn start(
             .with_context(|| format!("{} did not reach Redis", node.name))?;
     }
 
+    let database = database_url(plan, options);
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(file) = &plan.orders_file {
+        args.extend(["--config".into(), file.clone().into()]);
+    }
+    args.extend([
+        "--redis".into(),
+        plan.orders.redis_url.clone().into(),
+        "--event".into(),
+        plan.orders.event.clone().into(),
+        "--database".into(),
+        database.clone().into(),
+        "--admin".into(),
+        plan.orders.admin.to_string().into(),
+    ]);
+    let orders = Launch::myself("orders", "orders", args, &options.log_dir, 1)?
+        .start()
+        .await?;
+    println!(
+        "started the order service (pid {}), admin on {}: orders written to {}",
+        orders.pid, orders.addrs[0], database
+    );
+    cluster.orders = Some(orders);
+
     let launch = Launch::myself(
         "balancer",
         "balancer",
@@ -165,6 +198,16 @@ async fn start(
     println!("logs in {}", options.log_dir.display());
     println!("ready: ab -k -l -n 1000000 -c 1000 http://{proxy}/buy/ticket");
     Ok(())
+}
+
+/// The order service's database: orders.toml's, or the SQLite file of
+/// the data folder if orders.toml keeps the default.
+fn database_url(plan: &Plan, options: &UpOptions) -> String {
+    if plan.orders.database_url == spike_config::orders::DEFAULT_DATABASE_URL {
+        format!("sqlite://{}/orders.db", options.data_dir.display())
+    } else {
+        plan.orders.database_url.clone()
+    }
 }
 
 fn node_launch(
@@ -239,6 +282,17 @@ async fn watch(
                 }
             }
         }
+        if let Some(orders) = cluster.orders.as_mut()
+            && let Some(status) = orders.exited()
+        {
+            report(
+                &bar,
+                &format!(
+                    "the order service exited ({status}); orders wait in the stream until one runs"
+                ),
+            );
+            cluster.orders = None;
+        }
         if let Some(redis) = cluster.redis.as_mut()
             && let Some(status) = redis.exited()
         {
@@ -298,6 +352,22 @@ impl Cluster {
         for node in &mut self.nodes {
             node.wait(grace(&plan.node.server)).await;
         }
+    }
+
+    /// Lets the order service write what the stopped nodes left in the
+    /// stream, then stops it; returns the last look at the sale.
+    async fn stop_orders(&mut self, observer: &Observer) -> Snapshot {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut look = observer.look().await;
+        if let Some(orders) = self.orders.as_mut() {
+            while !look.orders_written() && orders.exited().is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                look = observer.look().await;
+            }
+            orders.terminate();
+            orders.wait(Duration::from_secs(5)).await;
+        }
+        look
     }
 
     /// Stops the Redis spike started, if it did.

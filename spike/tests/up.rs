@@ -18,7 +18,7 @@ const STARTED: Duration = Duration::from_secs(30);
 const STOPPED: Duration = Duration::from_secs(30);
 
 /// A configuration directory on free ports: four upstreams weighted 1 to
-/// 4, a sale of `total` tickets at `redis_url`.
+/// 4, a sale of `total` tickets at `redis_url`, and an order service.
 struct ConfigDir {
     dir: TempDir,
     proxy: String,
@@ -53,6 +53,11 @@ impl ConfigDir {
             ));
         }
         std::fs::write(dir.path().join("balancer.toml"), balancer).unwrap();
+        std::fs::write(
+            dir.path().join("orders.toml"),
+            format!("admin = \"127.0.0.1:{}\"\n", free_port()),
+        )
+        .unwrap();
         Self { dir, proxy }
     }
 
@@ -68,6 +73,10 @@ impl ConfigDir {
         self.path().join("log")
     }
 
+    fn data_dir(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
     fn buy_url(&self) -> String {
         format!("http://{}/buy/ticket", self.proxy)
     }
@@ -78,13 +87,15 @@ impl ConfigDir {
 }
 
 fn spike_up(config: &ConfigDir, extra: &[&str]) -> Process {
-    let log_dir = config.log_dir();
+    let (log_dir, data_dir) = (config.log_dir(), config.data_dir());
     let mut args = vec![
         "up",
         "--config-dir",
         config.arg(),
         "--log-dir",
         log_dir.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     let spike = Process::start("spike", &args, 0);
@@ -129,8 +140,8 @@ fn up_sells_exactly_the_stock_reports_it_and_leaves_nothing_behind() {
     let pids = children(&spike);
     assert_eq!(
         pids.len(),
-        5,
-        "four nodes and the balancer: {:?}",
+        6,
+        "four nodes, the order service and the balancer: {:?}",
         spike.stdout()
     );
     assert!(
@@ -169,6 +180,15 @@ fn up_sells_exactly_the_stock_reports_it_and_leaves_nothing_behind() {
         output.contains("stopped\ntickets sold: 1000 of 1000"),
         "{output}"
     );
+    // Every order written to the SQLite file of the data folder before
+    // the order service stopped.
+    assert!(
+        output.contains(
+            "orders in the database: 1000 (paid 0, pending 1000, expired 0), 0 events behind\n"
+        ),
+        "{output}"
+    );
+    assert!(config.data_dir().join("orders.db").is_file());
     for pid in pids {
         assert!(!alive(pid), "process {pid} outlived spike");
     }
@@ -395,6 +415,20 @@ fn load_reports_what_redis_holds() {
     assert_eq!(
         stock["paid"],
         count(&first, "paid") + count(&second, "paid")
+    );
+    let orders = stock["sold"] + stock["expired"];
+    let expected = format!(
+        "orders in the database: {orders} (paid {}, pending 0, expired {}), 0 events behind",
+        stock["paid"], stock["expired"]
+    );
+    wait_until(
+        "the orders in the database",
+        Duration::from_secs(10),
+        || {
+            run("spike", &["status", "--config-dir", config.arg()])
+                .1
+                .contains(&expected)
+        },
     );
     let text = run("spike", &["status", "--config-dir", config.arg()]).1;
     assert!(

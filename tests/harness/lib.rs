@@ -1,5 +1,6 @@
-//! What the end-to-end tests share: a real `redis-server` on an ephemeral
-//! port, the workspace's built binaries started as processes, in-process
+//! What the end-to-end tests share: a real `redis-server` and a real
+//! PostgreSQL on ephemeral ports, the workspace's built binaries started
+//! as processes, in-process
 //! HTTP backends that record what reaches them, an HTTP client, and
 //! ApacheBench.
 //!
@@ -11,8 +12,11 @@
 pub mod ab;
 pub mod backend;
 pub mod balancer;
+pub mod buyers;
 pub mod client;
 pub mod nodes;
+pub mod order_service;
+pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod redis;

@@ -56,10 +56,12 @@ local function format(order)
 end
 
 -- Closes pending order `id` as `status` (paid or expired) at `now`: its
--- event, its record, and no deadline any more.
+-- event, its record, and no deadline any more. The event carries the whole
+-- order, so that a reader may apply it even before the order's creation.
 local function close(id, order, status, now)
   redis.call('XADD', KEYS[3], '*', 'event', status, 'order', id, 'ticket', digits(order.ticket),
-    'buyer', order.buyer, 'node', order.node, 'status', status, 'time', digits(now))
+    'buyer', order.buyer, 'node', order.node, 'status', status, 'time', digits(now),
+    'created', digits(order.created), 'pay_by', digits(order.pay_by))
   order.status = status
   order.closed = now
   redis.call('HSET', KEYS[4], id, format(order))

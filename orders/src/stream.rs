@@ -1,0 +1,395 @@
+//! The queue: a sale's order stream read through a Redis consumer group.
+//!
+//! Each order service is a consumer of the group: `XREADGROUP` hands each
+//! new event to one of them, and the event stays in the group's pending
+//! list until its reader acknowledges it (`XACK`), which the service does
+//! only after the database has committed it. What a dead consumer read and
+//! never acknowledged is taken over by another after `claim_idle`
+//! (`XAUTOCLAIM`), or read again by the same consumer when it restarts
+//! under its name. An entry that is not an event is parked in the dead
+//! letter stream (`spike:{EVENT}:orders:dead`) with the reason, then
+//! acknowledged. The stream is trimmed below the first entry some group
+//! has not acknowledged, never further.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Value};
+
+use crate::event::is_entry_id;
+
+/// An entry as read: its id, and its fields (`None` if it was deleted
+/// after being delivered).
+pub type Entry = (String, Option<Vec<(String, String)>>);
+
+/// A handle on the order stream of one sale, for one consumer of one group.
+#[derive(Clone)]
+pub struct Stream {
+    conn: ConnectionManager,
+    pub key: String,
+    pub dead: String,
+    pub group: String,
+    pub consumer: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("key", &self.key)
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Redis(#[from] RedisError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected reply to {0}")]
+    Reply(&'static str),
+}
+
+/// Where the group stands.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Lag {
+    /// Events not in the database yet: read and not acknowledged, and not
+    /// read yet.
+    pub events: u64,
+    /// How long the oldest of them has waited (ms), 0 if none.
+    pub oldest_ms: u64,
+    /// Entries in the stream.
+    pub stream: u64,
+}
+
+impl Stream {
+    /// The order stream of `event` at `url`, read as `consumer` of `group`.
+    /// Connects on first use. A blocking read may wait `read_wait` on top
+    /// of `timeout`.
+    pub fn new(
+        url: &str,
+        event: &str,
+        group: &str,
+        consumer: &str,
+        timeout: Duration,
+        read_wait: Duration,
+    ) -> Result<Self, RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout + read_wait))
+            .set_number_of_retries(0);
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let key = format!("spike:{{{event}}}:orders");
+        Ok(Self {
+            conn,
+            dead: format!("{key}:dead"),
+            key,
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+            timeout: timeout + read_wait,
+        })
+    }
+
+    /// Creates the group, reading the stream from its first entry, unless
+    /// it exists.
+    pub async fn join(&self) -> Result<(), StreamError> {
+        let created: Result<(), StreamError> = self
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&self.key)
+                    .arg(&self.group)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match created {
+            Err(StreamError::Redis(err)) if err.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Up to `count` entries this consumer read before and did not
+    /// acknowledge, from the first.
+    pub async fn read_own(&self, count: u64) -> Result<Vec<Entry>, StreamError> {
+        self.read_group(count, None, "0").await
+    }
+
+    /// Up to `count` entries no consumer of the group has read, waiting up
+    /// to `wait` for the first.
+    pub async fn read_new(&self, count: u64, wait: Duration) -> Result<Vec<Entry>, StreamError> {
+        self.read_group(count, Some(wait), ">").await
+    }
+
+    async fn read_group(
+        &self,
+        count: u64,
+        wait: Option<Duration>,
+        from: &str,
+    ) -> Result<Vec<Entry>, StreamError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(wait) = wait {
+            cmd.arg("BLOCK").arg(wait.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.key).arg(from);
+        let reply: Option<Vec<(String, Vec<Entry>)>> = self.query(&cmd).await?;
+        Ok(reply
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, entries)| entries)
+            .collect())
+    }
+
+    /// Takes over up to `count` entries other consumers read and left
+    /// unacknowledged for `min_idle`, scanning the pending list from
+    /// `cursor`; returns them and where the next scan starts (`0-0` once
+    /// the whole list has been scanned).
+    pub async fn claim(
+        &self,
+        min_idle: Duration,
+        cursor: &str,
+        count: u64,
+    ) -> Result<(Vec<Entry>, String), StreamError> {
+        let (next, entries, _deleted): (String, Vec<Entry>, Vec<String>) = self
+            .query(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(&self.key)
+                    .arg(&self.group)
+                    .arg(&self.consumer)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(count),
+            )
+            .await?;
+        Ok((entries, next))
+    }
+
+    /// Acknowledges `ids`: they are in the database.
+    pub async fn ack(&self, ids: &[&str]) -> Result<(), StreamError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: u64 = self
+            .query(redis::cmd("XACK").arg(&self.key).arg(&self.group).arg(ids))
+            .await?;
+        Ok(())
+    }
+
+    /// Parks entry `id` in the dead letter stream with `reason` and its
+    /// fields, and acknowledges it, in one transaction.
+    pub async fn park(
+        &self,
+        id: &str,
+        fields: Option<&[(String, String)]>,
+        reason: &str,
+    ) -> Result<(), StreamError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let add = pipe
+            .cmd("XADD")
+            .arg(&self.dead)
+            .arg("*")
+            .arg("entry")
+            .arg(id)
+            .arg("group")
+            .arg(&self.group)
+            .arg("reason")
+            .arg(reason);
+        for (field, value) in fields.unwrap_or_default() {
+            add.arg(field).arg(value);
+        }
+        pipe.ignore();
+        pipe.cmd("XACK")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(id)
+            .ignore();
+        let () = self.query_pipe(&pipe).await?;
+        Ok(())
+    }
+
+    /// The group's lag, by Redis's clock.
+    pub async fn lag(&self) -> Result<Lag, StreamError> {
+        let (groups, length, (secs, micros)): (Vec<HashMap<String, Value>>, u64, (u64, u64)) = self
+            .query_pipe(
+                redis::pipe()
+                    .cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&self.key)
+                    .xlen(&self.key)
+                    .cmd("TIME"),
+            )
+            .await?;
+        let now = secs * 1000 + micros / 1000;
+        let Some(group) = groups
+            .iter()
+            .find(|group| text(group.get("name")).as_deref() == Some(self.group.as_str()))
+        else {
+            // No group yet: nothing of the stream has been written.
+            let oldest = self.first_after("0-0").await?;
+            return Ok(Lag {
+                events: length,
+                oldest_ms: oldest.map_or(0, |id| now.saturating_sub(entry_ms(&id))),
+                stream: length,
+            });
+        };
+        let pending = number(group.get("pending")).unwrap_or(0);
+        let last = text(group.get("last-delivered-id")).unwrap_or_else(|| "0-0".to_owned());
+        // Redis counts the entries not delivered yet, unless it cannot
+        // tell (entries deleted in the middle): then they are counted here.
+        let undelivered = match number(group.get("lag")) {
+            Some(lag) => lag,
+            None => {
+                let ids: Vec<(String, Value)> = self
+                    .query(
+                        redis::cmd("XRANGE")
+                            .arg(&self.key)
+                            .arg(format!("({last}"))
+                            .arg("+"),
+                    )
+                    .await?;
+                ids.len() as u64
+            }
+        };
+        let oldest = match pending {
+            0 => self.first_after(&last).await?,
+            _ => self.first_pending().await?,
+        };
+        Ok(Lag {
+            events: pending + undelivered,
+            oldest_ms: oldest.map_or(0, |id| now.saturating_sub(entry_ms(&id))),
+            stream: length,
+        })
+    }
+
+    /// The id of the first entry after `id`.
+    async fn first_after(&self, id: &str) -> Result<Option<String>, StreamError> {
+        let first: Vec<(String, Value)> = self
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(&self.key)
+                    .arg(format!("({id}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        Ok(first.into_iter().next().map(|(id, _)| id))
+    }
+
+    /// The id of the group's first unacknowledged entry.
+    async fn first_pending(&self) -> Result<Option<String>, StreamError> {
+        let (_, first, _, _): (u64, Option<String>, Option<String>, Value) = self
+            .query(redis::cmd("XPENDING").arg(&self.key).arg(&self.group))
+            .await?;
+        Ok(first)
+    }
+
+    /// Trims the stream below the first entry that some group of it has
+    /// not acknowledged; returns the entries removed.
+    pub async fn trim(&self) -> Result<u64, StreamError> {
+        let groups: Vec<HashMap<String, Value>> = self
+            .query(redis::cmd("XINFO").arg("GROUPS").arg(&self.key))
+            .await?;
+        let mut keep_from: Option<(u64, u64)> = None;
+        for group in &groups {
+            let name = text(group.get("name")).ok_or(StreamError::Reply("XINFO GROUPS"))?;
+            let pending = number(group.get("pending")).unwrap_or(0);
+            let bound = if pending > 0 {
+                let (_, first, _, _): (u64, Option<String>, Option<String>, Value) = self
+                    .query(redis::cmd("XPENDING").arg(&self.key).arg(&name))
+                    .await?;
+                first.as_deref().and_then(parse_id)
+            } else {
+                // Everything up to its last delivered entry is acknowledged.
+                text(group.get("last-delivered-id"))
+                    .as_deref()
+                    .and_then(parse_id)
+                    .map(|(ms, seq)| match seq.checked_add(1) {
+                        Some(seq) => (ms, seq),
+                        None => (ms + 1, 0),
+                    })
+            };
+            let bound = bound.ok_or(StreamError::Reply("XPENDING"))?;
+            keep_from = Some(keep_from.map_or(bound, |kept| kept.min(bound)));
+        }
+        let Some((ms, seq)) = keep_from else {
+            // No group: nothing says what was read, so nothing is trimmed.
+            return Ok(0);
+        };
+        self.query(
+            redis::cmd("XTRIM")
+                .arg(&self.key)
+                .arg("MINID")
+                .arg(format!("{ms}-{seq}")),
+        )
+        .await
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StreamError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(reply) => Ok(reply?),
+            Err(_) => Err(StreamError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StreamError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, pipe.query_async(&mut conn)).await {
+            Ok(reply) => Ok(reply?),
+            Err(_) => Err(StreamError::Timeout(self.timeout)),
+        }
+    }
+}
+
+fn text(value: Option<&Value>) -> Option<String> {
+    value.and_then(|value| redis::from_redis_value_ref(value).ok())
+}
+
+fn number(value: Option<&Value>) -> Option<u64> {
+    match value? {
+        Value::Nil => None,
+        value => redis::from_redis_value_ref(value).ok(),
+    }
+}
+
+/// An entry id's two numbers.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    if !is_entry_id(id) {
+        return None;
+    }
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// When entry `id` was added (ms since the epoch).
+pub fn entry_ms(id: &str) -> u64 {
+    parse_id(id).map_or(0, |(ms, _)| ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_give_their_time() {
+        assert_eq!(parse_id("1796127866503-7"), Some((1796127866503, 7)));
+        assert_eq!(entry_ms("1796127866503-7"), 1796127866503);
+        assert_eq!(parse_id("x"), None);
+    }
+}
