@@ -51,8 +51,10 @@ EOF
   done
 } >"$work/config/balancer.toml"
 node_ports=($(awk -F'[:"]' '/^addr/ {print $3}' "$work/config/balancer.toml"))
+echo "admin = \"127.0.0.1:$(free_port)\"" >"$work/config/orders.toml"
 
-target/release/spike up --config-dir "$work/config" --log-dir "$work/log" >"$work/spike.out" 2>&1 &
+target/release/spike up --config-dir "$work/config" --log-dir "$work/log" --data-dir "$work/data" \
+  >"$work/spike.out" 2>&1 &
 spike_pid=$!
 pids+=("$spike_pid")
 for _ in $(seq 1 600); do

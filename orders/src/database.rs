@@ -1,6 +1,7 @@
 //! The system of record: every order of a sale in its last known state,
 //! and every event written, in SQLite or PostgreSQL behind one code path
-//! (sqlx's `Any` driver; the SQL is written for both).
+//! (sqlx's `Any` driver; the SQL is written for both, and only the style
+//! of its parameters differs: see [`Parameters`]).
 //!
 //! Writing is idempotent and commutative: an event is keyed by its stream
 //! entry id (written twice, it is one row), and an order's row is merged,
@@ -31,6 +32,18 @@ pub struct Database {
     pool: AnyPool,
     sale: String,
     timeout: Duration,
+    parameters: Parameters,
+}
+
+/// How a statement's parameters are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parameters {
+    /// `$1, $2, ...`: PostgreSQL's only style.
+    Numbered,
+    /// `?, ?, ...`: SQLite binds numbered (named) parameters by looking
+    /// each name up in a list, which makes a statement of thousands of
+    /// them quadratic; anonymous ones are bound by position.
+    Anonymous,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +80,11 @@ impl Database {
     /// created, with its folder, if missing.
     pub fn open(url: &str, sale: &str, timeout: Duration) -> Result<Self, DatabaseError> {
         install_default_drivers();
+        let parameters = if url.starts_with("sqlite:") {
+            Parameters::Anonymous
+        } else {
+            Parameters::Numbered
+        };
         let url = sqlite_created(url)?;
         let pool = AnyPoolOptions::new()
             // One writer, and one reader for the counts.
@@ -87,6 +105,7 @@ impl Database {
             pool,
             sale: sale.to_owned(),
             timeout,
+            parameters,
         })
     }
 
@@ -127,7 +146,7 @@ impl Database {
         let sql = format!(
             "INSERT INTO order_events (sale, event_id, order_id, kind, at) VALUES {} \
              ON CONFLICT (sale, event_id) DO NOTHING",
-            placeholders(events.len(), 5)
+            placeholders(events.len(), 5, self.parameters)
         );
         let mut query = sqlx::query(&sql);
         for event in events {
@@ -156,7 +175,7 @@ impl Database {
              ELSE orders.status END, \
              paid_at = COALESCE(orders.paid_at, excluded.paid_at), \
              expired_at = COALESCE(orders.expired_at, excluded.expired_at)",
-            placeholders(orders.len(), 10)
+            placeholders(orders.len(), 10, self.parameters)
         );
         let mut query = sqlx::query(&sql);
         for order in orders {
@@ -180,12 +199,14 @@ impl Database {
     /// The sale's orders in the database.
     pub async fn counts(&self) -> Result<OrderCounts, DatabaseError> {
         self.bounded(async {
-            let rows = sqlx::query(
-                "SELECT status, COUNT(*) AS n FROM orders WHERE sale = $1 GROUP BY status",
-            )
-            .bind(&self.sale)
-            .fetch_all(&self.pool)
-            .await?;
+            let sql = format!(
+                "SELECT status, COUNT(*) AS n FROM orders WHERE sale = {} GROUP BY status",
+                placeholders(1, 1, self.parameters).trim_matches(['(', ')'])
+            );
+            let rows = sqlx::query(&sql)
+                .bind(&self.sale)
+                .fetch_all(&self.pool)
+                .await?;
             let mut counts = OrderCounts::default();
             for row in rows {
                 let status: String = row.try_get("status")?;
@@ -246,8 +267,8 @@ fn merged(events: &[Event]) -> Vec<Order<'_>> {
     orders.into_values().collect()
 }
 
-/// `($1, ..., $columns), ...` for `rows` rows.
-fn placeholders(rows: usize, columns: usize) -> String {
+/// `($1, ..., $columns), ...` (or `(?, ...)`) for `rows` rows.
+fn placeholders(rows: usize, columns: usize, style: Parameters) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
     for row in 0..rows {
         if row > 0 {
@@ -258,8 +279,13 @@ fn placeholders(rows: usize, columns: usize) -> String {
             if column > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
-            sql.push_str(&(row * columns + column + 1).to_string());
+            match style {
+                Parameters::Numbered => {
+                    sql.push('$');
+                    sql.push_str(&(row * columns + column + 1).to_string());
+                }
+                Parameters::Anonymous => sql.push('?'),
+            }
         }
         sql.push(')');
     }
@@ -317,7 +343,11 @@ mod tests {
 
     #[test]
     fn placeholders_are_numbered_across_rows() {
-        assert_eq!(placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(
+            placeholders(2, 3, Parameters::Numbered),
+            "($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(placeholders(1, 2, Parameters::Anonymous), "(?, ?)");
     }
 
     #[test]

@@ -8,9 +8,9 @@
 //! most once per half `claim_idle`), and new events. A batch is written in
 //! one transaction and retried, with a growing pause, until the database
 //! takes it or the service stops; nothing is acknowledged before. Another
-//! task (`observe`) reads the lag and the database's counts every second
-//! for `/stats` and `/metrics`, and trims the stream every
-//! `trim_interval`.
+//! task (`observe`) reads the lag every quarter of a second and the
+//! database's counts every second, for `/stats` and `/metrics`, and trims
+//! the stream every `trim_interval`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,11 @@ use crate::stream::{Entry, Lag, Stream, StreamError};
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// A failure that goes on is logged once per this long.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the lag is read (a few cheap commands to Redis).
+const LAG_EVERY: Duration = Duration::from_millis(250);
+/// How often the database's orders are counted (a scan of the sale's
+/// index).
+const COUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// The service's state, shared by its tasks and its admin.
 #[derive(Debug)]
@@ -306,14 +311,17 @@ impl Service {
         }
     }
 
-    /// Reads the lag and the database's counts every second, and trims the
-    /// stream every `trim_interval`, until `shutdown`.
+    /// Reads the lag every [`LAG_EVERY`] and the database's counts every
+    /// [`COUNT_EVERY`], and trims the stream every `trim_interval`, until
+    /// `shutdown`.
     pub async fn observe(self: Arc<Self>, shutdown: CancellationToken) {
         let trim_interval = self.config.trim_interval;
         let mut next_trim = Instant::now() + trim_interval;
+        let mut next_count = Instant::now();
         loop {
             let lag = self.stream.lag().await.ok();
-            let counts = if self.ready.load(Ordering::Relaxed) {
+            let counts = if self.ready.load(Ordering::Relaxed) && Instant::now() >= next_count {
+                next_count = Instant::now() + COUNT_EVERY;
                 self.database.counts().await.ok()
             } else {
                 None
@@ -341,7 +349,7 @@ impl Service {
                 }
             }
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep(LAG_EVERY) => {}
                 () = shutdown.cancelled() => return,
             }
         }
