@@ -122,8 +122,12 @@ impl OrdersConfig {
                 name_like("consumer", name).map(Some)
             }),
             batch: v.field(raw.batch, defaults.batch, batch),
-            read_wait: v.field(raw.read_wait, defaults.read_wait, source::duration),
-            claim_idle: v.field(raw.claim_idle, defaults.claim_idle, source::duration),
+            read_wait: v.field(raw.read_wait, defaults.read_wait, |text| {
+                within(text, "read_wait", Duration::from_millis(1), MAX_READ_WAIT)
+            }),
+            claim_idle: v.field(raw.claim_idle, defaults.claim_idle, |text| {
+                within(text, "claim_idle", MIN_CLAIM_IDLE, source::LONGEST)
+            }),
             retry_max: v.field(raw.retry_max, defaults.retry_max, source::duration),
             trim_interval: v.field(
                 raw.trim_interval,
@@ -143,6 +147,26 @@ impl OrdersConfig {
 
 /// The largest batch: one transaction's worth of events.
 pub const MAX_BATCH: u64 = 10_000;
+/// The longest a read may wait for new events (a stopping service waits
+/// for it no longer than this).
+pub const MAX_READ_WAIT: Duration = Duration::from_secs(60);
+/// The shortest `claim_idle`: below it, live consumers would take each
+/// other's batches while writing them.
+pub const MIN_CLAIM_IDLE: Duration = Duration::from_secs(1);
+
+/// A duration from `min` to `max`.
+fn within(text: String, key: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let value = source::duration(text.clone())?;
+    if value < min || value > max {
+        Err(format!(
+            "{key} `{text}` must be from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ))
+    } else {
+        Ok(value)
+    }
+}
 
 fn batch(n: u64) -> Result<u64, String> {
     if (1..=MAX_BATCH).contains(&n) {
@@ -228,6 +252,21 @@ mod tests {
         ] {
             assert!(err.contains(expected), "{expected:?} in {err}");
         }
+    }
+
+    #[test]
+    fn waits_and_takeovers_have_bounds() {
+        let err = parse("read_wait = \"2m\"\nclaim_idle = \"10ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("orders.toml:1:13: read_wait `2m` must be from 1ms to 1m"),
+            "{err}"
+        );
+        assert!(
+            err.contains("orders.toml:2:14: claim_idle `10ms` must be from 1s to"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -56,6 +56,23 @@ pub enum DatabaseError {
     Timeout(Duration),
 }
 
+impl DatabaseError {
+    /// Whether the database refuses what it was given, for good: a
+    /// constraint it breaks, or a value it cannot hold (PostgreSQL's class
+    /// 22, data exceptions). Trying again would fail again; anything else
+    /// (down, locked, full, slow) may pass later.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Self::Sql(sqlx::Error::Database(err)) => {
+                err.kind() != sqlx::error::ErrorKind::Other
+                    || err.code().is_some_and(|code| code.starts_with("22"))
+            }
+            Self::Sql(sqlx::Error::Encode(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 /// What one write did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Written {

@@ -80,15 +80,25 @@ pub enum Malformed {
 
 impl Event {
     /// Reads the entry `id` with `fields` (`None` for an entry deleted
-    /// since it was delivered).
-    pub fn parse(id: &str, fields: Option<&[(String, String)]>) -> Result<Self, Malformed> {
+    /// since it was delivered). Fields are bytes as Redis holds them: an
+    /// entry that is not text is malformed like any other, never an error
+    /// of the read that would stop the entries behind it.
+    pub fn parse(id: &str, fields: Option<&[(Vec<u8>, Vec<u8>)]>) -> Result<Self, Malformed> {
         let fields = fields.ok_or(Malformed::Deleted)?;
         let field = |name: &'static str| {
-            fields
+            let value = fields
                 .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.as_str())
-                .ok_or(Malformed::Missing(name))
+                .find(|(key, _)| key == name.as_bytes())
+                .map(|(_, value)| value.as_slice())
+                .ok_or(Malformed::Missing(name))?;
+            std::str::from_utf8(value)
+                .ok()
+                .filter(|text| !text.contains('\0'))
+                .ok_or_else(|| Malformed::Invalid {
+                    field: name,
+                    value: String::from_utf8_lossy(value).into_owned(),
+                    expected: "text",
+                })
         };
         let number = |name: &'static str| {
             let text = field(name)?;
@@ -153,10 +163,10 @@ pub fn is_entry_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
             .collect()
     }
 
@@ -209,27 +219,34 @@ mod tests {
     fn what_cannot_be_read_says_why() {
         assert_eq!(Event::parse("1-0", None), Err(Malformed::Deleted));
         let mut missing = fields(CREATED);
-        missing.retain(|(k, _)| k != "ticket");
+        missing.retain(|(k, _)| k != b"ticket");
         assert_eq!(
             Event::parse("1-0", Some(&missing)),
             Err(Malformed::Missing("ticket"))
         );
         let mut unknown = fields(CREATED);
-        unknown[0].1 = "refunded".into();
+        unknown[0].1 = b"refunded".to_vec();
         let err = Event::parse("1-0", Some(&unknown)).unwrap_err().to_string();
         assert_eq!(
             err,
             "field `event` is `refunded`, not created, paid or expired"
         );
         let mut status = fields(CREATED);
-        status[4].1 = "paid".into();
+        status[4].1 = b"paid".to_vec();
         assert!(matches!(
             Event::parse("1-0", Some(&status)),
             Err(Malformed::Status { .. })
         ));
         let mut negative = fields(CREATED);
-        negative[1].1 = "-3".into();
+        negative[1].1 = b"-3".to_vec();
         assert!(Event::parse("1-0", Some(&negative)).is_err());
+        let mut binary = fields(CREATED);
+        binary[2].1 = vec![b'a', 0xff, b'b'];
+        let err = Event::parse("1-0", Some(&binary)).unwrap_err().to_string();
+        assert_eq!(err, "field `buyer` is `a\u{fffd}b`, not text");
+        let mut nul = fields(CREATED);
+        nul[2].1 = b"a\0b".to_vec();
+        assert!(Event::parse("1-0", Some(&nul)).is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::Serialize;
 use spike_config::OrdersConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::database::{Database, OrderCounts};
+use crate::database::{Database, DatabaseError, OrderCounts};
 use crate::event::{Event, Kind};
 use crate::metrics::Metrics;
 use crate::stream::{Entry, Lag, Stream, StreamError};
@@ -33,7 +33,7 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// How often the lag is read (a few cheap commands to Redis).
 const LAG_EVERY: Duration = Duration::from_millis(250);
 /// How often the database's orders are counted (a scan of the sale's
-/// index).
+/// index) when nothing was written since the last count.
 const COUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// The service's state, shared by its tasks and its admin.
@@ -97,6 +97,16 @@ pub struct Written {
     pub expired: u64,
 }
 
+/// How writing a slice of a batch ended.
+enum Write {
+    Committed,
+    /// The database refuses one of them, for good.
+    Refused(String),
+    /// It took longer than `database_timeout`: smaller slices may not.
+    TooSlow,
+    Stopped,
+}
+
 /// What a round of reading found.
 enum Read {
     Entries(Vec<Entry>),
@@ -139,6 +149,17 @@ impl Service {
 
     /// Reads events and writes them until `shutdown`.
     pub async fn consume(self: Arc<Self>, shutdown: CancellationToken) {
+        // The group first: from then on the stream keeps what it has not
+        // read, whoever trims it, while the tables are made ready.
+        let mut redis = Failing::new("redis", self.config.retry_max);
+        while let Err(err) = self.stream.join().await {
+            self.redis_up.store(false, Ordering::Relaxed);
+            let pause = redis.failed(&err);
+            if pause_or_stop(pause, &shutdown).await {
+                return;
+            }
+        }
+        redis.recovered();
         let mut failing = Failing::new("the database", self.config.retry_max);
         while !self.ready.load(Ordering::Relaxed) {
             match self.database.prepare().await {
@@ -156,7 +177,6 @@ impl Service {
                 }
             }
         }
-        let mut redis = Failing::new("redis", self.config.retry_max);
         // After a start, and after an acknowledgement failed: this
         // consumer's own unacknowledged entries come first.
         let mut own = true;
@@ -250,7 +270,10 @@ impl Service {
 
     /// Parks what is not an event, writes the rest, and acknowledges it
     /// once committed. `Err` only for Redis; the database is retried here
-    /// until it takes the batch or the service stops.
+    /// until it takes the batch or the service stops. A batch the database
+    /// refuses (a constraint, a value it cannot take) is split in halves
+    /// until the event it refuses is alone, and that one is parked: one bad
+    /// event never holds up the others.
     async fn handle(
         &self,
         entries: &[Entry],
@@ -260,34 +283,63 @@ impl Service {
         for (id, fields) in entries {
             match Event::parse(id, fields.as_deref()) {
                 Ok(event) => events.push(event),
-                Err(why) => {
-                    tracing::warn!(entry = %id, reason = %why, stream = %self.stream.dead,
-                        "an entry that is not an order event is parked");
-                    self.stream
-                        .park(id, fields.as_deref(), &why.to_string())
+                Err(why) => self.park(id, fields.as_deref(), &why.to_string()).await?,
+            }
+        }
+        // What is left to write, the next slice last.
+        let mut slices = vec![&events[..]];
+        while let Some(slice) = slices.pop() {
+            if slice.is_empty() {
+                continue;
+            }
+            match self.write(slice, shutdown).await {
+                Write::Committed => {
+                    let ids: Vec<&str> = slice.iter().map(|event| event.id.as_str()).collect();
+                    self.stream.ack(&ids).await?;
+                }
+                // Stopped while the database was down: the events stay
+                // pending, and are read again.
+                Write::Stopped => return Ok(()),
+                Write::Refused(why) if slice.len() == 1 => {
+                    let id = &slice[0].id;
+                    let fields = entries
+                        .iter()
+                        .find(|(entry, _)| entry == id)
+                        .and_then(|(_, fields)| fields.as_deref());
+                    self.park(id, fields, &format!("the database refuses it: {why}"))
                         .await?;
-                    self.metrics.dead_letters.inc();
+                }
+                Write::Refused(_) | Write::TooSlow => {
+                    let (first, rest) = slice.split_at(slice.len() / 2);
+                    slices.push(rest);
+                    slices.push(first);
                 }
             }
         }
-        if events.is_empty() {
-            return Ok(());
-        }
-        if !self.write(&events, shutdown).await {
-            // Stopped while the database was down: the events stay
-            // pending, and are read again.
-            return Ok(());
-        }
-        let ids: Vec<&str> = events.iter().map(|event| event.id.as_str()).collect();
-        self.stream.ack(&ids).await
+        Ok(())
     }
 
-    /// Writes `events`, retrying until the database commits them (`true`)
-    /// or the service stops (`false`).
-    async fn write(&self, events: &[Event], shutdown: &CancellationToken) -> bool {
+    /// Parks entry `id` in the dead letter stream.
+    async fn park(
+        &self,
+        id: &str,
+        fields: Option<&[(Vec<u8>, Vec<u8>)]>,
+        why: &str,
+    ) -> Result<(), StreamError> {
+        tracing::warn!(entry = %id, reason = %why, stream = %self.stream.dead,
+            "an entry that cannot be written as an order event is parked");
+        self.stream.park(id, fields, why).await?;
+        self.metrics.dead_letters.inc();
+        Ok(())
+    }
+
+    /// Writes `events`, retrying while the database fails, until it
+    /// commits them, refuses them, or takes too long for more than one of
+    /// them, or the service stops.
+    async fn write(&self, events: &[Event], shutdown: &CancellationToken) -> Write {
         let mut failing = Failing::new("the database", self.config.retry_max);
         loop {
-            match self.database.write(events).await {
+            let err = match self.database.write(events).await {
                 Ok(written) => {
                     failing.recovered();
                     self.database_up.store(true, Ordering::Relaxed);
@@ -296,18 +348,23 @@ impl Service {
                     }
                     self.metrics.written_again.inc_by(written.again);
                     self.metrics.batches.inc();
-                    return true;
+                    return Write::Committed;
                 }
-                Err(err) => {
-                    self.database_up.store(false, Ordering::Relaxed);
-                    self.metrics.database_errors.inc();
-                    let pause = failing.failed(&err);
-                    if pause_or_stop(pause, shutdown).await {
-                        return false;
-                    }
-                    self.metrics.retries.inc();
-                }
+                Err(err) => err,
+            };
+            self.metrics.database_errors.inc();
+            if err.is_refusal() {
+                return Write::Refused(err.to_string());
             }
+            self.database_up.store(false, Ordering::Relaxed);
+            if matches!(err, DatabaseError::Timeout(_)) && events.len() > 1 {
+                return Write::TooSlow;
+            }
+            let pause = failing.failed(&err);
+            if pause_or_stop(pause, shutdown).await {
+                return Write::Stopped;
+            }
+            self.metrics.retries.inc();
         }
     }
 
@@ -318,10 +375,16 @@ impl Service {
         let trim_interval = self.config.trim_interval;
         let mut next_trim = Instant::now() + trim_interval;
         let mut next_count = Instant::now();
+        let mut counted_after = u64::MAX;
         loop {
             let lag = self.stream.lag().await.ok();
-            let counts = if self.ready.load(Ordering::Relaxed) && Instant::now() >= next_count {
+            // Counted after the lag is read, so that counts shown beside a
+            // lag hold at least what it says is written.
+            let batches = self.metrics.batches.get();
+            let due = batches != counted_after || Instant::now() >= next_count;
+            let counts = if self.ready.load(Ordering::Relaxed) && due {
                 next_count = Instant::now() + COUNT_EVERY;
+                counted_after = batches;
                 self.database.counts().await.ok()
             } else {
                 None

@@ -9,7 +9,44 @@
 //! under its name. An entry that is not an event is parked in the dead
 //! letter stream (`spike:{EVENT}:orders:dead`) with the reason, then
 //! acknowledged. The stream is trimmed below the first entry some group
-//! has not acknowledged, never further.
+//! has not acknowledged, never further, and only while this service's own
+//! group exists, in one script (`TRIM_SCRIPT`) so that no group can be
+//! created or read in between.
+
+/// Trims the stream (KEYS[1]) below the first entry that some consumer
+/// group has not acknowledged: its first pending entry, or the one after
+/// the last it was delivered. Trims nothing unless the group ARGV[1]
+/// exists. Returns the entries removed.
+const TRIM_SCRIPT: &str = r"
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local own, bound_ms, bound_seq = false, nil, nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local fields = {}
+  for i = 1, #group, 2 do
+    fields[group[i]] = group[i + 1]
+  end
+  if fields['name'] == ARGV[1] then
+    own = true
+  end
+  local ms, seq
+  if tonumber(fields['pending']) > 0 then
+    ms, seq = parse(redis.call('XPENDING', KEYS[1], fields['name'])[2])
+  else
+    ms, seq = parse(fields['last-delivered-id'])
+    seq = seq + 1
+  end
+  if not bound_ms or ms < bound_ms or (ms == bound_ms and seq < bound_seq) then
+    bound_ms, bound_seq = ms, seq
+  end
+end
+if not own then
+  return 0
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', bound_ms, bound_seq))
+";
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,19 +56,27 @@ use redis::{RedisError, Value};
 
 use crate::event::is_entry_id;
 
-/// An entry as read: its id, and its fields (`None` if it was deleted
-/// after being delivered).
-pub type Entry = (String, Option<Vec<(String, String)>>);
+/// The most entries `lag` counts itself when Redis cannot tell.
+const LAG_COUNTED: u64 = 10_000;
+
+/// An entry as read: its id, and its fields as bytes (`None` if it was
+/// deleted after being delivered).
+pub type Entry = (String, Option<Vec<(Vec<u8>, Vec<u8>)>>);
 
 /// A handle on the order stream of one sale, for one consumer of one group.
 #[derive(Clone)]
 pub struct Stream {
     conn: ConnectionManager,
+    /// For reads that block until entries come: Redis answers nothing
+    /// else on a connection while one waits.
+    blocking: ConnectionManager,
+    trim: redis::Script,
     pub key: String,
     pub dead: String,
     pub group: String,
     pub consumer: String,
     timeout: Duration,
+    read_wait: Duration,
 }
 
 impl std::fmt::Debug for Stream {
@@ -50,8 +95,6 @@ pub enum StreamError {
     Redis(#[from] RedisError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("unexpected reply to {0}")]
-    Reply(&'static str),
 }
 
 /// Where the group stands.
@@ -69,7 +112,7 @@ pub struct Lag {
 impl Stream {
     /// The order stream of `event` at `url`, read as `consumer` of `group`.
     /// Connects on first use. A blocking read may wait `read_wait` on top
-    /// of `timeout`.
+    /// of `timeout`, on a connection of its own.
     pub fn new(
         url: &str,
         event: &str,
@@ -79,19 +122,25 @@ impl Stream {
         read_wait: Duration,
     ) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout + read_wait))
-            .set_number_of_retries(0);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let config = |wait: Duration| {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout + wait))
+                .set_number_of_retries(0)
+        };
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config(Duration::ZERO))?;
+        let blocking = ConnectionManager::new_lazy_with_config(client, config(read_wait))?;
         let key = format!("spike:{{{event}}}:orders");
         Ok(Self {
             conn,
+            blocking,
+            trim: redis::Script::new(TRIM_SCRIPT),
             dead: format!("{key}:dead"),
             key,
             group: group.to_owned(),
             consumer: consumer.to_owned(),
-            timeout: timeout + read_wait,
+            timeout,
+            read_wait,
         })
     }
 
@@ -142,7 +191,16 @@ impl Stream {
             cmd.arg("BLOCK").arg(wait.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.key).arg(from);
-        let reply: Option<Vec<(String, Vec<Entry>)>> = self.query(&cmd).await?;
+        let reply: Option<Vec<(String, Vec<Entry>)>> = match wait {
+            Some(_) => {
+                let mut conn = self.blocking.clone();
+                let limit = self.timeout + self.read_wait;
+                tokio::time::timeout(limit, cmd.query_async(&mut conn))
+                    .await
+                    .map_err(|_| StreamError::Timeout(limit))??
+            }
+            None => self.query(&cmd).await?,
+        };
         Ok(reply
             .into_iter()
             .flatten()
@@ -187,18 +245,16 @@ impl Stream {
     }
 
     /// Parks entry `id` in the dead letter stream with `reason` and its
-    /// fields, and acknowledges it, in one transaction.
+    /// fields, then acknowledges it: only once it is parked (should the
+    /// acknowledgement fail, the entry is read and parked again).
     pub async fn park(
         &self,
         id: &str,
-        fields: Option<&[(String, String)]>,
+        fields: Option<&[(Vec<u8>, Vec<u8>)]>,
         reason: &str,
     ) -> Result<(), StreamError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let add = pipe
-            .cmd("XADD")
-            .arg(&self.dead)
+        let mut add = redis::cmd("XADD");
+        add.arg(&self.dead)
             .arg("*")
             .arg("entry")
             .arg(id)
@@ -209,14 +265,8 @@ impl Stream {
         for (field, value) in fields.unwrap_or_default() {
             add.arg(field).arg(value);
         }
-        pipe.ignore();
-        pipe.cmd("XACK")
-            .arg(&self.key)
-            .arg(&self.group)
-            .arg(id)
-            .ignore();
-        let () = self.query_pipe(&pipe).await?;
-        Ok(())
+        let _: String = self.query(&add).await?;
+        self.ack(&[id]).await
     }
 
     /// The group's lag, by Redis's clock.
@@ -247,7 +297,8 @@ impl Stream {
         let pending = number(group.get("pending")).unwrap_or(0);
         let last = text(group.get("last-delivered-id")).unwrap_or_else(|| "0-0".to_owned());
         // Redis counts the entries not delivered yet, unless it cannot
-        // tell (entries deleted in the middle): then they are counted here.
+        // tell (entries deleted in the middle): then they are counted here,
+        // up to a bound.
         let undelivered = match number(group.get("lag")) {
             Some(lag) => lag,
             None => {
@@ -256,7 +307,9 @@ impl Stream {
                         redis::cmd("XRANGE")
                             .arg(&self.key)
                             .arg(format!("({last}"))
-                            .arg("+"),
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(LAG_COUNTED),
                     )
                     .await?;
                 ids.len() as u64
@@ -297,44 +350,16 @@ impl Stream {
     }
 
     /// Trims the stream below the first entry that some group of it has
-    /// not acknowledged; returns the entries removed.
+    /// not acknowledged (nothing while this service's group does not
+    /// exist); returns the entries removed.
     pub async fn trim(&self) -> Result<u64, StreamError> {
-        let groups: Vec<HashMap<String, Value>> = self
-            .query(redis::cmd("XINFO").arg("GROUPS").arg(&self.key))
-            .await?;
-        let mut keep_from: Option<(u64, u64)> = None;
-        for group in &groups {
-            let name = text(group.get("name")).ok_or(StreamError::Reply("XINFO GROUPS"))?;
-            let pending = number(group.get("pending")).unwrap_or(0);
-            let bound = if pending > 0 {
-                let (_, first, _, _): (u64, Option<String>, Option<String>, Value) = self
-                    .query(redis::cmd("XPENDING").arg(&self.key).arg(&name))
-                    .await?;
-                first.as_deref().and_then(parse_id)
-            } else {
-                // Everything up to its last delivered entry is acknowledged.
-                text(group.get("last-delivered-id"))
-                    .as_deref()
-                    .and_then(parse_id)
-                    .map(|(ms, seq)| match seq.checked_add(1) {
-                        Some(seq) => (ms, seq),
-                        None => (ms + 1, 0),
-                    })
-            };
-            let bound = bound.ok_or(StreamError::Reply("XPENDING"))?;
-            keep_from = Some(keep_from.map_or(bound, |kept| kept.min(bound)));
+        let mut conn = self.conn.clone();
+        let mut invocation = self.trim.key(&self.key);
+        invocation.arg(&self.group);
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
+            Ok(trimmed) => Ok(trimmed?),
+            Err(_) => Err(StreamError::Timeout(self.timeout)),
         }
-        let Some((ms, seq)) = keep_from else {
-            // No group: nothing says what was read, so nothing is trimmed.
-            return Ok(0);
-        };
-        self.query(
-            redis::cmd("XTRIM")
-                .arg(&self.key)
-                .arg("MINID")
-                .arg(format!("{ms}-{seq}")),
-        )
-        .await
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StreamError> {

@@ -15,7 +15,8 @@ use crate::wait_until_async;
 
 /// Starts `orders` for the sale `ticket` at `redis`, writing to
 /// `database`, with the settings `extra` (lines of `orders.toml`, written
-/// to `dir`) and the flags `args`.
+/// to `dir`) and the flags `args`. The stream is never trimmed unless
+/// `extra` sets `trim_interval`: the tests compare it with the database.
 pub fn start_order_service(
     dir: &Path,
     redis: &RedisServer,
@@ -24,7 +25,13 @@ pub fn start_order_service(
     args: &[&str],
 ) -> Process {
     let config = dir.join("orders.toml");
-    std::fs::write(&config, format!("event = \"ticket\"\n{extra}")).expect("write orders.toml");
+    let trim = if extra.contains("trim_interval") {
+        ""
+    } else {
+        "trim_interval = \"0s\"\n"
+    };
+    std::fs::write(&config, format!("event = \"ticket\"\n{trim}{extra}"))
+        .expect("write orders.toml");
     let redis = redis.url();
     let mut all = vec![
         "--config",
@@ -110,4 +117,14 @@ pub async fn database_rows(url: &str) -> (HashMap<String, OrderRow>, Vec<String>
         .expect("read the events");
     pool.close().await;
     (orders, events)
+}
+
+/// Runs `sql` on the database at `url`, as its administrator would.
+pub async fn execute(url: &str, sql: &str) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url)
+        .await
+        .expect("connect to the database");
+    sqlx::query(sql).execute(&pool).await.expect(sql);
+    pool.close().await;
 }

@@ -133,11 +133,16 @@ impl PostgresServer {
             if child.try_wait().ok().flatten().is_some() {
                 return false;
             }
-            let ready = self
-                .command("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .is_ok_and(|status| status.success());
+            // Ready, and ours: its lock file names the port (another
+            // server that took the port first would answer too).
+            let ours = std::fs::read_to_string(self.data().join("postmaster.pid"))
+                .is_ok_and(|pid| pid.lines().nth(3) == Some(&self.port.to_string()));
+            let ready = ours
+                && self
+                    .command("pg_isready")
+                    .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                    .status()
+                    .is_ok_and(|status| status.success());
             if ready {
                 self.child = Some(child);
                 return true;
