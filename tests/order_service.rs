@@ -394,6 +394,41 @@ async fn the_database_down_for_seconds_loses_nothing() {
     assert_eq!(stats["orders"]["orders"], 600, "{stats}");
 }
 
+/// Redis killed mid-stream and started again (with its append-only file):
+/// the service waits, then resumes where its group stood, and every event
+/// reaches the database once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_mid_stream_the_service_waits_and_resumes() {
+    let mut redis = RedisServer::start_durable();
+    let dir = tempfile::tempdir().unwrap();
+    let database = sqlite_url(dir.path());
+    let events = fill_stream(&mut redis.conn(), 10_000);
+    let service = start_order_service(dir.path(), &redis, &database, "batch = 100\n", &[]);
+    wait_until_async("the service to write", Duration::from_secs(30), || async {
+        written(&stats(&service).await) >= 1_000
+    })
+    .await;
+    assert!(
+        behind(&mut redis.conn()) > 0,
+        "killed before the end of the stream"
+    );
+    redis.kill();
+    wait_until_async(
+        "the service to see Redis down",
+        Duration::from_secs(10),
+        || async { stats(&service).await["redis_up"] == false },
+    )
+    .await;
+    redis.restart();
+    wait_for_no_lag(&service, events, Duration::from_secs(60)).await;
+    let (orders, written_events) = database_rows(&database).await;
+    assert_eq!(orders.len(), 10_000);
+    assert_eq!(written_events.len() as u64, events, "every event once");
+    let stats = stats(&service).await;
+    assert!(stats["redis_errors"].as_u64() > Some(0), "{stats}");
+    assert_eq!(stats["redis_up"], true);
+}
+
 /// The database refuses one event for good (here a constraint added to
 /// the table refuses one buyer): the batch is split until that event is
 /// alone, it is parked with the database's reason, and every other event
