@@ -8,10 +8,19 @@ use std::io::{self, IoSlice};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// Reads what `stream` has into `buf`, making room for about `room` bytes
 /// first; `Ok(0)` at the end of the stream.
+///
+/// A read that leaves room in the buffer has drained the socket (epoll
+/// reports it again when more arrives), so the socket's readiness is
+/// cleared then, as tokio's own `AsyncRead` does: otherwise the next read
+/// on the connection, or the pool's check that an idle connection is still
+/// open, would first make a system call only to learn that nothing is
+/// there. Clearing goes through `try_io`, which leaves the readiness alone
+/// if an event came in since it was read.
 pub(crate) fn poll_read(
     stream: &TcpStream,
     buf: &mut BytesMut,
@@ -23,9 +32,19 @@ pub(crate) fn poll_read(
     }
     loop {
         ready!(stream.poll_read_ready(cx))?;
-        match stream.try_read_buf(buf) {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            read => return Poll::Ready(read),
+        let spare = buf.capacity() - buf.len();
+        let mut drained = None;
+        let read = stream.try_io(Interest::READABLE, || match stream.try_read_buf(buf) {
+            Ok(n) if n > 0 && n < spare => {
+                drained = Some(n);
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            read => read,
+        });
+        match (read, drained) {
+            (_, Some(n)) => return Poll::Ready(Ok(n)),
+            (Err(err), None) if err.kind() == io::ErrorKind::WouldBlock => {}
+            (read, None) => return Poll::Ready(read),
         }
     }
 }
