@@ -2,7 +2,11 @@
 # The balancer beside nginx and HAProxy as weighted round-robin proxies, in
 # one run on one machine, over the same four static backends.
 #
-#   bash bench/proxy.sh           # DURATION=10 CONNECTIONS=64 RUNS=3 WORKERS=2
+#   bash bench/proxy.sh           # DURATION=10 CONNECTIONS=64 RUNS=3 WORKERS=2 THREADS=1
+#
+# THREADS is wrk's (-t): one wrk thread is itself most of a core at 64
+# connections here, so THREADS=2 shows the proxies with the client spread
+# over both cores.
 #
 # - backends: one nginx (1 worker) answering a fixed 200 on four ports;
 # - direct: wrk straight at one backend, the ceiling;

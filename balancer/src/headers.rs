@@ -40,32 +40,36 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes every hop-by-hop header.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds what to remove; most messages carry
-    // at most `Connection: keep-alive`, and this runs twice per request.
-    let mut present: Vec<HeaderName> = Vec::new();
+    // One pass over the names tells what is there; most messages carry at
+    // most `Connection: keep-alive`, and this runs twice per request, so
+    // that case removes one header and allocates nothing.
     let mut named_by_connection = false;
+    let mut others = false;
     for name in headers.keys() {
         if name == header::CONNECTION {
             named_by_connection = true;
         } else if HOP_BY_HOP.contains(name) {
-            present.push(name.clone());
+            others = true;
         }
     }
     if named_by_connection {
-        for token in connection_options(headers) {
-            // The usual tokens name no header of their own (`close`) or one
-            // removed anyway (`keep-alive`).
-            if token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close") {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token) {
-                present.push(name);
-            }
+        // The usual tokens name no header of their own (`close`) or one
+        // removed anyway (`keep-alive`).
+        let named: Vec<HeaderName> = connection_options(headers)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case(b"keep-alive") && !token.eq_ignore_ascii_case(b"close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
         }
-        present.push(header::CONNECTION);
+        headers.remove(header::CONNECTION);
     }
-    for name in present {
-        headers.remove(name);
+    if others {
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
 }
 

@@ -35,8 +35,10 @@ use crate::table::Peer;
 use crate::upstream::InFlight;
 
 /// A reply to the client: an upstream's streamed response, or the proxy's
-/// own short reply.
-pub type ProxyReply = Either<ProxiedBody, ReplyBody>;
+/// own short reply. The upstream's body is boxed: a response is moved
+/// several times on its way out of the proxy's future, and its body (the
+/// upstream connection and its buffers) is most of its size.
+pub type ProxyReply = Either<Box<ProxiedBody>, ReplyBody>;
 
 /// The reverse proxy shared by every client connection.
 #[derive(Debug)]
@@ -284,7 +286,7 @@ impl Exchange<'_> {
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::add_via(&mut parts.headers, parts.version);
         let body = ProxiedBody::new(body, self.in_flight, self.pool.max_idle);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(parts, Either::Left(Box::new(body))))
     }
 
     /// Counts a failed exchange against the upstream, as its checks say.

@@ -173,7 +173,9 @@ fn spans(base: usize, fields: &[httparse::Header<'_>]) -> Spans {
 
 /// The header fields at `spans` of `head`, their values slices of it.
 fn headers(head: &Bytes, spans: &Spans) -> Result<HeaderMap, HeadError> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the few a proxy adds (Via and the three X-Forwarded-*)
+    // without growing the map.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
     for &[name_start, name_end, value_start, value_end] in spans {
         let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
