@@ -234,3 +234,37 @@ machine() {
   model=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
   echo "$(nproc) cores (${model:-unknown CPU}), $(awk '/^MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
 }
+
+# spike_up_sale TOTAL: a configuration directory in $work/config for
+# `spike up` on free loopback ports (a sale of TOTAL tickets, four
+# upstreams weighted 1 to 4, the order service), then `spike up` on it,
+# waited for; sets redis_port, proxy_port, admin_port, orders_admin_port,
+# node_ports and spike_pid, and the children's logs go to $work/log.
+spike_up_sale() {
+  local total=$1 weight
+  mkdir -p "$work/config"
+  redis_port=$(free_port)
+  proxy_port=$(free_port)
+  admin_port=$(free_port)
+  orders_admin_port=$(free_port)
+  printf 'redis_url = "redis://127.0.0.1:%s"\ntotal_stock = %s\nstat_log = ""\n' \
+    "$redis_port" "$total" >"$work/config/node.toml"
+  {
+    echo "listen = \"127.0.0.1:$proxy_port\""
+    echo "admin = \"127.0.0.1:$admin_port\""
+    for weight in 1 2 3 4; do
+      printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$(free_port)" "$weight"
+    done
+  } >"$work/config/balancer.toml"
+  echo "admin = \"127.0.0.1:$orders_admin_port\"" >"$work/config/orders.toml"
+  node_ports=($(awk -F'[:"]' '/^addr/ {print $3}' "$work/config/balancer.toml"))
+  target/release/spike up --config-dir "$work/config" --log-dir "$work/log" \
+    --data-dir "$work/data" >"$work/spike.out" 2>&1 &
+  spike_pid=$!
+  pids+=("$spike_pid")
+  for _ in $(seq 1 600); do
+    grep -q '^ready:' "$work/spike.out" && break
+    sleep 0.1
+  done
+  grep -q '^ready:' "$work/spike.out" || { cat "$work/spike.out" >&2; exit 1; }
+}

@@ -114,30 +114,9 @@ sqlite_rate=$(printf '%s\n' "${sqlite_rates[@]}" | median)
 pg_rate=$(printf '%s\n' "${pg_rates[@]}" | median)
 
 # The lag during a sale: spike up with the order service on SQLite.
-mkdir -p "$work/config"
-sale_redis=$(free_port)
-proxy_port=$(free_port)
-orders_admin=$(free_port)
-printf 'redis_url = "redis://127.0.0.1:%s"\ntotal_stock = 10000\nstat_log = ""\n' "$sale_redis" \
-  >"$work/config/node.toml"
-{
-  echo "listen = \"127.0.0.1:$proxy_port\""
-  echo "admin = \"127.0.0.1:$(free_port)\""
-  for weight in 1 2 3 4; do
-    printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$(free_port)" "$weight"
-  done
-} >"$work/config/balancer.toml"
-echo "admin = \"127.0.0.1:$orders_admin\"" >"$work/config/orders.toml"
-target/release/spike up --config-dir "$work/config" --log-dir "$work/log" \
-  --data-dir "$work/data" >"$work/spike.out" 2>&1 &
-pids+=("$!")
-for _ in $(seq 1 600); do
-  grep -q '^ready:' "$work/spike.out" && break
-  sleep 0.1
-done
-grep -q '^ready:' "$work/spike.out" || { cat "$work/spike.out" >&2; exit 1; }
+spike_up_sale 10000
 
-python3 - "$sale_redis" "$orders_admin" >"$work/lag.tsv" <<'EOF' &
+python3 - "$redis_port" "$orders_admin_port" >"$work/lag.tsv" <<'EOF' &
 # Every 50 ms, from Redis itself: the events the group has not
 # acknowledged or not read, and how long the oldest of them has waited;
 # and the orders in the database, from the service.

@@ -35,33 +35,8 @@ cargo build --release --quiet --bin spike
 ulimit -n 20000
 
 make_workdir
-mkdir -p "$work/config" bench/results
-redis_port=$(free_port)
-proxy_port=$(free_port)
-cat >"$work/config/node.toml" <<EOF
-redis_url = "redis://127.0.0.1:$redis_port"
-total_stock = $TOTAL
-stat_log = ""
-EOF
-{
-  echo "listen = \"127.0.0.1:$proxy_port\""
-  echo "admin = \"127.0.0.1:$(free_port)\""
-  for weight in 1 2 3 4; do
-    printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$(free_port)" "$weight"
-  done
-} >"$work/config/balancer.toml"
-node_ports=($(awk -F'[:"]' '/^addr/ {print $3}' "$work/config/balancer.toml"))
-echo "admin = \"127.0.0.1:$(free_port)\"" >"$work/config/orders.toml"
-
-target/release/spike up --config-dir "$work/config" --log-dir "$work/log" --data-dir "$work/data" \
-  >"$work/spike.out" 2>&1 &
-spike_pid=$!
-pids+=("$spike_pid")
-for _ in $(seq 1 600); do
-  grep -q '^ready:' "$work/spike.out" && break
-  sleep 0.1
-done
-grep -q '^ready:' "$work/spike.out" || { cat "$work/spike.out" >&2; exit 1; }
+mkdir -p bench/results
+spike_up_sale "$TOTAL"
 balancer_pid=$(awk '/started the balancer/ {gsub(/[^0-9]/, "", $7); print $7}' "$work/spike.out")
 node_pids=($(awk '/started node-/ {sub(/.*\(pid /, ""); sub(/,.*/, ""); print}' "$work/spike.out"))
 

@@ -2,8 +2,6 @@
 //! upstream costs the clients, counted at the client and at the backends.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -12,6 +10,7 @@ use spike_tests::balancer::Balancer;
 use spike_tests::client::Client;
 use spike_tests::process::Process;
 use spike_tests::redis::free_port;
+use spike_tests::traffic::{Load, backend_process};
 use spike_tests::wait_until_async;
 
 /// Fast checks so that the tests run in a second or two.
@@ -19,14 +18,6 @@ const FAST_CHECKS: &str =
     "[health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 3\n";
 const INTERVAL: Duration = Duration::from_millis(200);
 const TIMEOUT: Duration = Duration::from_millis(100);
-
-fn backend_process(name: &str, listen: &str) -> Process {
-    Process::start(
-        "spike-test-backend",
-        &["--name", name, "--listen", listen],
-        1,
-    )
-}
 
 /// The `/stats` entry of the upstream at `addr`.
 async fn upstream(balancer: &Balancer, addr: SocketAddr) -> serde_json::Value {
@@ -51,57 +42,6 @@ async fn wait_for_state(balancer: &Balancer, addr: SocketAddr, state: &str, with
 async fn seen(backend: &Process) -> Vec<String> {
     let reply = Client::new().get(&backend.url("/seen")).await;
     serde_json::from_slice(&reply.body).unwrap()
-}
-
-/// Clients sending `path` in a loop until stopped; counts successes and
-/// failures as the client sees them.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-    workers: tokio::task::JoinSet<()>,
-}
-
-impl Load {
-    fn start(url: String, clients: usize) -> Self {
-        let stop: Arc<AtomicBool> = Arc::default();
-        let (ok, failed): (Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
-        let mut workers = tokio::task::JoinSet::new();
-        let client = Client::new();
-        for _ in 0..clients {
-            let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
-            let (client, url) = (client.clone(), url.clone());
-            workers.spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    let req = Client::request(http::Method::GET, &url, &[], b"");
-                    match client.send(req).await {
-                        Ok(reply) if reply.status == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                        _ => failed.fetch_add(1, Ordering::SeqCst),
-                    };
-                }
-            });
-        }
-        Self {
-            stop,
-            ok,
-            failed,
-            workers,
-        }
-    }
-
-    fn ok(&self) -> usize {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    fn failed(&self) -> usize {
-        self.failed.load(Ordering::SeqCst)
-    }
-
-    async fn stop(mut self) -> (usize, usize) {
-        self.stop.store(true, Ordering::SeqCst);
-        while self.workers.join_next().await.is_some() {}
-        (self.ok(), self.failed())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,9 @@ async fn split(balancer: &Balancer, backends: &[Backend], count: usize) -> Vec<u
         .collect()
 }
 
+/// The header every change on the admin listener carries.
+const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_weights_apply_under_load_without_a_failed_request() {
     let backends = backends(4).await;
@@ -253,7 +256,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
     let client = Client::new();
     let admin = |path: &str| balancer.admin_url(&format!("/upstreams/{}/{path}", a.addr()));
 
-    let req = Client::request(Method::PUT, &admin("weight"), &[], br#"{"weight": 3}"#);
+    let req = Client::request(Method::PUT, &admin("weight"), JSON, br#"{"weight": 3}"#);
     let reply = client.send(req).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     let entry = reply.json();
@@ -275,7 +278,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
     })
     .await;
     let reply = client
-        .send(Client::request(Method::POST, &admin("drain"), &[], b""))
+        .send(Client::request(Method::POST, &admin("drain"), JSON, b""))
         .await
         .unwrap();
     assert_eq!(reply.json()["weight"], 0);
@@ -283,7 +286,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
     assert_eq!(in_flight.await.unwrap().body, "a");
 
     let reply = client
-        .send(Client::request(Method::POST, &admin("restore"), &[], b""))
+        .send(Client::request(Method::POST, &admin("restore"), JSON, b""))
         .await
         .unwrap();
     assert_eq!(
@@ -300,7 +303,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
     let unknown = balancer.admin_url("/upstreams/127.0.0.1:1/drain");
     assert_eq!(
         client
-            .send(Client::request(Method::POST, &unknown, &[], b""))
+            .send(Client::request(Method::POST, &unknown, JSON, b""))
             .await
             .unwrap()
             .status,
@@ -310,7 +313,7 @@ async fn weights_change_drain_and_restore_at_runtime_on_the_admin_listener() {
         .send(Client::request(
             Method::PUT,
             &admin("weight"),
-            &[],
+            JSON,
             br#"{"weight": -4}"#,
         ))
         .await

@@ -99,8 +99,13 @@ async fn check_loop(
         let interval = match settings {
             Some(settings) => {
                 if settings.enabled {
+                    let started = std::time::Instant::now();
                     let result = probe(current.addr(), &settings).await;
-                    let transition = current.health.record_probe(result, &settings, now_ms());
+                    let now = now_ms();
+                    current
+                        .health
+                        .note_probe(result.is_ok(), started.elapsed(), now);
+                    let transition = current.health.record_probe(result, &settings, now);
                     if let Some(transition) = transition {
                         log_transition(&current, transition);
                     }

@@ -102,6 +102,17 @@ pub struct CheckRecord {
     pub last_error: Option<String>,
     /// When the state last changed, in [`now_ms`].
     pub changed_at: u64,
+    /// The last probe: whether it passed, how long it took, and when.
+    pub last: Option<LastProbe>,
+}
+
+/// One probe, as `/stats` shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastProbe {
+    pub passed: bool,
+    pub latency_ms: f64,
+    /// In [`now_ms`].
+    pub at: u64,
 }
 
 /// A change decided by a probe.
@@ -137,6 +148,16 @@ impl Health {
 
     pub fn checks(&self) -> CheckRecord {
         self.checks.lock().clone()
+    }
+
+    /// Notes a probe's outcome and duration, for `/stats` (the state is
+    /// [`Health::record_probe`]'s).
+    pub fn note_probe(&self, passed: bool, latency: std::time::Duration, now: u64) {
+        self.checks.lock().last = Some(LastProbe {
+            passed,
+            latency_ms: latency.as_secs_f64() * 1e3,
+            at: now,
+        });
     }
 
     /// Whether the round-robin may pick this upstream at `now`: it is up,

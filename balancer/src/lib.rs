@@ -41,7 +41,7 @@ use spike_http1::task;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Guard};
 use crate::balance::Router;
 use crate::headers::ClientAddr;
 use crate::metrics::Metrics;
@@ -95,6 +95,15 @@ impl Balancer {
             shutdown.clone(),
         );
         let access_log = config.log.access_log.is_some();
+        let admin_token = config.admin_token.clone();
+        if admin_token.is_none() && !config.admin.ip().is_loopback() {
+            tracing::warn!(
+                admin = %config.admin,
+                "the admin address is reachable from other machines and no admin_token is set: \
+                 anyone who reaches it can change the weights"
+            );
+        }
+        let rejections_for_admin = Arc::clone(&rejections);
         let control = Arc::new(Control::new(
             Arc::clone(&router),
             source.path().to_owned(),
@@ -123,7 +132,12 @@ impl Balancer {
         });
         Ok(Self {
             proxy: Arc::new(Proxy::new(router, rejections, access_log)),
-            admin: Arc::new(Admin::new(control, Arc::clone(proxy_server.connections()))),
+            admin: Arc::new(Admin::new(
+                control,
+                Arc::clone(proxy_server.connections()),
+                rejections_for_admin,
+                Guard::new(admin_token),
+            )),
             proxy_server,
             admin_server,
         })
@@ -144,6 +158,9 @@ impl Balancer {
     /// Serves `/stats`, `/metrics` and runtime changes on `listener` until
     /// shutdown.
     pub async fn serve_admin(&self, listener: TcpListener) {
+        if let Ok(addr) = listener.local_addr() {
+            self.admin.bound(addr);
+        }
         let admin = Arc::clone(&self.admin);
         self.admin_server
             .serve(listener, move |_| Arc::clone(&admin))

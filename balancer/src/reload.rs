@@ -226,6 +226,7 @@ fn restart_required(started: &BalancerConfig, new: &BalancerConfig) -> Vec<&'sta
     [
         ("listen", started.listen != new.listen),
         ("admin", started.admin != new.admin),
+        ("admin_token", started.admin_token != new.admin_token),
         ("[server]", started.server != new.server),
         ("[log]", started.log != new.log),
     ]

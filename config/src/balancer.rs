@@ -58,6 +58,9 @@ pub struct BalancerConfig {
     pub listen: SocketAddr,
     /// The admin listener's address (`/stats`, `/metrics`); never the proxy's.
     pub admin: SocketAddr,
+    /// When set, every admin request but `/metrics` and the status page's
+    /// own files needs `Authorization: Bearer TOKEN`.
+    pub admin_token: Option<AdminToken>,
     /// In file order, which is the order of nginx's peers: it decides ties.
     pub upstreams: Vec<UpstreamConfig>,
     pub proxy: ProxySettings,
@@ -127,6 +130,37 @@ impl Default for ProxySettings {
 }
 
 /// `[log]`.
+/// The admin token: kept out of `Debug` output, and so out of logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// The shortest admin token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+fn admin_token(token: String) -> Result<Option<AdminToken>, String> {
+    let visible = |b: u8| b.is_ascii_graphic();
+    if token.len() < MIN_TOKEN_LEN || token.len() > 512 || !token.bytes().all(visible) {
+        Err(format!(
+            "admin_token must be {MIN_TOKEN_LEN} to 512 visible ASCII characters (no spaces),              got {} characters",
+            token.chars().count()
+        ))
+    } else {
+        Ok(Some(AdminToken(token)))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogSettings {
     /// One line per proxied request (method, path, status, upstream,
@@ -139,6 +173,7 @@ pub struct LogSettings {
 struct RawBalancerConfig {
     listen: Spanned<String>,
     admin: Spanned<String>,
+    admin_token: Option<Spanned<String>>,
     upstream: Option<Spanned<Vec<RawUpstream>>>,
     proxy: Option<RawProxy>,
     health: Option<RawHealth>,
@@ -203,6 +238,7 @@ impl BalancerConfig {
                 format!("admin must differ from listen ({listen})"),
             );
         }
+        let admin_token = v.field(raw.admin_token, None, admin_token);
 
         let health = HealthSettings::default().merge(raw.health, &mut v);
         let upstreams = match raw.upstream {
@@ -230,6 +266,7 @@ impl BalancerConfig {
         v.finish(Self {
             listen,
             admin,
+            admin_token,
             upstreams,
             proxy,
             health,
@@ -632,6 +669,34 @@ backup = true
         assert!(
             problems[0].starts_with("balancer.toml:3:12: at least one"),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn an_admin_token_is_long_visible_text_and_never_printed() {
+        let file = |token: &str| {
+            format!(
+                "listen = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\nadmin_token = \"{token}\"\n\
+                 [[upstream]]\naddr = \"127.0.0.1:3\"\n"
+            )
+        };
+        let parse = |text: &str| BalancerConfig::from_source(&Source::new("b.toml", text));
+        let config = parse(&file("0123456789abcdef-secret")).unwrap();
+        let token = config.admin_token.as_ref().unwrap();
+        assert_eq!(token.expose(), "0123456789abcdef-secret");
+        assert!(!format!("{config:?}").contains("secret"));
+        for bad in ["short", "0123456789 abcdef spaces"] {
+            let err = parse(&file(bad)).unwrap_err().to_string();
+            assert!(
+                err.starts_with("b.toml:3:15: admin_token must be 16 to 512"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            parse(&file("x").replace("admin_token = \"x\"\n", ""))
+                .unwrap()
+                .admin_token,
+            None
         );
     }
 

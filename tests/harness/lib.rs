@@ -12,6 +12,7 @@
 pub mod ab;
 pub mod backend;
 pub mod balancer;
+pub mod browser;
 pub mod buyers;
 pub mod client;
 pub mod nodes;
@@ -20,6 +21,7 @@ pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod redis;
+pub mod traffic;
 
 use std::time::{Duration, Instant};
 

@@ -2,23 +2,34 @@
 //!
 //! | request | reply |
 //! |---|---|
-//! | `GET /stats` | JSON: the configuration's state, retries, every upstream |
+//! | `GET /` (and `/status.js`, `/status.css`) | the status page ([`page`]) |
+//! | `GET /stats` | JSON: the configuration's state, traffic, refusals, every upstream |
 //! | `GET /metrics` | the same in the Prometheus (OpenMetrics) text format |
 //! | `PUT /upstreams/IP:PORT/weight` with `{"weight": N}` | sets its weight |
 //! | `POST /upstreams/IP:PORT/drain` | weight 0 while its requests in flight finish |
 //! | `POST /upstreams/IP:PORT/restore` | back to its weight in the file |
 //!
-//! A change answers with the upstream's `/stats` entry.
+//! A change answers with the upstream's `/stats` entry. Who may ask what is
+//! [`guard`]'s: a change only from the admin address's own page (or none)
+//! and as JSON, and everything but the page and `/metrics` with the token
+//! if one is set.
 
+mod guard;
+mod page;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use spike_http1::reply::{self, Failure, ReplyBody};
-use spike_http1::server::{ConnectionCounts, Handler, RequestBody};
+use spike_http1::server::{ConnectionCounts, Handler, Rejection, Rejections, RequestBody};
 
+pub use self::guard::Guard;
+use crate::error::FailoverReason;
 use crate::health::now_ms;
 use crate::reload::{ChangeError, ConfigStatus, Control};
 use crate::table::Peer;
@@ -33,12 +44,21 @@ pub struct Admin {
     control: Arc<Control>,
     /// The proxy listener's client connections.
     connections: Arc<ConnectionCounts>,
+    rejections: Arc<Rejections>,
+    guard: Guard,
+    started: Instant,
 }
 
 /// `/stats`.
 #[derive(Debug, Serialize)]
 pub struct BalancerStats {
+    pub version: &'static str,
+    pub uptime_seconds: f64,
     pub config: ConfigStatus,
+    /// Requests routed to an upstream, over all of them.
+    pub requests: u64,
+    /// Client input refused by the proxy and the admin listeners, by reason.
+    pub rejections: BTreeMap<&'static str, u64>,
     /// Attempts on another upstream after a request could not be sent.
     pub retries: u64,
     pub client_connections: ClientConnections,
@@ -86,9 +106,22 @@ pub struct UpstreamReport {
     pub failures: u64,
     /// Requests that could not be sent to it and went to another upstream.
     pub failovers: u64,
+    /// The same, by reason.
+    pub failovers_by_reason: BTreeMap<&'static str, u64>,
+    /// The last active check, if any ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<LastCheck>,
     pub in_flight: i64,
     /// Keep-alive connections to the upstream waiting in its pool.
     pub idle_connections: usize,
+}
+
+/// An upstream's last active check in `/stats`.
+#[derive(Debug, Serialize)]
+pub struct LastCheck {
+    pub passed: bool,
+    pub latency_ms: f64,
+    pub seconds_ago: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,20 +131,54 @@ struct WeightChange {
 }
 
 impl Admin {
-    pub fn new(control: Arc<Control>, connections: Arc<ConnectionCounts>) -> Self {
+    pub fn new(
+        control: Arc<Control>,
+        connections: Arc<ConnectionCounts>,
+        rejections: Arc<Rejections>,
+        guard: Guard,
+    ) -> Self {
         Self {
             control,
             connections,
+            rejections,
+            guard,
+            started: Instant::now(),
         }
+    }
+
+    /// Notes the address the admin listener was bound to: the origin of
+    /// its own page.
+    pub fn bound(&self, addr: SocketAddr) {
+        self.guard.bound(addr);
     }
 
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
         let path = req.uri().path().to_owned();
-        match (req.method(), path.as_str()) {
+        let method = req.method().clone();
+        // What anyone may have: the page (it asks for the token itself),
+        // and the metrics a scraper reads.
+        if matches!(method, Method::GET | Method::HEAD) {
+            if let Some(file) = page::file(&path) {
+                return file;
+            }
+            if path == "/metrics" {
+                return self.metrics();
+            }
+        }
+        if let Some(refused) = self.guard.unauthorized(req.headers()) {
+            return refused;
+        }
+        match (&method, path.as_str()) {
             (&Method::GET | &Method::HEAD, "/stats") => json(StatusCode::OK, &self.stats()),
-            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
-            (_, "/stats" | "/metrics") => reply::method_not_allowed("GET, HEAD"),
-            (_, path) if path.starts_with("/upstreams/") => self.change(req).await,
+            (_, "/stats" | "/metrics" | "/" | "/status.js" | "/status.css") => {
+                reply::method_not_allowed("GET, HEAD")
+            }
+            (_, path) if path.starts_with("/upstreams/") => {
+                if let Some(refused) = self.guard.refuse_change(&method, req.headers()) {
+                    return refused;
+                }
+                self.change(req).await
+            }
             _ => Failure::new(StatusCode::NOT_FOUND, "not_found").reply(),
         }
     }
@@ -181,19 +248,27 @@ impl Admin {
         let table = router.table();
         let now = now_ms();
         let metrics = router.registry().metrics();
+        let upstreams: Vec<UpstreamReport> = table
+            .peers
+            .iter()
+            .map(|peer| self.upstream_report(peer, now))
+            .collect();
         BalancerStats {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
             config: self.control.status(),
+            requests: upstreams.iter().map(|u| u.requests).sum(),
+            rejections: Rejection::ALL
+                .into_iter()
+                .map(|reason| (reason.as_str(), self.rejections.count(reason)))
+                .collect(),
             retries: metrics.retries.get(),
             client_connections: ClientConnections {
                 open: self.connections.open(),
                 parked: self.connections.parked(),
             },
             picks_despite_rest: metrics.picks_despite_rest.get(),
-            upstreams: table
-                .peers
-                .iter()
-                .map(|peer| self.upstream_report(peer, now))
-                .collect(),
+            upstreams,
         }
     }
 
@@ -226,6 +301,16 @@ impl Admin {
             requests: counters.requests.get(),
             failures: counters.failures.get(),
             failovers: counters.failovers_total(),
+            failovers_by_reason: FailoverReason::ALL
+                .into_iter()
+                .zip(&counters.failovers)
+                .map(|(reason, counter)| (reason.as_str(), counter.get()))
+                .collect(),
+            last_check: checks.last.map(|probe| LastCheck {
+                passed: probe.passed,
+                latency_ms: probe.latency_ms,
+                seconds_ago: now.saturating_sub(probe.at) as f64 / 1e3,
+            }),
             in_flight: counters.in_flight.get(),
             idle_connections: upstream.pool.idle_count(),
         }
