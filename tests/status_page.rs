@@ -20,6 +20,10 @@ const FAST_CHECKS: &str =
     "[health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 3\n";
 const TOKEN: &str = "s3cret-admin-token-0123";
 
+/// One browser at a time: four Chromiums at once on two cores make every
+/// deadline of these tests a race.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A balancer's configuration `text` with the admin token set.
 fn with_token(text: &str) -> String {
     text.replacen(
@@ -87,6 +91,37 @@ async fn rows(page: &Page) -> Vec<(String, String)> {
     rows
 }
 
+/// Clicks the element `selector`, found anew until the click lands (the
+/// page updates every second).
+async fn click(page: &Page, selector: &str) {
+    wait_until_async(
+        &format!("a click on {selector}"),
+        Duration::from_secs(5),
+        || async {
+            match page.find(Locator::Css(selector)).await {
+                Ok(element) => element.click().await.is_ok(),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}
+
+/// Waits until the page's message says `text`.
+async fn wait_for_message(page: &Page, text: &str) {
+    wait_until_async(
+        &format!("the message {text:?}"),
+        Duration::from_secs(5),
+        || async {
+            match page.find(Locator::Id("message")).await {
+                Ok(message) => message.text().await.is_ok_and(|shown| shown == text),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+}
+
 /// Accepts the confirmation the page asks for, once it is up; returns
 /// its question.
 async fn confirm(page: &Page) -> String {
@@ -103,6 +138,7 @@ async fn confirm(page: &Page) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_upstreams_and_follows_a_dead_one_live() {
+    let _one = ONE_BROWSER.lock().await;
     let mut backends: Vec<_> = (0..4)
         .map(|i| backend_process(&format!("b{i}"), "127.0.0.1:0"))
         .collect();
@@ -141,18 +177,24 @@ async fn the_page_shows_the_upstreams_and_follows_a_dead_one_live() {
         state.starts_with("down") || state.starts_with("resting")
     })
     .await;
-    let row_class = page
-        .find(Locator::Css(&format!("tr[data-upstream='{dead}']")))
-        .await
-        .unwrap()
-        .attr("class")
-        .await
-        .unwrap()
-        .unwrap_or_default();
-    assert!(
-        row_class.contains("down") || row_class.contains("resting"),
-        "coloured as it is: {row_class}"
-    );
+    let row = format!("tr[data-upstream='{dead}']");
+    wait_until_async(
+        "the row coloured as it is",
+        Duration::from_secs(5),
+        || async {
+            let Ok(element) = page.find(Locator::Css(&row)).await else {
+                return false;
+            };
+            let class = element
+                .attr("class")
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            class.contains("down") || class.contains("resting")
+        },
+    )
+    .await;
 
     // Back on its port: the row comes back up.
     backends[1] = backend_process("b1", &dead.to_string());
@@ -167,25 +209,20 @@ async fn the_page_shows_the_upstreams_and_follows_a_dead_one_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_from_the_page_stops_the_upstreams_traffic() {
+    let _one = ONE_BROWSER.lock().await;
     let (a, b) = (Backend::named("a").await, Backend::named("b").await);
     let balancer = Balancer::start(&[(a.addr(), 1), (b.addr(), 1)], "");
     let browser = open_page(&balancer, a.addr()).await;
     let page = browser.client();
 
-    page.find(Locator::Css(&format!(
-        "tr[data-upstream='{}'] button.drain",
-        a.addr()
-    )))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    let row = format!("tr[data-upstream='{}']", a.addr());
+    click(page, &format!("{row} button.drain")).await;
     let question = confirm(page).await;
     assert!(
         question.starts_with(&format!("Drain {}?", a.addr())),
         "{question}"
     );
+    wait_for_message(page, &format!("{}: drain done; weight now 0.", a.addr())).await;
     wait_for_cell(page, a.addr(), "state", Duration::from_secs(5), |s| {
         s == "draining"
     })
@@ -194,14 +231,6 @@ async fn draining_from_the_page_stops_the_upstreams_traffic() {
         w == "0 (file: 1)"
     })
     .await;
-    let message = page
-        .find(Locator::Id("message"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(message, format!("{}: drain done; weight now 0.", a.addr()));
 
     // Counted at the backends: a gets nothing more.
     let (a_before, b_before) = (a.hits(), b.hits());
@@ -210,11 +239,40 @@ async fn draining_from_the_page_stops_the_upstreams_traffic() {
         assert_eq!(client.get(&balancer.url("/")).await.status, 200);
     }
     assert_eq!((a.hits() - a_before, b.hits() - b_before), (0, 50));
+
+    // Set its weight: the page asks for it, then for confirmation.
+    click(page, &format!("{row} button.set-weight")).await;
+    wait_until_async(
+        "the page to ask for a weight",
+        Duration::from_secs(5),
+        || async { page.get_alert_text().await.is_ok() },
+    )
+    .await;
+    page.send_alert_text("3").await.unwrap();
+    page.accept_alert().await.unwrap();
+    let question = confirm(page).await;
+    assert_eq!(question, format!("Set the weight of {} to 3?", a.addr()));
+    wait_for_cell(page, a.addr(), "weight", Duration::from_secs(5), |w| {
+        w == "3 (file: 1)"
+    })
+    .await;
+    // And restore it to the file's.
+    click(page, &format!("{row} button.restore")).await;
+    confirm(page).await;
+    wait_for_cell(page, a.addr(), "weight", Duration::from_secs(5), |w| {
+        w == "1"
+    })
+    .await;
+    wait_for_cell(page, a.addr(), "state", Duration::from_secs(5), |s| {
+        s == "up"
+    })
+    .await;
     browser.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_configuration_file_shows_its_error_with_line_and_column() {
+    let _one = ONE_BROWSER.lock().await;
     let a = Backend::named("a").await;
     let text = config(&[(a.addr(), 1)], "");
     let balancer = Balancer::with_config(&text);
@@ -237,6 +295,7 @@ async fn a_bad_configuration_file_shows_its_error_with_line_and_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_the_page_asks_for_it_once() {
+    let _one = ONE_BROWSER.lock().await;
     let a = Backend::named("a").await;
     let balancer = Balancer::with_config(&with_token(&config(&[(a.addr(), 1)], "")));
     let browser = Browser::start().await;
@@ -274,6 +333,14 @@ async fn with_a_token_the_page_asks_for_it_once() {
         .await
         .unwrap();
     assert_eq!(kept, TOKEN, "kept for the tab");
+    // Asked once: the tab, reloaded, shows the page at once.
+    page.refresh().await.unwrap();
+    wait_for_cell(page, a.addr(), "weight", Duration::from_secs(10), |w| {
+        w == "1"
+    })
+    .await;
+    let form = page.find(Locator::Id("token-form")).await.unwrap();
+    assert!(!form.is_displayed().await.unwrap());
     browser.close().await;
 }
 
@@ -326,6 +393,42 @@ async fn a_change_from_another_site_is_refused_and_changes_nothing() {
     ])
     .await;
     assert_eq!(referred.status, 403);
+    let opaque = send(vec![(json.0, json.1.into()), ("origin", "null".into())]).await;
+    assert_eq!(opaque.status, 403, "a sandboxed frame or a redirect");
+    // A browser's preflight of a cross-site JSON request gets no CORS
+    // header: the request itself is never sent.
+    let preflight = client
+        .send(Client::request(
+            Method::OPTIONS,
+            &url,
+            &[
+                ("origin", "http://evil.example"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "content-type"),
+            ],
+            b"",
+        ))
+        .await
+        .unwrap();
+    assert!(!preflight.status.is_success(), "{}", preflight.status);
+    assert!(
+        !preflight
+            .headers
+            .contains_key("access-control-allow-origin")
+    );
+    // A site that points its own name at this machine (DNS rebinding)
+    // cannot even read.
+    let rebound = client
+        .send(Client::request(
+            Method::GET,
+            &balancer.admin_url("/stats"),
+            &[("host", &format!("evil.example:{}", balancer.admin().port()))],
+            b"",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rebound.status, 403);
+    assert_eq!(rebound.json()["error"], "foreign_host");
     // A form's content type, even from the page's own origin.
     let form = send(vec![
         ("content-type", "application/x-www-form-urlencoded".into()),

@@ -129,7 +129,6 @@ impl Default for ProxySettings {
     }
 }
 
-/// `[log]`.
 /// The admin token: kept out of `Debug` output, and so out of logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AdminToken(String);
@@ -149,11 +148,18 @@ impl std::fmt::Debug for AdminToken {
 /// The shortest admin token accepted.
 pub const MIN_TOKEN_LEN: usize = 16;
 
-fn admin_token(token: String) -> Result<Option<AdminToken>, String> {
+/// Read as any TOML value, so that a token mistyped as a number is never
+/// echoed in the error (and from there into logs and `/stats`).
+fn admin_token(token: toml::Value) -> Result<Option<AdminToken>, String> {
+    let token = match token {
+        toml::Value::String(token) => token,
+        _ => return Err("admin_token must be a string".to_owned()),
+    };
     let visible = |b: u8| b.is_ascii_graphic();
     if token.len() < MIN_TOKEN_LEN || token.len() > 512 || !token.bytes().all(visible) {
         Err(format!(
-            "admin_token must be {MIN_TOKEN_LEN} to 512 visible ASCII characters (no spaces),              got {} characters",
+            "admin_token must be {MIN_TOKEN_LEN} to 512 visible ASCII characters (no spaces), \
+             got {} characters",
             token.chars().count()
         ))
     } else {
@@ -161,6 +167,7 @@ fn admin_token(token: String) -> Result<Option<AdminToken>, String> {
     }
 }
 
+/// `[log]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogSettings {
     /// One line per proxied request (method, path, status, upstream,
@@ -173,7 +180,7 @@ pub struct LogSettings {
 struct RawBalancerConfig {
     listen: Spanned<String>,
     admin: Spanned<String>,
-    admin_token: Option<Spanned<String>>,
+    admin_token: Option<Spanned<toml::Value>>,
     upstream: Option<Spanned<Vec<RawUpstream>>>,
     proxy: Option<RawProxy>,
     health: Option<RawHealth>,
@@ -687,11 +694,13 @@ backup = true
         assert!(!format!("{config:?}").contains("secret"));
         for bad in ["short", "0123456789 abcdef spaces"] {
             let err = parse(&file(bad)).unwrap_err().to_string();
-            assert!(
-                err.starts_with("b.toml:3:15: admin_token must be 16 to 512"),
-                "{err}"
-            );
+            let expected = "b.toml:3:15: admin_token must be 16 to 512 visible ASCII \
+                            characters (no spaces), got";
+            assert!(err.starts_with(expected), "{err}");
         }
+        let number = file("x").replace("\"x\"", "1234567890123456789");
+        let err = parse(&number).unwrap_err().to_string();
+        assert_eq!(err, "b.toml:3:15: admin_token must be a string");
         assert_eq!(
             parse(&file("x").replace("admin_token = \"x\"\n", ""))
                 .unwrap()

@@ -74,10 +74,11 @@ impl Browser {
                 ],
             }),
         );
-        let client = ClientBuilder::new(HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&url)
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(capabilities);
+        let client = tokio::time::timeout(Duration::from_secs(60), builder.connect(&url))
             .await
+            .expect("a Chromium session within 60 s")
             .expect("a Chromium session");
         browser.client = Some(client);
         browser

@@ -2,24 +2,35 @@
 //!
 //! A web page the operator visits can make the browser send requests to
 //! the admin address (`127.0.0.1:8088` is as reachable from a browser as
-//! any site). So a request that changes anything is refused (403) when it
-//! carries an `Origin`, or failing that a `Referer`, other than the admin
-//! address's own, and it must say its body is JSON: a cross-site form
-//! cannot, and a cross-site script that does is held up by the browser's
-//! preflight, which the admin never answers. The admin address's own
-//! origins are `http://` and its IP address and port, or `localhost` and
-//! the port when it listens on the loopback (or on every address, any IP
-//! address of the machine): never a DNS name, which a hostile site could
-//! point at this machine (DNS rebinding).
+//! any site). So:
 //!
-//! With an `admin_token`, every request but those of the status page's own
-//! files and `/metrics` needs `Authorization: Bearer TOKEN`, compared in
-//! constant time.
+//! - a request that changes anything is refused (403) when it carries an
+//!   `Origin`, or failing that a `Referer`, other than the admin address's
+//!   own, and it must say its body is JSON: a cross-site form cannot, and a
+//!   cross-site script that does is held up by the browser's preflight,
+//!   which gets no CORS header in reply;
+//! - without a token, a request whose `Host` does not name the admin
+//!   address is refused (403), reads included: a hostile site that points
+//!   its own name at this machine (DNS rebinding) is same-origin to itself,
+//!   and would otherwise read `/stats`;
+//! - with an `admin_token`, every request but those of the status page's
+//!   own files and `/metrics` needs `Authorization: Bearer TOKEN`, compared
+//!   in constant time (as SHA-256 digests, so not even its length shows).
+//!
+//! The admin address's own names are its IP address and `localhost` when
+//! it listens on the loopback, and, when it listens on every address, the
+//! addresses of the machine's interfaces and `localhost`: never a DNS
+//! name, which anyone can point anywhere.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, ORIGIN, REFERER, WWW_AUTHENTICATE};
+use http::header::{
+    AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, REFERER, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, Method, Response, StatusCode};
+use sha2::{Digest, Sha256};
 use spike_config::balancer::AdminToken;
 use spike_http1::reply::{Failure, ReplyBody};
 use subtle::ConstantTimeEq;
@@ -27,22 +38,58 @@ use subtle::ConstantTimeEq;
 /// What the admin lets in.
 #[derive(Debug)]
 pub struct Guard {
-    token: Option<AdminToken>,
-    /// The admin listener's own address, once bound.
-    addr: std::sync::OnceLock<SocketAddr>,
+    /// The token's digest, if one is set.
+    token: Option<[u8; 32]>,
+    /// The admin listener's own addresses, once bound.
+    own: OnceLock<Own>,
+}
+
+/// The addresses the admin listener answers on.
+#[derive(Debug)]
+struct Own {
+    port: u16,
+    ips: BTreeSet<IpAddr>,
+    /// Whether `localhost` names it.
+    localhost: bool,
 }
 
 impl Guard {
     pub fn new(token: Option<AdminToken>) -> Self {
         Self {
-            token,
-            addr: std::sync::OnceLock::new(),
+            token: token.map(|token| Sha256::digest(token.expose().as_bytes()).into()),
+            own: OnceLock::new(),
         }
     }
 
     /// Notes the address the admin listener was bound to.
     pub fn bound(&self, addr: SocketAddr) {
-        let _ = self.addr.set(addr);
+        let ip = addr.ip();
+        let mut ips = BTreeSet::from([ip]);
+        if ip.is_unspecified() {
+            ips.extend(interface_addresses());
+        }
+        let _ = self.own.set(Own {
+            port: addr.port(),
+            ips,
+            localhost: ip.is_loopback() || ip.is_unspecified(),
+        });
+    }
+
+    /// The refusal (403) of a request whose `Host` does not name the admin
+    /// address, when no token is set (with one, the token keeps others
+    /// out).
+    pub fn foreign_host(&self, headers: &HeaderMap) -> Option<Response<ReplyBody>> {
+        if self.token.is_some() {
+            return None;
+        }
+        let host = headers.get(HOST)?.to_str().unwrap_or_default();
+        (!self.own_authority(host)).then(|| {
+            Failure::new(StatusCode::FORBIDDEN, "foreign_host")
+                .detail(
+                    "open the admin address by its IP address (or localhost), or set admin_token",
+                )
+                .reply()
+        })
     }
 
     /// The refusal (401) of a request without the token, if one is set.
@@ -50,9 +97,14 @@ impl Guard {
         let token = self.token.as_ref()?;
         let given = headers
             .get(AUTHORIZATION)
-            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+            .map(HeaderValue::as_bytes)
+            .and_then(|value| {
+                let (scheme, rest) = value.split_at_checked(7)?;
+                scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+            })
             .unwrap_or_default();
-        if bool::from(given.ct_eq(token.expose().as_bytes())) {
+        let given: [u8; 32] = Sha256::digest(given).into();
+        if bool::from(given.ct_eq(token)) {
             return None;
         }
         let mut reply = Failure::new(StatusCode::UNAUTHORIZED, "unauthorized")
@@ -104,34 +156,52 @@ impl Guard {
     /// Whether `origin` (an `Origin`, or a `Referer` URL) is the admin
     /// address's own.
     fn own_origin(&self, origin: &str) -> bool {
-        let Some(own) = self.addr.get() else {
-            return false;
-        };
         let Some(rest) = origin.strip_prefix("http://") else {
             return false;
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        let Some((host, port)) = authority.rsplit_once(':') else {
-            // No port: 80, which the admin listens on only if so told.
-            return own.port() == 80 && host_is_own(authority, own.ip());
+        self.own_authority(authority)
+    }
+
+    /// Whether `authority` (`host[:port]`) names the admin listener.
+    fn own_authority(&self, authority: &str) -> bool {
+        let Some(own) = self.own.get() else {
+            return false;
         };
-        port.parse::<u16>().is_ok_and(|port| port == own.port()) && host_is_own(host, own.ip())
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, port.parse::<u16>().ok()),
+            // No port: 80.
+            _ => (authority, Some(80)),
+        };
+        if port != Some(own.port) {
+            return false;
+        }
+        if host.eq_ignore_ascii_case("localhost") {
+            return own.localhost;
+        }
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        // A name could be anyone's.
+        literal
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| own.ips.contains(&ip))
     }
 }
 
-/// Whether `host` (from a URL: an IP address, `[v6]`, or a name) names the
-/// admin listener's address `own`.
-fn host_is_own(host: &str, own: IpAddr) -> bool {
-    let local = own.is_loopback() || own.is_unspecified();
-    if host.eq_ignore_ascii_case("localhost") {
-        return local;
-    }
-    let literal = host.trim_start_matches('[').trim_end_matches(']');
-    match literal.parse::<IpAddr>() {
-        Ok(ip) => ip == own || own.is_unspecified() || (own.is_loopback() && ip.is_loopback()),
-        // A name could be anyone's.
-        Err(_) => false,
-    }
+/// The addresses of the machine's network interfaces.
+fn interface_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    interfaces
+        .filter_map(|interface| {
+            let address = interface.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -200,15 +270,44 @@ mod tests {
     }
 
     #[test]
-    fn on_every_address_any_ip_of_the_machine_is_its_own_but_no_name() {
+    fn on_every_address_the_machines_own_are_its_own_but_no_name() {
         let guard = guard("0.0.0.0:8088", None);
-        assert!(guard.own_origin("http://10.1.2.3:8088"));
-        assert!(guard.own_origin("http://[::1]:8088"));
+        assert!(
+            guard.own_origin("http://127.0.0.1:8088"),
+            "the loopback interface"
+        );
         assert!(guard.own_origin("http://localhost:8088"));
+        assert!(
+            !guard.own_origin("http://203.0.113.5:8088"),
+            "not this machine's"
+        );
         assert!(!guard.own_origin("http://lb.internal:8088"));
+        let loopback = self::guard("127.0.0.1:8088", None);
+        assert!(
+            !loopback.own_origin("http://127.0.0.2:8088"),
+            "another local service"
+        );
+        assert!(!loopback.own_origin("http://[::1]:8088"));
         let public = self::guard("10.1.2.3:8088", None);
         assert!(!public.own_origin("http://localhost:8088"));
         assert!(!public.own_origin("http://10.1.2.4:8088"));
+        assert!(public.own_origin("http://10.1.2.3:8088/page"));
+    }
+
+    #[test]
+    fn without_a_token_a_request_must_name_the_admin_address() {
+        let guard = guard("127.0.0.1:8088", None);
+        let host = |host: &str| status(guard.foreign_host(&headers(&[("host", host)])));
+        assert_eq!(host("127.0.0.1:8088"), 200);
+        assert_eq!(host("localhost:8088"), 200);
+        assert_eq!(host("evil.example:8088"), 403, "a name pointed here");
+        assert_eq!(host("127.0.0.1:9999"), 403);
+        let with_token = self::guard("127.0.0.1:8088", Some("0123456789abcdef"));
+        assert_eq!(
+            status(with_token.foreign_host(&headers(&[("host", "lb.internal:8088")]))),
+            200,
+            "the token keeps others out"
+        );
     }
 
     #[test]
@@ -222,6 +321,15 @@ mod tests {
         assert_eq!(
             status(guard.unauthorized(&headers(&[("authorization", "Bearer 0123456789abcdef")]))),
             200
+        );
+        assert_eq!(
+            status(guard.unauthorized(&headers(&[("authorization", "bearer 0123456789abcdef")]))),
+            200,
+            "the scheme is case-insensitive"
+        );
+        assert_eq!(
+            status(guard.unauthorized(&headers(&[("authorization", "Bearer 0123456789abcdef0")]))),
+            401
         );
         let open = self::guard("127.0.0.1:8088", None);
         assert_eq!(status(open.unauthorized(&headers(&[]))), 200);

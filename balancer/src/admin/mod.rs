@@ -153,6 +153,18 @@ impl Admin {
     }
 
     pub async fn handle(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
+        let mut reply = self.route(req).await;
+        reply.headers_mut().insert(
+            http::header::X_CONTENT_TYPE_OPTIONS,
+            http::HeaderValue::from_static("nosniff"),
+        );
+        reply
+    }
+
+    async fn route(&self, req: Request<RequestBody>) -> Response<ReplyBody> {
+        if let Some(refused) = self.guard.foreign_host(req.headers()) {
+            return refused;
+        }
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         // What anyone may have: the page (it asks for the token itself),

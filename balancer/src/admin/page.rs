@@ -42,10 +42,6 @@ pub fn file(path: &str) -> Option<Response<ReplyBody>> {
         HeaderValue::from_static("DENY"),
     );
     headers.insert(
-        HeaderName::from_static("x-content-type-options"),
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
         HeaderName::from_static("referrer-policy"),
         HeaderValue::from_static("same-origin"),
     );
