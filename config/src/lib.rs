@@ -13,6 +13,7 @@ pub mod health;
 pub mod logging;
 pub mod node;
 pub mod orders;
+pub mod redis;
 pub mod server;
 pub mod source;
 

@@ -4,6 +4,8 @@
 //! [`DEFAULT_LISTEN`] selling from the sale [`DEFAULT_EVENT`] in the Redis at
 //! [`DEFAULT_REDIS_URL`].
 
+pub use crate::redis::{DEFAULT_REDIS_URL, RedisTarget, redis_url};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -11,11 +13,11 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::redis::{MAX_REPLICA_ACKS, RawRedis};
 use crate::server::{RawServer, ServerSettings};
 use crate::source::{self, ConfigError, Source, Validator};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3001";
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_EVENT: &str = "ticket";
 /// The seed article's sale: 10,000 train tickets.
 pub const DEFAULT_TOTAL_STOCK: u64 = 10_000;
@@ -42,7 +44,10 @@ pub struct NodeConfig {
     /// the listen port (see [`NodeConfig::name`]).
     pub name: Option<String>,
     pub listen: SocketAddr,
-    pub redis_url: String,
+    pub redis: RedisTarget,
+    /// Replicas that must have every change of the sale before a buyer
+    /// hears of it (`WAIT`); 0: answer once the master has it.
+    pub replica_acks: u32,
     /// The sale this node sells from; it names the Redis keys.
     pub event: String,
     /// The sale's size, written to Redis only when the sale does not exist yet.
@@ -65,7 +70,8 @@ impl Default for NodeConfig {
         Self {
             name: None,
             listen: DEFAULT_LISTEN.parse().expect("default listen address"),
-            redis_url: DEFAULT_REDIS_URL.to_owned(),
+            redis: RedisTarget::default(),
+            replica_acks: 0,
             event: DEFAULT_EVENT.to_owned(),
             total_stock: DEFAULT_TOTAL_STOCK,
             local_stock: DEFAULT_LOCAL_STOCK,
@@ -87,6 +93,10 @@ struct RawNodeConfig {
     name: Option<Spanned<String>>,
     listen: Option<Spanned<String>>,
     redis_url: Option<Spanned<String>>,
+    redis_sentinels: Option<Spanned<Vec<Spanned<String>>>>,
+    redis_master: Option<Spanned<String>>,
+    redis_cluster: Option<Spanned<Vec<Spanned<String>>>>,
+    replica_acks: Option<Spanned<u32>>,
     event: Option<Spanned<String>>,
     total_stock: Option<Spanned<u64>>,
     local_stock: Option<Spanned<u64>>,
@@ -113,7 +123,24 @@ impl NodeConfig {
         let config = Self {
             name: v.field(raw.name, None, |name| name_like("name", name).map(Some)),
             listen: v.field(raw.listen, defaults.listen, source::socket_addr),
-            redis_url: v.field(raw.redis_url, defaults.redis_url, redis_url),
+            redis: RedisTarget::validate(
+                RawRedis {
+                    redis_url: raw.redis_url,
+                    redis_sentinels: raw.redis_sentinels,
+                    redis_master: raw.redis_master,
+                    redis_cluster: raw.redis_cluster,
+                },
+                &mut v,
+            ),
+            replica_acks: v.field(raw.replica_acks, defaults.replica_acks, |n| {
+                if n <= MAX_REPLICA_ACKS {
+                    Ok(n)
+                } else {
+                    Err(format!(
+                        "replica_acks must be at most {MAX_REPLICA_ACKS}, got {n}"
+                    ))
+                }
+            }),
             event: v.field(raw.event, defaults.event, |event| name_like("event", event)),
             total_stock: v.field(raw.total_stock, defaults.total_stock, source::at_least(1)),
             local_stock: v.field(raw.local_stock, defaults.local_stock, source::at_least(1)),
@@ -165,18 +192,6 @@ pub fn name_like(what: &str, value: String) -> Result<String, String> {
     }
 }
 
-/// Accepts a Redis URL: `redis://`, `rediss://` or a Unix socket.
-pub fn redis_url(url: String) -> Result<String, String> {
-    const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
-    if SCHEMES.iter().any(|scheme| url.starts_with(scheme)) {
-        Ok(url)
-    } else {
-        Err(format!(
-            "`{url}` is not a Redis URL such as redis://127.0.0.1:6379"
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +225,7 @@ mod tests {
             name = "east-1"
             listen = "127.0.0.1:4000"
             redis_url = "redis://10.0.0.1:6380/2"
+            replica_acks = 1
             event = "g1234"
             total_stock = 500
             local_stock = 150
@@ -229,7 +245,11 @@ mod tests {
         .unwrap();
         assert_eq!(config.name(), "east-1");
         assert_eq!(config.listen.port(), 4000);
-        assert_eq!(config.redis_url, "redis://10.0.0.1:6380/2");
+        assert_eq!(
+            config.redis,
+            RedisTarget::Single("redis://10.0.0.1:6380/2".into())
+        );
+        assert_eq!(config.replica_acks, 1);
         assert_eq!(config.event, "g1234");
         assert_eq!((config.total_stock, config.local_stock), (500, 150));
         assert_eq!(config.stat_log, Some(PathBuf::from("log/stat.log")));

@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::node::{DEFAULT_EVENT, DEFAULT_REDIS_URL, name_like, redis_url};
+use crate::node::{DEFAULT_EVENT, name_like};
+use crate::redis::{RawRedis, RedisTarget};
 use crate::source::{self, ConfigError, Source, Validator};
 
 /// The embedded default: a SQLite file, relative to the working directory.
@@ -42,7 +43,7 @@ pub const DEFAULT_DATABASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The validated settings of an order service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrdersConfig {
-    pub redis_url: String,
+    pub redis: RedisTarget,
     /// `sqlite://PATH` or `postgres://...`.
     pub database_url: String,
     pub event: String,
@@ -65,7 +66,7 @@ pub struct OrdersConfig {
 impl Default for OrdersConfig {
     fn default() -> Self {
         Self {
-            redis_url: DEFAULT_REDIS_URL.to_owned(),
+            redis: RedisTarget::default(),
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             event: DEFAULT_EVENT.to_owned(),
             admin: DEFAULT_ADMIN.parse().expect("default admin address"),
@@ -87,6 +88,9 @@ impl Default for OrdersConfig {
 #[serde(deny_unknown_fields)]
 struct RawOrdersConfig {
     redis_url: Option<Spanned<String>>,
+    redis_sentinels: Option<Spanned<Vec<Spanned<String>>>>,
+    redis_master: Option<Spanned<String>>,
+    redis_cluster: Option<Spanned<Vec<Spanned<String>>>>,
     database_url: Option<Spanned<String>>,
     event: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
@@ -113,7 +117,15 @@ impl OrdersConfig {
         let defaults = Self::default();
         let mut v = Validator::new(source);
         let config = Self {
-            redis_url: v.field(raw.redis_url, defaults.redis_url, redis_url),
+            redis: RedisTarget::validate(
+                RawRedis {
+                    redis_url: raw.redis_url,
+                    redis_sentinels: raw.redis_sentinels,
+                    redis_master: raw.redis_master,
+                    redis_cluster: raw.redis_cluster,
+                },
+                &mut v,
+            ),
             database_url: v.field(raw.database_url, defaults.database_url, database_url),
             event: v.field(raw.event, defaults.event, |event| name_like("event", event)),
             admin: v.field(raw.admin, defaults.admin, source::socket_addr),
@@ -228,6 +240,10 @@ mod tests {
             "#,
         )
         .unwrap();
+        assert_eq!(
+            config.redis,
+            RedisTarget::Single("redis://10.0.0.1:6380/2".into())
+        );
         assert_eq!(config.database_url, "postgres://spike@10.0.0.2/sale");
         assert_eq!(config.admin, "127.0.0.1:9100".parse().unwrap());
         assert_eq!(config.consumer.as_deref(), Some("east-1"));
@@ -235,6 +251,21 @@ mod tests {
         assert_eq!(config.claim_idle, Duration::from_secs(5));
         assert_eq!(config.trim_interval, Duration::ZERO);
         assert_eq!(config.database_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_sentinel_master_is_named_as_for_a_node() {
+        let config =
+            parse("redis_sentinels = [\"127.0.0.1:26379\"]\nredis_master = \"sale\"\n").unwrap();
+        assert_eq!(
+            config.redis,
+            RedisTarget::Sentinel {
+                sentinels: vec!["127.0.0.1:26379".into()],
+                master: "sale".into()
+            }
+        );
+        let err = parse("replica_acks = 1\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `replica_acks`"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use spike_config::NodeConfig;
 use spike_config::logging::{self, RequestLog};
+use spike_config::redis::{self as target, MAX_REPLICA_ACKS, RedisTarget};
 use spike_config::server::ServerSettings;
 use spike_http1::task;
 use tokio::net::TcpListener;
@@ -25,9 +26,12 @@ struct Cli {
     /// The node's TOML file; without it, every setting has its default.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Redis URL, overriding `redis_url`.
-    #[arg(long, global = true, value_name = "URL")]
-    redis: Option<String>,
+    #[command(flatten)]
+    redis: RedisFlags,
+    /// Replicas every change must reach before it is answered, overriding
+    /// `replica_acks`.
+    #[arg(long, value_name = "N")]
+    replica_acks: Option<u32>,
     /// The sale, overriding `event`.
     #[arg(long, global = true)]
     event: Option<String>,
@@ -60,6 +64,87 @@ enum Command {
     Status,
 }
 
+/// The flags that name the sale's Redis, overriding the file's
+/// (`redis_url`, `redis_sentinels` and `redis_master`, `redis_cluster`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RedisFlags {
+    /// One Redis, by URL.
+    #[arg(long, global = true, value_name = "URL")]
+    redis: Option<String>,
+    /// Sentinels (HOST:PORT,...) that name the master, with --redis-master.
+    #[arg(
+        long,
+        global = true,
+        value_name = "LIST",
+        value_delimiter = ',',
+        conflicts_with = "redis"
+    )]
+    redis_sentinels: Option<Vec<String>>,
+    /// The name the sentinels know the master by.
+    #[arg(long, global = true, value_name = "NAME")]
+    redis_master: Option<String>,
+    /// Nodes of a Redis Cluster (HOST:PORT,...).
+    #[arg(
+        long,
+        global = true,
+        value_name = "LIST",
+        value_delimiter = ',',
+        conflicts_with_all = ["redis", "redis_sentinels"]
+    )]
+    redis_cluster: Option<Vec<String>>,
+}
+
+impl RedisFlags {
+    /// Replaces `target` with the Redis the flags name, if they name one.
+    pub fn apply(self, target: &mut RedisTarget) -> anyhow::Result<()> {
+        let flag = |name: &str, err: String| anyhow::anyhow!("{name}: {err}");
+        match (
+            self.redis,
+            self.redis_sentinels,
+            self.redis_master,
+            self.redis_cluster,
+        ) {
+            (Some(url), None, None, None) => {
+                *target = target::url_target(url).map_err(|err| flag("--redis", err))?;
+            }
+            (None, Some(sentinels), Some(master), None) => {
+                *target = RedisTarget::Sentinel {
+                    sentinels: target::address_list("--redis-sentinels", sentinels)
+                        .map_err(anyhow::Error::msg)?,
+                    master,
+                };
+            }
+            (None, None, None, Some(nodes)) => {
+                *target = RedisTarget::Cluster(
+                    target::address_list("--redis-cluster", nodes).map_err(anyhow::Error::msg)?,
+                );
+            }
+            (None, None, None, None) => {}
+            (_, Some(_), None, _) | (_, None, Some(_), _) => {
+                bail!("--redis-sentinels and --redis-master go together")
+            }
+            _ => bail!("--redis, --redis-sentinels and --redis-cluster name one Redis each"),
+        }
+        Ok(())
+    }
+
+    /// The flags that name `target`, for a program started with them.
+    pub fn naming(target: &RedisTarget) -> Vec<OsString> {
+        match target {
+            RedisTarget::Single(url) => vec!["--redis".into(), url.into()],
+            RedisTarget::Sentinel { sentinels, master } => vec![
+                "--redis-sentinels".into(),
+                sentinels.join(",").into(),
+                "--redis-master".into(),
+                master.into(),
+            ],
+            RedisTarget::Cluster(nodes) => {
+                vec!["--redis-cluster".into(), nodes.join(",").into()]
+            }
+        }
+    }
+}
+
 /// Runs the `node` command line on `args` (the first is the program's name).
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
@@ -77,8 +162,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(path) => NodeConfig::load(path)?,
         None => NodeConfig::default(),
     };
-    if let Some(url) = cli.redis {
-        config.redis_url = url;
+    cli.redis.apply(&mut config.redis)?;
+    if let Some(acks) = cli.replica_acks {
+        if acks > MAX_REPLICA_ACKS {
+            bail!("--replica-acks must be at most {MAX_REPLICA_ACKS}");
+        }
+        config.replica_acks = acks;
     }
     if let Some(event) = cli.event {
         config.event =
@@ -134,8 +223,13 @@ fn runtime(settings: &ServerSettings) -> std::io::Result<tokio::runtime::Runtime
 }
 
 fn store(config: &NodeConfig) -> anyhow::Result<Store> {
-    Store::new(&config.redis_url, &config.event, config.redis_timeout)
-        .with_context(|| format!("invalid Redis URL {}", config.redis_url))
+    Store::with_replica_acks(
+        &config.redis,
+        &config.event,
+        config.redis_timeout,
+        config.replica_acks,
+    )
+    .with_context(|| format!("invalid Redis {}", config.redis))
 }
 
 /// What `node status` prints.
@@ -164,12 +258,12 @@ async fn status(config: &NodeConfig) -> anyhow::Result<()> {
     let state = store(config)?
         .state()
         .await
-        .with_context(|| format!("cannot reach Redis at {}", config.redis_url))?;
+        .with_context(|| format!("cannot reach Redis at {}", config.redis))?;
     let Some(total) = state.total else {
         bail!(
             "no sale `{}` in Redis at {}: start a node or run `node reset`",
             config.event,
-            config.redis_url
+            config.redis
         );
     };
     let status = Status {
@@ -203,7 +297,7 @@ async fn reset(
     let state = store(config)?
         .reset(total, opens_at.map(crate::server::millis_since_epoch))
         .await
-        .with_context(|| format!("cannot reach Redis at {}", config.redis_url))?;
+        .with_context(|| format!("cannot reach Redis at {}", config.redis))?;
     eprintln!(
         "sale `{}` started over with {total} tickets (epoch {})",
         config.event, state.epoch

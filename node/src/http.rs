@@ -38,6 +38,7 @@ pub struct Api {
     unknown: Bytes,
     unknown_payment: Bytes,
     no_sale: Bytes,
+    too_few_replicas: Bytes,
 }
 
 /// What a purchase answers.
@@ -108,17 +109,23 @@ impl Api {
             unavailable: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").body(),
             unknown: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
                 .detail(
-                    "redis did not answer the purchase, which may have been made: \
+                    "redis did not answer or confirm the purchase, which may have been made: \
                      ask again with the same buyer id to learn its outcome",
                 )
                 .body(),
             unknown_payment: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
                 .detail(
-                    "redis did not answer the payment, which may have been made: \
+                    "redis did not answer or confirm the payment, which may have been made: \
                      GET the order to learn its status, or pay again",
                 )
                 .body(),
             no_sale: failure(StatusCode::SERVICE_UNAVAILABLE, "no_sale").body(),
+            too_few_replicas: failure(StatusCode::SERVICE_UNAVAILABLE, "too_few_replicas")
+                .detail(
+                    "fewer replicas than replica_acks follow the master, so a sale could be \
+                     lost in a failover: nothing was sold",
+                )
+                .body(),
             sale,
         }
     }
@@ -204,6 +211,7 @@ impl Api {
             Unavailable::Store => self.unavailable.clone(),
             Unavailable::Unknown => unknown.clone(),
             Unavailable::NoSale => self.no_sale.clone(),
+            Unavailable::Replicas => self.too_few_replicas.clone(),
         };
         reply::retry_after(
             reply::json(StatusCode::SERVICE_UNAVAILABLE, body),

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod http;
+pub mod link;
 pub mod sale;
 pub mod server;
 pub mod stock;

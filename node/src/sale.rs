@@ -41,6 +41,9 @@ pub enum Unavailable {
     Unknown,
     /// Redis answers but holds no such sale.
     NoSale,
+    /// Fewer replicas follow the master than `replica_acks` asks: nothing
+    /// was asked of Redis.
+    Replicas,
 }
 
 /// Counters of purchase requests and their results. Each is a relaxed
@@ -105,6 +108,10 @@ pub struct Sale {
     /// Set once Redis said the sale is sold out: later purchases answer from
     /// memory. Cleared when a sync sees tickets left again (a reset).
     sold_out: AtomicBool,
+    /// Set while fewer replicas follow the master than `replica_acks`
+    /// asks (by the last sync, or a change they did not acknowledge):
+    /// purchases answer 503 without asking Redis.
+    replicas_short: AtomicBool,
     /// The sale's epoch when the node last looked ([`UNKNOWN`] before the
     /// first look); a new one means the sale was started over, and the
     /// local stock is refilled.
@@ -220,6 +227,8 @@ pub struct Terms {
 
 impl Sale {
     pub fn new(terms: Terms, store: Store) -> Self {
+        // Replicas are counted before the first sale.
+        let replicas_short = store.replica_acks() > 0;
         Self {
             name: terms.name,
             total: terms.total,
@@ -234,6 +243,7 @@ impl Sale {
             ready: AtomicBool::new(false),
             redis: RedisHealth::default(),
             sold_out: AtomicBool::new(false),
+            replicas_short: AtomicBool::new(replicas_short),
             epoch: AtomicU64::new(UNKNOWN),
             buyers: ArcSwapOption::empty(),
         }
@@ -287,6 +297,11 @@ impl Sale {
         }
         if !self.ready.load(Ordering::Relaxed) {
             return self.record(Purchase::Unavailable(Unavailable::Store));
+        }
+        // Safety before availability: a sale too few replicas would have
+        // could be lost in a failover, so none is made.
+        if self.replicas_short.load(Ordering::Relaxed) {
+            return self.record(Purchase::Unavailable(Unavailable::Replicas));
         }
         // Before the opening, from memory: the flood that starts before it
         // never reaches Redis.
@@ -357,10 +372,22 @@ impl Sale {
                     }
                 }
             }
-            Err(err) => {
-                self.redis.failed(&err);
-                Purchase::Unavailable(Unavailable::Unknown)
-            }
+            Err(err) => Purchase::Unavailable(self.unanswered(&err)),
+        }
+    }
+
+    /// What a failed change tells: nothing, if it never reached Redis.
+    fn unanswered(&self, err: &StoreError) -> Unavailable {
+        if let StoreError::NotReplicated { .. } = err {
+            // Until the next sync counts them again.
+            self.replicas_short.store(true, Ordering::Relaxed);
+        } else {
+            self.redis.failed(err);
+        }
+        if err.never_sent() {
+            Unavailable::Store
+        } else {
+            Unavailable::Unknown
         }
     }
 
@@ -376,6 +403,7 @@ impl Sale {
             Purchase::Unavailable(Unavailable::Store) => (&c.errors, "store_unavailable"),
             Purchase::Unavailable(Unavailable::Unknown) => (&c.errors, "outcome_unknown"),
             Purchase::Unavailable(Unavailable::NoSale) => (&c.errors, "no_sale"),
+            Purchase::Unavailable(Unavailable::Replicas) => (&c.errors, "too_few_replicas"),
         };
         counter.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
@@ -397,10 +425,7 @@ impl Sale {
                 }
                 Pay::Done(payment)
             }
-            Err(err) => {
-                self.redis.failed(&err);
-                Pay::Unavailable(Unavailable::Unknown)
-            }
+            Err(err) => Pay::Unavailable(self.unanswered(&err)),
         }
     }
 
@@ -513,6 +538,26 @@ impl Sale {
     /// whether tickets came back, and whether it was started over since
     /// the last look.
     async fn refresh(&self) {
+        let wanted = self.store.replica_acks();
+        if wanted > 0 {
+            match self.store.replicas().await {
+                Ok((is_master, replicas)) => {
+                    let short = !is_master || replicas < u64::from(wanted);
+                    if self.replicas_short.swap(short, Ordering::Relaxed) != short {
+                        if short {
+                            tracing::warn!(
+                                replicas,
+                                wanted,
+                                "too few replicas: purchases answer 503"
+                            );
+                        } else {
+                            tracing::info!(replicas, "enough replicas follow the master: selling");
+                        }
+                    }
+                }
+                Err(err) => self.redis.failed(&err),
+            }
+        }
         match self.store.state().await {
             Ok(state) => {
                 self.redis.answered();

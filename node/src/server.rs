@@ -15,7 +15,7 @@ use crate::store::Store;
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("invalid redis_url: {0}")]
+    #[error("invalid Redis setting: {0}")]
     RedisUrl(#[from] redis::RedisError),
     #[error("cannot read the listener's address: {0}")]
     Listener(#[from] std::io::Error),
@@ -33,7 +33,12 @@ pub async fn run(
         .name
         .clone()
         .unwrap_or_else(|| format!("node-{}", local.port()));
-    let store = Store::new(&config.redis_url, &config.event, config.redis_timeout)?;
+    let store = Store::with_replica_acks(
+        &config.redis,
+        &config.event,
+        config.redis_timeout,
+        config.replica_acks,
+    )?;
     let terms = Terms {
         name,
         total: config.total_stock,

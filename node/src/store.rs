@@ -13,12 +13,25 @@
 //! their tickets go back on sale. Scripts are sent as EVALSHA and loaded
 //! again whenever Redis answers NOSCRIPT (after a restart or a failover);
 //! every key a script touches is declared.
+//!
+//! A change is sent again only while Redis refused it before running it
+//! ([`never_ran`]), never after a connection broke under it: it may have
+//! run. With `replica_acks = N`, every change is followed by `WAIT N` in
+//! the same pipeline, on a connection of its own (a waiting client holds
+//! up every command behind it on its connection), and is known only once
+//! N replicas have it: one the master answered but that too few replicas
+//! acknowledged in time is an unknown outcome, like one Redis never
+//! answered.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, RedisError, Script, ScriptInvocation};
+use parking_lot::Mutex;
+use redis::{AsyncCommands, Cmd, FromRedisValue, RedisError, Script, Value};
+use spike_config::redis::RedisTarget;
+use tokio::sync::Semaphore;
+
+use crate::link::{Link, Redis, never_ran};
 
 /// What every script that changes an order shares.
 #[cfg(test)]
@@ -184,8 +197,9 @@ pub enum Payment {
     NotYours,
 }
 
-/// Why Redis gave no answer. In every case the outcome of a script is
-/// unknown to the node: it may or may not have run.
+/// Why Redis gave no answer. Unless [`StoreError::never_sent`] says
+/// otherwise, the outcome of a script is unknown to the node: it may or may
+/// not have run.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
@@ -196,7 +210,33 @@ pub enum StoreError {
     Reply(i64),
     #[error("a malformed record in the ledger: {0:?}")]
     Record(String),
+    /// The master made the change, but only `acked` replicas of the
+    /// `wanted` had it in time: a failover now could lose it.
+    #[error("only {acked} of {wanted} replicas acknowledged the change in time")]
+    NotReplicated { acked: u64, wanted: u32 },
+    /// Every connection for changes was busy for the whole timeout:
+    /// nothing was sent.
+    #[error("no connection to redis free within {0:?}")]
+    Busy(Duration),
 }
+
+impl StoreError {
+    /// Whether the command certainly never ran: nothing happened.
+    pub fn never_sent(&self) -> bool {
+        match self {
+            Self::Busy(_) => true,
+            Self::Redis(err) => never_ran(err),
+            _ => false,
+        }
+    }
+}
+
+/// Connections for changes that wait for replicas: one per change in
+/// flight, so that a `WAIT` holds up only its own.
+const ACKED_LINKS: usize = 16;
+/// How long to wait before sending again a change Redis refused without
+/// running it (the slot moved, a failover under way).
+const RETRY_PAUSE: Duration = Duration::from_millis(25);
 
 /// The state of a sale, as `node status` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -243,11 +283,14 @@ type StockFields = (
 );
 
 /// A handle on one sale in Redis. Cheap to share: every clone of the
-/// connection multiplexes requests over the same TCP connection, which is
+/// link multiplexes requests over the same connection, which is
 /// re-established in the background when it drops.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Link,
+    /// With `replica_acks`, the connections changes take one at a time.
+    acked: Option<std::sync::Arc<AckedLinks>>,
+    replica_acks: u32,
     keys: Keys,
     purchase: Script,
     pay: Script,
@@ -265,21 +308,65 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The connections of changes that wait for replicas, each lent to one
+/// change at a time.
+struct AckedLinks {
+    free: Mutex<Vec<Link>>,
+    permits: Semaphore,
+}
+
+/// A connection lent to one change; back to the others on drop.
+struct Lent<'a> {
+    links: &'a AckedLinks,
+    link: Option<Link>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take() {
+            self.links.free.lock().push(link);
+        }
+    }
+}
+
 impl Store {
-    /// A store for `event` at `url`. It connects on first use, so a node can
-    /// start while Redis is down. Every command fails after `timeout` rather
-    /// than waiting on a reconnection.
-    pub fn new(url: &str, event: &str, timeout: Duration) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // One attempt per command: a purchase must fail fast when Redis
-            // is down, and the next command tries to connect again.
-            .set_number_of_retries(0);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    /// A store for `event` at `target`. It connects on first use, so a
+    /// node can start while Redis is down. Every command fails after
+    /// `timeout` rather than waiting on a reconnection.
+    pub fn new(target: &RedisTarget, event: &str, timeout: Duration) -> Result<Self, RedisError> {
+        Self::with_replica_acks(target, event, timeout, 0)
+    }
+
+    /// A store whose changes are answered only once `replica_acks`
+    /// replicas have them (`WAIT`, for up to `timeout` more).
+    pub fn with_replica_acks(
+        target: &RedisTarget,
+        event: &str,
+        timeout: Duration,
+        replica_acks: u32,
+    ) -> Result<Self, RedisError> {
+        let wait = if replica_acks > 0 {
+            timeout
+        } else {
+            Duration::ZERO
+        };
+        let redis = Redis::new(target, timeout, wait)?;
+        let acked = if replica_acks > 0 {
+            let links = (0..ACKED_LINKS)
+                .map(|_| redis.link())
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(std::sync::Arc::new(AckedLinks {
+                free: Mutex::new(links),
+                permits: Semaphore::new(ACKED_LINKS),
+            }))
+        } else {
+            None
+        };
         Ok(Self {
-            conn,
+            conn: redis.link()?,
+            acked,
+            replica_acks,
             keys: Keys::new(event),
             purchase: Script::new(PURCHASE_SCRIPT),
             pay: Script::new(PAY_SCRIPT),
@@ -293,13 +380,132 @@ impl Store {
         &self.keys
     }
 
-    /// `script` with every key of the sale.
-    fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
-        let mut invocation = script.prepare_invoke();
-        for key in self.keys.all() {
-            invocation.key(key);
+    /// `EVALSHA` of `script` with every key of the sale; its arguments
+    /// follow.
+    fn script(&self, script: &Script) -> Cmd {
+        let keys = self.keys.all();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len()).arg(&keys[..]);
+        cmd
+    }
+
+    /// Runs `cmd`, a script that changes the sale (`code` its text, loaded
+    /// on NOSCRIPT), as described at the top of this module.
+    async fn change<T: FromRedisValue>(&self, code: &str, cmd: Cmd) -> Result<T, StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut lent = match &self.acked {
+            Some(links) => Some(self.lend(links).await?),
+            None => None,
+        };
+        let mut conn = match lent.as_mut().and_then(|lent| lent.link.clone()) {
+            Some(link) => link,
+            None => self.conn.clone(),
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        if self.replica_acks > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.replica_acks)
+                .arg(self.timeout.as_millis() as u64);
         }
-        invocation
+        loop {
+            let err = match self
+                .bounded_for(self.timeout * 2, pipe.query_async::<Vec<Value>>(&mut conn))
+                .await
+            {
+                Ok(replies) => return self.acknowledged(replies),
+                Err(StoreError::Redis(err)) => err,
+                Err(err) => {
+                    conn.suspect();
+                    return Err(err);
+                }
+            };
+            if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                // Nothing ran: load the script, then send it again.
+                self.bounded(
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(code)
+                        .query_async::<String>(&mut conn),
+                )
+                .await?;
+            } else if never_ran(&err)
+                && !err.is_connection_refusal()
+                && Instant::now() + RETRY_PAUSE < deadline
+            {
+                // Redis answered that it did not run it: a failover or a
+                // slot moving is under way. (No Redis at all is answered
+                // at once, and the client asked to come back.)
+                tokio::time::sleep(RETRY_PAUSE).await;
+            } else {
+                return Err(err.into());
+            }
+        }
+    }
+
+    /// The script's reply, once as many replicas as asked have it.
+    fn acknowledged<T: FromRedisValue>(&self, replies: Vec<Value>) -> Result<T, StoreError> {
+        let mut replies = replies.into_iter();
+        let reply = replies.next().unwrap_or(Value::Nil);
+        if let Some(acked) = replies.next() {
+            let acked = u64::from_redis_value(acked).map_err(RedisError::from)?;
+            if acked < u64::from(self.replica_acks) {
+                return Err(StoreError::NotReplicated {
+                    acked,
+                    wanted: self.replica_acks,
+                });
+            }
+        }
+        Ok(T::from_redis_value(reply).map_err(RedisError::from)?)
+    }
+
+    /// A connection of changes for one change, waited for up to the
+    /// timeout.
+    async fn lend<'a>(&self, links: &'a AckedLinks) -> Result<Lent<'a>, StoreError> {
+        let permit = tokio::time::timeout(self.timeout, links.permits.acquire())
+            .await
+            .map_err(|_| StoreError::Busy(self.timeout))?
+            .expect("the semaphore is never closed");
+        let link = links.free.lock().pop();
+        Ok(Lent {
+            links,
+            link,
+            _permit: permit,
+        })
+    }
+
+    /// How many replicas are connected to the master that holds the sale,
+    /// and whether the server answering is that master.
+    pub async fn replicas(&self) -> Result<(bool, u64), StoreError> {
+        let mut conn = self.conn.clone();
+        // The key sends the pipeline to the sale's master in a cluster.
+        let (_, role): (bool, Vec<Value>) = self
+            .bounded(
+                redis::pipe()
+                    .exists(&self.keys.stock)
+                    .cmd("ROLE")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let mut role = role.into_iter();
+        let is_master = role
+            .next()
+            .and_then(|kind| String::from_redis_value(kind).ok())
+            .is_some_and(|kind| kind == "master");
+        if !is_master {
+            conn.suspect();
+            return Ok((false, 0));
+        }
+        let replicas = match role.nth(1) {
+            Some(Value::Array(replicas)) => replicas.len() as u64,
+            _ => 0,
+        };
+        Ok((true, replicas))
+    }
+
+    /// The replicas every change waits for.
+    pub fn replica_acks(&self) -> u32 {
+        self.replica_acks
     }
 
     /// Runs the purchase script for `buyer` (anonymous when `None`); an
@@ -310,14 +516,12 @@ impl Store {
         node: &str,
         pay_window: Duration,
     ) -> Result<Outcome, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.invocation(&self.purchase);
-        invocation
-            .arg(buyer.unwrap_or(""))
+        let mut cmd = self.script(&self.purchase);
+        cmd.arg(buyer.unwrap_or(""))
             .arg(node)
             .arg(pay_window.as_millis() as u64);
         let (code, order_id, number, at): (i64, String, u64, u64) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+            self.change(PURCHASE_SCRIPT, cmd).await?;
         let ticket = || Ticket {
             order_id: order_id.clone(),
             ticket: number,
@@ -339,11 +543,9 @@ impl Store {
 
     /// Runs the payment script for order `id`, paid by `payer`.
     pub async fn pay(&self, id: &str, payer: Option<&str>) -> Result<Payment, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.invocation(&self.pay);
-        invocation.arg(id).arg(payer.unwrap_or(""));
-        let (code, record): (i64, String) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let mut cmd = self.script(&self.pay);
+        cmd.arg(id).arg(payer.unwrap_or(""));
+        let (code, record): (i64, String) = self.change(PAY_SCRIPT, cmd).await?;
         let order = || Order::parse(id, &record).ok_or_else(|| StoreError::Record(record.clone()));
         match code {
             1 => Ok(Payment::Paid(order()?)),
@@ -367,11 +569,9 @@ impl Store {
     /// Expires at most `limit` pending orders past their deadline; returns
     /// how many it expired, and whether more may be due.
     pub async fn sweep(&self, limit: u64) -> Result<(u64, bool), StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.invocation(&self.expire);
-        invocation.arg(limit);
-        let (expired, looked_at): (u64, u64) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let mut cmd = self.script(&self.expire);
+        cmd.arg(limit);
+        let (expired, looked_at): (u64, u64) = self.change(EXPIRE_SCRIPT, cmd).await?;
         Ok((expired, looked_at >= limit))
     }
 
@@ -426,12 +626,13 @@ impl Store {
     /// since the epoch) if given, unless it exists; never touches `sold`.
     /// Returns whether it was created.
     pub async fn ensure_sale(&self, total: u64, opens_at: Option<u64>) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.create.key(&self.keys.stock);
-        invocation
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.create.get_hash())
+            .arg(1)
+            .arg(&self.keys.stock)
             .arg(total)
             .arg(opens_at.map_or_else(String::new, |at| at.to_string()));
-        self.bounded(invocation.invoke_async(&mut conn)).await
+        self.change(CREATE_SCRIPT, cmd).await
     }
 
     /// Starts the sale over with `total` tickets, opening at `opens_at` if
@@ -523,9 +724,20 @@ impl Store {
         &self,
         command: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, command).await {
+        self.bounded_for(self.timeout, command).await
+    }
+
+    async fn bounded_for<T>(
+        &self,
+        limit: Duration,
+        command: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, command).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+            Err(_) => {
+                self.conn.suspect();
+                Err(StoreError::Timeout(limit))
+            }
         }
     }
 }

@@ -28,9 +28,8 @@ struct Cli {
     /// The service's TOML file; without it, every setting has its default.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Redis URL, overriding `redis_url`.
-    #[arg(long, value_name = "URL")]
-    redis: Option<String>,
+    #[command(flatten)]
+    redis: node::cli::RedisFlags,
     /// Database URL, overriding `database_url`.
     #[arg(long, value_name = "URL")]
     database: Option<String>,
@@ -66,9 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let flag = |what: &str, check: fn(String) -> Result<String, String>, value: String| {
         check(value).map_err(|err| anyhow::anyhow!("{what}: {err}"))
     };
-    if let Some(url) = cli.redis {
-        config.redis_url = flag("--redis", spike_config::node::redis_url, url)?;
-    }
+    cli.redis.apply(&mut config.redis)?;
     if let Some(url) = cli.database {
         config.database_url = flag("--database", spike_config::orders::database_url, url)?;
     }

@@ -117,7 +117,7 @@ enum Read {
 impl Service {
     pub fn new(config: OrdersConfig, consumer: &str) -> anyhow::Result<Self> {
         let stream = Stream::new(
-            &config.redis_url,
+            &config.redis,
             &config.event,
             &config.group,
             consumer,

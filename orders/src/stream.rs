@@ -51,8 +51,9 @@ return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-%d', bound_ms, bo
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use node::link::{Link, Redis};
 use redis::{RedisError, Value};
+use spike_config::redis::RedisTarget;
 
 use crate::event::is_entry_id;
 
@@ -66,10 +67,10 @@ pub type Entry = (String, Option<Vec<(Vec<u8>, Vec<u8>)>>);
 /// A handle on the order stream of one sale, for one consumer of one group.
 #[derive(Clone)]
 pub struct Stream {
-    conn: ConnectionManager,
+    conn: Link,
     /// For reads that block until entries come: Redis answers nothing
     /// else on a connection while one waits.
-    blocking: ConnectionManager,
+    blocking: Link,
     trim: redis::Script,
     pub key: String,
     pub dead: String,
@@ -110,26 +111,19 @@ pub struct Lag {
 }
 
 impl Stream {
-    /// The order stream of `event` at `url`, read as `consumer` of `group`.
+    /// The order stream of `event` in `redis`, read as `consumer` of `group`.
     /// Connects on first use. A blocking read may wait `read_wait` on top
     /// of `timeout`, on a connection of its own.
     pub fn new(
-        url: &str,
+        redis: &RedisTarget,
         event: &str,
         group: &str,
         consumer: &str,
         timeout: Duration,
         read_wait: Duration,
     ) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = |wait: Duration| {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout + wait))
-                .set_number_of_retries(0)
-        };
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config(Duration::ZERO))?;
-        let blocking = ConnectionManager::new_lazy_with_config(client, config(read_wait))?;
+        let conn = Redis::new(redis, timeout, Duration::ZERO)?.link()?;
+        let blocking = Redis::new(redis, timeout, read_wait)?.link()?;
         let key = format!("spike:{{{event}}}:orders");
         Ok(Self {
             conn,

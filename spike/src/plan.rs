@@ -56,7 +56,7 @@ impl Plan {
             Some(file) => OrdersConfig::load(file)?,
             None => OrdersConfig::default(),
         };
-        orders.redis_url = node.redis_url.clone();
+        orders.redis = node.redis.clone();
         orders.event = node.event.clone();
         let total = total.unwrap_or(node.total_stock);
         let (local, remote): (Vec<_>, Vec<_>) = balancer

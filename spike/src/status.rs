@@ -100,7 +100,7 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(plan: &Plan) -> anyhow::Result<Self> {
-        let store = Store::new(&plan.node.redis_url, &plan.node.event, LOOK_TIMEOUT)?;
+        let store = Store::new(&plan.node.redis, &plan.node.event, LOOK_TIMEOUT)?;
         Ok(Self {
             store,
             admin: plan.balancer.admin,

@@ -9,6 +9,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
+use node::cli::RedisFlags;
+use spike_config::redis::RedisTarget;
 use spike_config::server::ServerSettings;
 
 use crate::children::{Launch, Running};
@@ -94,14 +96,18 @@ async fn start(
     observer: &Observer,
     cluster: &mut Cluster,
 ) -> anyhow::Result<()> {
-    let url = &plan.node.redis_url;
-    cluster.redis = crate::redis::ensure(url, &options.log_dir).await?;
-    match &cluster.redis {
-        Some(redis) => println!(
-            "no Redis answered at {url}: started redis-server (pid {}), in memory only; it stops with spike",
-            redis.pid
-        ),
-        None => println!("using the Redis at {url}"),
+    match &plan.node.redis {
+        RedisTarget::Single(url) => {
+            cluster.redis = crate::redis::ensure(url, &options.log_dir).await?;
+            match &cluster.redis {
+                Some(redis) => println!(
+                    "no Redis answered at {url}: started redis-server (pid {}), in memory only; it stops with spike",
+                    redis.pid
+                ),
+                None => println!("using the Redis at {url}"),
+            }
+        }
+        target => println!("using the {target}"),
     }
 
     let store = observer.store();
@@ -159,9 +165,8 @@ async fn start(
     if let Some(file) = &plan.orders_file {
         args.extend(["--config".into(), file.clone().into()]);
     }
+    args.extend(RedisFlags::naming(&plan.orders.redis));
     args.extend([
-        "--redis".into(),
-        plan.orders.redis_url.clone().into(),
         "--event".into(),
         plan.orders.event.clone().into(),
         "--database".into(),

@@ -21,6 +21,7 @@ pub mod postgres;
 pub mod process;
 pub mod raw;
 pub mod redis;
+pub mod replicated;
 pub mod traffic;
 
 use std::time::{Duration, Instant};

@@ -15,10 +15,15 @@ const READY: Duration = Duration::from_secs(10);
 /// Writes the `node.toml` of a test sale in `dir`: the sale `ticket` of
 /// `total` tickets at `redis`, synced every 50 ms, then the lines `extra`.
 pub fn node_config(dir: &Path, redis: &RedisServer, total: u64, extra: &str) -> PathBuf {
+    let redis = format!("redis_url = \"{}\"\n", redis.url());
+    node_config_for(dir, &redis, total, extra)
+}
+
+/// [`node_config`] with the lines `redis` that name the sale's Redis.
+pub fn node_config_for(dir: &Path, redis: &str, total: u64, extra: &str) -> PathBuf {
     let path = dir.join("node.toml");
     let text = format!(
-        "redis_url = \"{}\"\nevent = \"ticket\"\ntotal_stock = {total}\nsync_interval = \"50ms\"\n{extra}",
-        redis.url(),
+        "{redis}event = \"ticket\"\ntotal_stock = {total}\nsync_interval = \"50ms\"\n{extra}"
     );
     std::fs::write(&path, text).expect("write node.toml");
     path

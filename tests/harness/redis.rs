@@ -18,6 +18,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    /// Arguments after the port, directory and persistence settings.
+    args: Vec<String>,
     durable: bool,
 }
 
@@ -35,21 +37,40 @@ impl RedisServer {
     }
 
     fn start_with(durable: bool) -> Self {
+        Self::start_args(durable, |_| Vec::new())
+    }
+
+    /// A server that keeps nothing on disk, a replica of `master`.
+    pub fn replica_of(master: &RedisServer) -> Self {
+        let port = master.port.to_string();
+        Self::start_args(false, |_| {
+            vec!["--replicaof".into(), "127.0.0.1".into(), port.clone()]
+        })
+    }
+
+    /// A server started with the arguments `args` makes for its port.
+    pub fn start_args(durable: bool, args: impl Fn(u16) -> Vec<String>) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         // Another process may take the port between our probe and Redis's
         // bind; try a few.
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = spawn(port, dir.path(), durable) {
+            let args = args(port);
+            if let Some(child) = spawn(port, dir.path(), durable, &args) {
                 return Self {
                     child: Some(child),
                     port,
                     dir,
+                    args,
                     durable,
                 };
             }
         }
         panic!("redis-server did not start on any of 5 ephemeral ports");
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     pub fn url(&self) -> String {
@@ -98,7 +119,7 @@ impl RedisServer {
     /// Starts the server again on the same port and directory.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn(self.port, self.dir.path(), self.durable);
+        self.child = spawn(self.port, self.dir.path(), self.durable, &self.args);
         assert!(
             self.child.is_some(),
             "redis-server could not start again on port {}",
@@ -115,7 +136,7 @@ impl Drop for RedisServer {
 
 /// Starts `redis-server` and waits until it answers PING; `None` if it
 /// exited first (its port was taken).
-fn spawn(port: u16, dir: &Path, durable: bool) -> Option<Child> {
+fn spawn(port: u16, dir: &Path, durable: bool, args: &[String]) -> Option<Child> {
     let mut command = Command::new("redis-server");
     command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -129,6 +150,7 @@ fn spawn(port: u16, dir: &Path, durable: bool) -> Option<Child> {
     } else {
         command.args(["--appendonly", "no"]);
     }
+    command.args(args);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(

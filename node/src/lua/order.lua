@@ -6,7 +6,8 @@
 --   KEYS[1]  the stock hash: total, sold (tickets held by live orders,
 --            pending or paid), paid, expired (orders, their tickets
 --            returned), resold (returned tickets sold again), epoch, and
---            opens_at (ms) if set; the tickets waiting to be sold again
+--            opens_at (ms) if set, confirmed (answers that told a change
+--            made before); the tickets waiting to be sold again
 --            are expired - resold, the numbers handed out sold + expired
 --            - resold
 --   KEYS[2]  the buyers hash: buyer id -> the id of their live order
@@ -21,8 +22,9 @@
 -- while pending. Buyer ids and node names hold no `|`.
 --
 -- Redis runs a script atomically, and it does not roll a script back when
--- a command in it fails: every check comes first, and the first write is
--- the event (XADD), the only one that can fail (out of memory): once a
+-- a command in it fails: every check comes first, and the first write of
+-- a change is its event (XADD), the only one that can fail (out of
+-- memory; so can `confirm`'s, which changes no order): once a
 -- script has written, Redis lets the rest of its writes through. So no
 -- change of an order happens without its event, and no event without its
 -- change.
@@ -38,6 +40,13 @@ end
 local function now_ms()
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Tells a change that was already made, as an answer again: with one
+-- write (a count, `confirmed`), so that a `WAIT` after the script waits
+-- for the replicas to hold that change too, whichever connection made it.
+local function confirm()
+  redis.call('HINCRBY', KEYS[1], 'confirmed', 1)
 end
 
 local function parse(record)

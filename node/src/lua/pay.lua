@@ -23,9 +23,11 @@ if order.buyer ~= '' and order.buyer ~= payer then
   return {-3, ''}
 end
 if order.status == 'paid' then
+  confirm()
   return {2, record}
 end
 if order.status == 'expired' then
+  confirm()
   return {-4, record}
 end
 local now = now_ms()

@@ -37,6 +37,7 @@ if buyer ~= '' then
   if record then
     local order = parse(record)
     if order.status ~= 'pending' or now <= order.pay_by then
+      confirm()
       return {2, existing, order.ticket, order.pay_by}
     end
     -- Its deadline has passed: no payment can take it any more (the
