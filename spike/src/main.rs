@@ -54,6 +54,12 @@ enum Command {
         /// node.toml's opens_at, or at once).
         #[arg(long, value_name = "TIME", value_parser = parse_instant)]
         opens_at: Option<SystemTime>,
+        /// Run the sale on a local Redis Sentinel setup that spike starts
+        /// and stops (a master, two replicas, three sentinels; their files
+        /// in the data dir), with replica_acks at least 1: kill the master
+        /// mid-sale and the sale goes on.
+        #[arg(long)]
+        sentinel: bool,
     },
     /// Print the sale's summary: tickets, orders, requests per node.
     Status,
@@ -154,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 log_dir,
                 data_dir,
                 opens_at,
+                sentinel,
             } => {
                 let shutdown =
                     spike_http1::task::shutdown_on_signal().context("cannot handle signals")?;
@@ -165,6 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     total,
                     restart_nodes,
                     opens_at,
+                    sentinel,
                 };
                 spike::up::up(options, shutdown).await
             }

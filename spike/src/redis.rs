@@ -1,11 +1,14 @@
 //! A Redis for the sale: the one at the configured URL, or, if none answers
-//! there, a `redis-server` that `spike` starts itself.
+//! there, a `redis-server` that `spike` starts itself; or a local Sentinel
+//! setup that `spike` starts and stops ([`SentinelPlan`]).
 
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+use spike_config::redis::RedisTarget;
 
 use crate::children::{Launch, Running};
 
@@ -98,4 +101,158 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
             .map(|dir| dir.join(program))
             .find(|path| path.is_file())
     })
+}
+
+/// The name the sentinels of `spike up --sentinel` know the master by.
+pub const MASTER_NAME: &str = "spike";
+
+/// A local Redis Sentinel setup, as `spike up --sentinel` runs the sale on
+/// it: a master, two replicas (so that after one failover the new master
+/// still has one for `replica_acks = 1`), and three sentinels (quorum 2),
+/// on loopback ports free when it was planned.
+#[derive(Debug, Clone)]
+pub struct SentinelPlan {
+    /// The master's port, then the replicas'.
+    pub servers: [u16; 3],
+    pub sentinels: [u16; 3],
+}
+
+impl SentinelPlan {
+    /// Six loopback ports, free now.
+    pub fn new() -> anyhow::Result<Self> {
+        let listeners = (0..6)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
+            .context("cannot find free ports for the Sentinel setup")?;
+        let mut ports = listeners
+            .iter()
+            .map(|listener| listener.local_addr().map(|addr| addr.port()))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let mut next = || ports.next().expect("six ports");
+        Ok(Self {
+            servers: [next(), next(), next()],
+            sentinels: [next(), next(), next()],
+        })
+    }
+
+    /// How the nodes and the order service find the master.
+    pub fn target(&self) -> RedisTarget {
+        RedisTarget::Sentinel {
+            sentinels: self
+                .sentinels
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect(),
+            master: MASTER_NAME.to_owned(),
+        }
+    }
+
+    /// Starts the servers (in memory only), waits until both replicas are
+    /// in sync, then starts the sentinels (their files in `data_dir`, which
+    /// they rewrite) and waits until each knows the whole setup, so that a
+    /// master killed at once is failed over. The children, master first.
+    pub async fn start(&self, log_dir: &Path, data_dir: &Path) -> anyhow::Result<Vec<Running>> {
+        if which("redis-server").is_none() {
+            bail!("--sentinel needs redis-server (Debian: apt-get install -y redis-server)");
+        }
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let mut children = Vec::new();
+        let master = self.servers[0].to_string();
+        for (i, port) in self.servers.iter().enumerate() {
+            let mut args: Vec<OsString> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+            if i > 0 {
+                args.extend(["--replicaof", "127.0.0.1", &master].map(OsString::from));
+            }
+            let name = if i == 0 {
+                "redis-master".to_owned()
+            } else {
+                format!("redis-replica-{i}")
+            };
+            let launch = Launch::program(&name, "redis-server", args, log_dir);
+            children.push(launch.start().await?);
+        }
+        let master_url = format!("redis://127.0.0.1:{master}");
+        until("the replicas to be in sync", || {
+            info_field(&master_url, "replication", "connected_slaves").as_deref() == Some("2")
+        })
+        .await?;
+        for (i, port) in self.sentinels.iter().enumerate() {
+            let conf = std::path::absolute(data_dir.join(format!("sentinel-{}.conf", i + 1)))?;
+            let text = format!(
+                "port {port}\nbind 127.0.0.1\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 2000\n\
+                 sentinel failover-timeout {MASTER_NAME} 10000\n"
+            );
+            std::fs::write(&conf, text)
+                .with_context(|| format!("cannot write {}", conf.display()))?;
+            let args = vec![conf.into_os_string(), OsString::from("--sentinel")];
+            let launch = Launch::program(
+                &format!("sentinel-{}", i + 1),
+                "redis-server",
+                args,
+                log_dir,
+            );
+            children.push(launch.start().await?);
+        }
+        for port in self.sentinels {
+            let url = format!("redis://127.0.0.1:{port}");
+            until("the sentinels to know the setup", || {
+                let count = |what: &str| {
+                    query::<Vec<redis::Value>>(
+                        &url,
+                        redis::cmd("SENTINEL").arg(what).arg(MASTER_NAME),
+                    )
+                    .map_or(0, |list| list.len())
+                };
+                count("REPLICAS") == 2 && count("SENTINELS") == 2
+            })
+            .await?;
+        }
+        Ok(children)
+    }
+}
+
+/// Polls `condition` until it holds, for up to [`START_TIMEOUT`].
+async fn until(what: &str, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    while !condition() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {START_TIMEOUT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// One command to the Redis at `url`, bounded by [`PING_TIMEOUT`].
+fn query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Option<T> {
+    let mut conn = redis::Client::open(url)
+        .and_then(|client| client.get_connection_with_timeout(PING_TIMEOUT))
+        .ok()?;
+    conn.set_read_timeout(Some(PING_TIMEOUT)).ok()?;
+    cmd.query(&mut conn).ok()
+}
+
+/// One field of a section of `INFO`.
+fn info_field(url: &str, section: &str, field: &str) -> Option<String> {
+    let text: String = query(url, redis::cmd("INFO").arg(section))?;
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(key, _)| *key == field)
+        .map(|(_, value)| value.trim().to_owned())
 }

@@ -15,6 +15,7 @@ use spike_config::server::ServerSettings;
 
 use crate::children::{Launch, Running};
 use crate::plan::Plan;
+use crate::redis::SentinelPlan;
 use crate::status::{Observer, Snapshot};
 
 /// What `spike up` was asked to do.
@@ -35,6 +36,10 @@ pub struct UpOptions {
     /// When a sale started over or created opens (default: node.toml's
     /// `opens_at`, or at once).
     pub opens_at: Option<SystemTime>,
+    /// Run the sale on a local Sentinel setup (a master, two replicas,
+    /// three sentinels) that spike starts and stops, with `replica_acks`
+    /// at least 1.
+    pub sentinel: bool,
 }
 
 /// How long a node may take to reach Redis once it listens.
@@ -47,6 +52,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct Cluster {
     redis: Option<Running>,
+    /// The Sentinel setup's servers and sentinels, master first.
+    sentinel: Vec<Running>,
     nodes: Vec<Running>,
     orders: Option<Running>,
     balancer: Option<Running>,
@@ -55,8 +62,17 @@ struct Cluster {
 /// Starts the sale of `options`, watches it until `shutdown`, then stops it
 /// and prints the summary.
 pub async fn up(options: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let plan = Plan::read(&options.config_dir, options.total)?;
+    let mut plan = Plan::read(&options.config_dir, options.total)?;
     plan.check_ports()?;
+    let sentinel = if options.sentinel {
+        let sentinel = SentinelPlan::new()?;
+        plan.node.redis = sentinel.target();
+        plan.orders.redis = sentinel.target();
+        plan.node.replica_acks = plan.node.replica_acks.max(1);
+        Some(sentinel)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&options.log_dir)
         .with_context(|| format!("cannot create {}", options.log_dir.display()))?;
     for addr in &plan.remote {
@@ -65,7 +81,7 @@ pub async fn up(options: UpOptions, shutdown: CancellationToken) -> anyhow::Resu
     let mut cluster = Cluster::default();
     let observer = Observer::new(&plan)?;
     let started = tokio::select! {
-        result = start(&plan, &options, &observer, &mut cluster) => result,
+        result = start(&plan, sentinel.as_ref(), &options, &observer, &mut cluster) => result,
         _ = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(err) = started {
@@ -92,11 +108,31 @@ pub async fn up(options: UpOptions, shutdown: CancellationToken) -> anyhow::Resu
 
 async fn start(
     plan: &Plan,
+    sentinel: Option<&SentinelPlan>,
     options: &UpOptions,
     observer: &Observer,
     cluster: &mut Cluster,
 ) -> anyhow::Result<()> {
     match &plan.node.redis {
+        _ if let Some(sentinel) = sentinel => {
+            cluster.sentinel = sentinel.start(&options.log_dir, &options.data_dir).await?;
+            let pid = |i: usize| cluster.sentinel[i].pid;
+            println!(
+                "started a Sentinel setup, in memory only: master 127.0.0.1:{} (pid {}), replicas on ports {} and {}, sentinels on ports {}, {} and {}; nodes wait for replica_acks = {}",
+                sentinel.servers[0],
+                pid(0),
+                sentinel.servers[1],
+                sentinel.servers[2],
+                sentinel.sentinels[0],
+                sentinel.sentinels[1],
+                sentinel.sentinels[2],
+                plan.node.replica_acks,
+            );
+            println!(
+                "kill the master mid-sale (kill -9 {}): the sentinels promote a replica within seconds, and the sale goes on",
+                pid(0)
+            );
+        }
         RedisTarget::Single(url) => {
             cluster.redis = crate::redis::ensure(url, &options.log_dir).await?;
             match &cluster.redis {
@@ -220,7 +256,7 @@ fn node_launch(
     node: &crate::plan::NodePlan,
     options: &UpOptions,
 ) -> anyhow::Result<Launch> {
-    let args = [
+    let mut args: Vec<OsString> = vec![
         "--config".into(),
         plan.node_file.clone().into_os_string(),
         "--listen".into(),
@@ -229,8 +265,11 @@ fn node_launch(
         node.name.clone().into(),
         "--local-stock".into(),
         node.local_stock.to_string().into(),
+        "--replica-acks".into(),
+        plan.node.replica_acks.to_string().into(),
     ];
-    Launch::myself(&node.name, "node", args.to_vec(), &options.log_dir, 1)
+    args.extend(RedisFlags::naming(&plan.node.redis));
+    Launch::myself(&node.name, "node", args, &options.log_dir, 1)
 }
 
 /// Shows the sale while it runs, and handles children that exit, until
@@ -380,6 +419,11 @@ impl Cluster {
         if let Some(redis) = self.redis.as_mut() {
             redis.terminate();
             redis.wait(Duration::from_secs(5)).await;
+        }
+        // The sentinels first, so that they start no failover.
+        for child in self.sentinel.iter_mut().rev() {
+            child.terminate();
+            child.wait(Duration::from_secs(5)).await;
         }
     }
 }
