@@ -54,20 +54,7 @@ pub async fn ensure(url: &str, log_dir: &Path) -> anyhow::Result<Option<Running>
             "no Redis answers at {url} and redis-server is not installed (Debian: apt-get install -y redis-server)"
         );
     }
-    let args: Vec<OsString> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .collect();
-    let launch = Launch::program("redis", "redis-server", args, log_dir);
+    let launch = Launch::program("redis", "redis-server", in_memory(port), log_dir);
     let mut running = launch.start().await?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !answers(url) {
@@ -85,6 +72,25 @@ pub async fn ensure(url: &str, log_dir: &Path) -> anyhow::Result<Option<Running>
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(Some(running))
+}
+
+/// The arguments of a `redis-server` on loopback port `port` that keeps
+/// nothing on disk.
+fn in_memory(port: u16) -> Vec<OsString> {
+    let port = port.to_string();
+    [
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect()
 }
 
 fn is_local(host: &str) -> bool {
@@ -161,19 +167,7 @@ impl SentinelPlan {
         let mut children = Vec::new();
         let master = self.servers[0].to_string();
         for (i, port) in self.servers.iter().enumerate() {
-            let mut args: Vec<OsString> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .into_iter()
-            .map(OsString::from)
-            .collect();
+            let mut args = in_memory(*port);
             if i > 0 {
                 args.extend(["--replicaof", "127.0.0.1", &master].map(OsString::from));
             }
