@@ -15,7 +15,11 @@
 #   memory (409). Its stat log is on, as shipped.
 # - node, selling path: a sale too large to sell out during the run; every
 #   request runs the purchase script in Redis (200). Redis's CPU is shown
-#   beside it.
+#   beside it. Redis has one replica, as a sale that must survive a
+#   failover runs it.
+# - node, selling path with replica_acks = 1: the same, each purchase
+#   answered once the replica acknowledged it (WAIT): the cost of the
+#   guarantee per sale.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -40,6 +44,18 @@ redis_pid=$!
 pids+=("$redis_pid")
 wait_port "$redis_port"
 redis="redis://127.0.0.1:$redis_port"
+replica_port=$(free_port)
+redis-server --port "$replica_port" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$work" --replicaof 127.0.0.1 "$redis_port" >"$work/replica.log" 2>&1 &
+replica_pid=$!
+pids+=("$replica_pid")
+wait_port "$replica_port"
+for _ in $(seq 1 500); do
+  if redis-cli -p "$redis_port" info replication | grep -q '^connected_slaves:1'; then
+    break
+  fi
+  sleep 0.02
+done
 
 # nginx, answering a static 200 with a body the size of the node's reply.
 nginx_port=$(free_port)
@@ -66,10 +82,11 @@ nginx_pid=$!
 pids+=("$nginx_pid")
 wait_port "$nginx_port"
 
-# start_node EVENT TOTAL: a node selling from sale EVENT of TOTAL tickets;
-# sets node_port and node_pid.
+# start_node EVENT TOTAL [ACKS]: a node selling from sale EVENT of TOTAL
+# tickets, waiting for ACKS replicas (0 by default); sets node_port and
+# node_pid.
 start_node() {
-  local event=$1 total=$2 port
+  local event=$1 total=$2 acks=${3:-0} port
   port=$(free_port)
   cat >"$work/$event.toml" <<EOF
 listen = "127.0.0.1:$port"
@@ -78,6 +95,7 @@ event = "$event"
 total_stock = $total
 local_stock = $total
 stat_log = "$work/$event-stat.log"
+replica_acks = $acks
 EOF
   RUST_LOG=warn target/release/node --config "$work/$event.toml" --name bench >/dev/null &
   node_pid=$!
@@ -98,27 +116,40 @@ sold_out_port=$node_port sold_out_pid=$node_pid
 curl -fsS "http://127.0.0.1:$sold_out_port/buy/ticket" >/dev/null   # the one ticket
 start_node open 1000000000
 selling_port=$node_port selling_pid=$node_pid
+start_node acked 1000000000 1
+acked_port=$node_port acked_pid=$node_pid
 
 echo "Machine: $(machine)"
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, median of $RUNS interleaved runs"
 echo
-printf '| %-22s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
-printf '|%s|%s|%s|%s|%s|\n' ------------------------ ------------ ---------- ---------- ----------------
+printf '| %-24s | %10s | %8s | %8s | %14s |\n' target "req/s" "p50 ms" "p99 ms" "CPU us/req"
+printf '|%s|%s|%s|%s|%s|\n' -------------------------- ------------ ---------- ---------- ----------------
 
 redis_before=$(cpu_ticks "$redis_pid")
-sold_before=$(redis-cli -p "$redis_port" hget 'spike:{open}:stock' sold)
+sold_of() {
+  local sold
+  sold=$(redis-cli -p "$redis_port" hget "spike:{$1}:stock" sold)
+  echo "${sold:-0}"
+}
+sold_before=$(( $(sold_of open) + $(sold_of acked) ))
 compare "nginx static 200|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_pid")" \
   "node, sold-out path|http://127.0.0.1:$sold_out_port/buy/ticket|$sold_out_pid" \
-  "node, selling path|http://127.0.0.1:$selling_port/buy/ticket|$selling_pid"
+  "node, selling path|http://127.0.0.1:$selling_port/buy/ticket|$selling_pid" \
+  "selling, replica_acks=1|http://127.0.0.1:$acked_port/buy/ticket|$acked_pid"
 redis_after=$(cpu_ticks "$redis_pid")
-sold=$(( $(redis-cli -p "$redis_port" hget 'spike:{open}:stock' sold) - ${sold_before:-0} ))
-for name in "nginx static 200" "node, sold-out path" "node, selling path"; do
+sold=$(( $(sold_of open) + $(sold_of acked) - sold_before ))
+for name in "nginx static 200" "node, sold-out path" "node, selling path" "selling, replica_acks=1"; do
   read -r rps p50 p99 cpu _ <<<"${MEDIANS[$name]}"
-  printf '| %-22s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
+  printf '| %-24s | %10.0f | %8.2f | %8.2f | %14.1f |\n' "$name" "$rps" "$p50" "$p99" "$cpu"
 done
 redis_cpu=$(awk -v t=$((redis_after - redis_before)) -v hz="$(getconf CLK_TCK)" -v n="$sold" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
 echo
-echo "Selling path: $sold tickets sold; Redis used $redis_cpu us of CPU per sale."
+echo "Selling paths: $sold tickets sold; the master used $redis_cpu us of CPU per sale."
+read -r s_rps s_p50 s_p99 s_cpu _ <<<"${MEDIANS[node, selling path]}"
+read -r a_rps a_p50 a_p99 a_cpu _ <<<"${MEDIANS[selling, replica_acks=1]}"
+awk -v sr="$s_rps" -v ar="$a_rps" -v s50="$s_p50" -v a50="$a_p50" -v s99="$s_p99" -v a99="$a_p99" -v sc="$s_cpu" -v ac="$a_cpu" 'BEGIN {
+  printf "replica_acks = 1 / 0: throughput %.2fx, p50 %+.2f ms, p99 %+.2f ms, node CPU per sale %+.1f us\n", ar / sr, a50 - s50, a99 - s99, ac - sc
+}' 
 read -r n_rps _ _ n_cpu _ <<<"${MEDIANS[nginx static 200]}"
 read -r o_rps _ _ o_cpu _ <<<"${MEDIANS[node, sold-out path]}"
 awk -v o="$o_cpu" -v n="$n_cpu" -v or="$o_rps" -v nr="$n_rps" 'BEGIN {

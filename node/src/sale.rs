@@ -380,7 +380,9 @@ impl Sale {
     fn unanswered(&self, err: &StoreError) -> Unavailable {
         if let StoreError::NotReplicated { .. } = err {
             // Until the next sync counts them again.
-            self.replicas_short.store(true, Ordering::Relaxed);
+            if !self.replicas_short.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %err, "purchases answer 503 until enough replicas follow");
+            }
         } else {
             self.redis.failed(err);
         }
@@ -530,7 +532,7 @@ impl Sale {
                 self.refresh().await;
                 tracing::info!("the sale exists; selling");
             }
-            Err(err) => self.redis.failed(&err),
+            Err(err) => _ = self.unanswered(&err),
         }
     }
 
