@@ -8,6 +8,7 @@
 //! [`http`] answers requests and [`server`] runs the listener.
 
 pub mod cli;
+pub mod commit;
 pub mod http;
 pub mod link;
 pub mod sale;

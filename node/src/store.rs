@@ -16,21 +16,19 @@
 //!
 //! A change is sent again only while Redis refused it before running it
 //! ([`never_ran`]), never after a connection broke under it: it may have
-//! run. With `replica_acks = N`, every change is followed by `WAIT N` in
-//! the same pipeline, on a connection of its own (a waiting client holds
-//! up every command behind it on its connection), and is known only once
-//! N replicas have it: one the master answered but that too few replicas
-//! acknowledged in time is an unknown outcome, like one Redis never
-//! answered.
+//! run. With `replica_acks = N`, changes go out in batches, each followed
+//! by `WAIT N` in the same pipeline ([`crate::commit`]), and a change is
+//! known only once N replicas have it: one the master answered but that
+//! too few replicas acknowledged in time is an unknown outcome, like one
+//! Redis never answered.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use redis::{AsyncCommands, Cmd, FromRedisValue, RedisError, Script, Value};
 use spike_config::redis::RedisTarget;
-use tokio::sync::Semaphore;
 
+use crate::commit::Committer;
 use crate::link::{Link, Redis, never_ran};
 
 /// What every script that changes an order shares.
@@ -214,26 +212,18 @@ pub enum StoreError {
     /// `wanted` had it in time: a failover now could lose it.
     #[error("only {acked} of {wanted} replicas acknowledged the change in time")]
     NotReplicated { acked: u64, wanted: u32 },
-    /// Every connection for changes was busy for the whole timeout:
-    /// nothing was sent.
-    #[error("no connection to redis free within {0:?}")]
-    Busy(Duration),
 }
 
 impl StoreError {
     /// Whether the command certainly never ran: nothing happened.
     pub fn never_sent(&self) -> bool {
         match self {
-            Self::Busy(_) => true,
             Self::Redis(err) => never_ran(err),
             _ => false,
         }
     }
 }
 
-/// Connections for changes that wait for replicas: one per change in
-/// flight, so that a `WAIT` holds up only its own.
-const ACKED_LINKS: usize = 16;
 /// How long to wait before sending again a change Redis refused without
 /// running it (the slot moved, a failover under way).
 const RETRY_PAUSE: Duration = Duration::from_millis(25);
@@ -288,8 +278,9 @@ type StockFields = (
 #[derive(Clone)]
 pub struct Store {
     conn: Link,
-    /// With `replica_acks`, the connections changes take one at a time.
-    acked: Option<std::sync::Arc<AckedLinks>>,
+    /// With `replica_acks`, where changes go: in batches, each followed
+    /// by one `WAIT`.
+    committer: Option<std::sync::Arc<Committer>>,
     replica_acks: u32,
     keys: Keys,
     purchase: Script,
@@ -305,28 +296,6 @@ impl std::fmt::Debug for Store {
             .field("keys", &self.keys)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
-    }
-}
-
-/// The connections of changes that wait for replicas, each lent to one
-/// change at a time.
-struct AckedLinks {
-    free: Mutex<Vec<Link>>,
-    permits: Semaphore,
-}
-
-/// A connection lent to one change; back to the others on drop.
-struct Lent<'a> {
-    links: &'a AckedLinks,
-    link: Option<Link>,
-    _permit: tokio::sync::SemaphorePermit<'a>,
-}
-
-impl Drop for Lent<'_> {
-    fn drop(&mut self) {
-        if let Some(link) = self.link.take() {
-            self.links.free.lock().push(link);
-        }
     }
 }
 
@@ -352,20 +321,18 @@ impl Store {
             Duration::ZERO
         };
         let redis = Redis::new(target, timeout, wait)?;
-        let acked = if replica_acks > 0 {
-            let links = (0..ACKED_LINKS)
-                .map(|_| redis.link())
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(std::sync::Arc::new(AckedLinks {
-                free: Mutex::new(links),
-                permits: Semaphore::new(ACKED_LINKS),
-            }))
+        let committer = if replica_acks > 0 {
+            Some(std::sync::Arc::new(Committer::new(
+                &redis,
+                replica_acks,
+                timeout,
+            )?))
         } else {
             None
         };
         Ok(Self {
             conn: redis.link()?,
-            acked,
+            committer,
             replica_acks,
             keys: Keys::new(event),
             purchase: Script::new(PURCHASE_SCRIPT),
@@ -393,32 +360,16 @@ impl Store {
     /// on NOSCRIPT), as described at the top of this module.
     async fn change<T: FromRedisValue>(&self, code: &str, cmd: Cmd) -> Result<T, StoreError> {
         let deadline = Instant::now() + self.timeout;
-        let mut lent = match &self.acked {
-            Some(links) => Some(self.lend(links).await?),
-            None => None,
-        };
-        let mut conn = match lent.as_mut().and_then(|lent| lent.link.clone()) {
-            Some(link) => link,
-            None => self.conn.clone(),
-        };
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        if self.replica_acks > 0 {
-            pipe.cmd("WAIT")
-                .arg(self.replica_acks)
-                .arg(self.timeout.as_millis() as u64);
-        }
+        let mut conn = self.conn.clone();
         loop {
-            let err = match self
-                .bounded_for(self.timeout * 2, pipe.query_async::<Vec<Value>>(&mut conn))
-                .await
-            {
-                Ok(replies) => return self.acknowledged(replies),
+            let sent = match &self.committer {
+                Some(committer) => committer.commit(cmd.clone()).await,
+                None => self.bounded(cmd.query_async::<Value>(&mut conn)).await,
+            };
+            let err = match sent {
+                Ok(reply) => return Ok(T::from_redis_value(reply).map_err(RedisError::from)?),
                 Err(StoreError::Redis(err)) => err,
-                Err(err) => {
-                    conn.suspect();
-                    return Err(err);
-                }
+                Err(err) => return Err(err),
             };
             if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
                 // Nothing ran: load the script, then send it again.
@@ -441,37 +392,6 @@ impl Store {
                 return Err(err.into());
             }
         }
-    }
-
-    /// The script's reply, once as many replicas as asked have it.
-    fn acknowledged<T: FromRedisValue>(&self, replies: Vec<Value>) -> Result<T, StoreError> {
-        let mut replies = replies.into_iter();
-        let reply = replies.next().unwrap_or(Value::Nil);
-        if let Some(acked) = replies.next() {
-            let acked = u64::from_redis_value(acked).map_err(RedisError::from)?;
-            if acked < u64::from(self.replica_acks) {
-                return Err(StoreError::NotReplicated {
-                    acked,
-                    wanted: self.replica_acks,
-                });
-            }
-        }
-        Ok(T::from_redis_value(reply).map_err(RedisError::from)?)
-    }
-
-    /// A connection of changes for one change, waited for up to the
-    /// timeout.
-    async fn lend<'a>(&self, links: &'a AckedLinks) -> Result<Lent<'a>, StoreError> {
-        let permit = tokio::time::timeout(self.timeout, links.permits.acquire())
-            .await
-            .map_err(|_| StoreError::Busy(self.timeout))?
-            .expect("the semaphore is never closed");
-        let link = links.free.lock().pop();
-        Ok(Lent {
-            links,
-            link,
-            _permit: permit,
-        })
     }
 
     /// How many replicas are connected to the master that holds the sale,
@@ -724,19 +644,11 @@ impl Store {
         &self,
         command: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        self.bounded_for(self.timeout, command).await
-    }
-
-    async fn bounded_for<T>(
-        &self,
-        limit: Duration,
-        command: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(limit, command).await {
+        match tokio::time::timeout(self.timeout, command).await {
             Ok(result) => Ok(result?),
             Err(_) => {
                 self.conn.suspect();
-                Err(StoreError::Timeout(limit))
+                Err(StoreError::Timeout(self.timeout))
             }
         }
     }
