@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::redis::{MAX_REPLICA_ACKS, RawRedis};
+use crate::redis::RawRedis;
 use crate::server::{RawServer, ServerSettings};
 use crate::source::{self, ConfigError, Source, Validator};
 
@@ -132,15 +132,11 @@ impl NodeConfig {
                 },
                 &mut v,
             ),
-            replica_acks: v.field(raw.replica_acks, defaults.replica_acks, |n| {
-                if n <= MAX_REPLICA_ACKS {
-                    Ok(n)
-                } else {
-                    Err(format!(
-                        "replica_acks must be at most {MAX_REPLICA_ACKS}, got {n}"
-                    ))
-                }
-            }),
+            replica_acks: v.field(
+                raw.replica_acks,
+                defaults.replica_acks,
+                crate::redis::replica_acks,
+            ),
             event: v.field(raw.event, defaults.event, |event| name_like("event", event)),
             total_stock: v.field(raw.total_stock, defaults.total_stock, source::at_least(1)),
             local_stock: v.field(raw.local_stock, defaults.local_stock, source::at_least(1)),

@@ -44,6 +44,9 @@ pub const DEFAULT_DATABASE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrdersConfig {
     pub redis: RedisTarget,
+    /// Replicas that must hold the events read before they are written
+    /// to the database: an order a failover then loses never reaches it.
+    pub replica_acks: u32,
     /// `sqlite://PATH` or `postgres://...`.
     pub database_url: String,
     pub event: String,
@@ -67,6 +70,7 @@ impl Default for OrdersConfig {
     fn default() -> Self {
         Self {
             redis: RedisTarget::default(),
+            replica_acks: 0,
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             event: DEFAULT_EVENT.to_owned(),
             admin: DEFAULT_ADMIN.parse().expect("default admin address"),
@@ -91,6 +95,7 @@ struct RawOrdersConfig {
     redis_sentinels: Option<Spanned<Vec<Spanned<String>>>>,
     redis_master: Option<Spanned<String>>,
     redis_cluster: Option<Spanned<Vec<Spanned<String>>>>,
+    replica_acks: Option<Spanned<u32>>,
     database_url: Option<Spanned<String>>,
     event: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
@@ -125,6 +130,11 @@ impl OrdersConfig {
                     redis_cluster: raw.redis_cluster,
                 },
                 &mut v,
+            ),
+            replica_acks: v.field(
+                raw.replica_acks,
+                defaults.replica_acks,
+                crate::redis::replica_acks,
             ),
             database_url: v.field(raw.database_url, defaults.database_url, database_url),
             event: v.field(raw.event, defaults.event, |event| name_like("event", event)),
@@ -264,8 +274,12 @@ mod tests {
                 master: "sale".into()
             }
         );
-        let err = parse("replica_acks = 1\n").unwrap_err().to_string();
-        assert!(err.contains("unknown field `replica_acks`"), "{err}");
+        assert_eq!(parse("replica_acks = 1\n").unwrap().replica_acks, 1);
+        let err = parse("replica_acks = 17\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("orders.toml:1:16: replica_acks must be at most 16"),
+            "{err}"
+        );
     }
 
     #[test]

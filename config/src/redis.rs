@@ -130,6 +130,18 @@ pub fn redis_url(url: String) -> Result<String, String> {
     }
 }
 
+/// How many replicas each change (or, for the order service, each read)
+/// must reach: 0 to [`MAX_REPLICA_ACKS`].
+pub fn replica_acks(n: u32) -> Result<u32, String> {
+    if n <= MAX_REPLICA_ACKS {
+        Ok(n)
+    } else {
+        Err(format!(
+            "replica_acks must be at most {MAX_REPLICA_ACKS}, got {n}"
+        ))
+    }
+}
+
 /// A single Redis by URL, for a flag such as `--redis`.
 pub fn url_target(url: String) -> Result<RedisTarget, String> {
     redis_url(url).map(RedisTarget::Single)

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use spike_config::NodeConfig;
 use spike_config::logging::{self, RequestLog};
-use spike_config::redis::{self as target, MAX_REPLICA_ACKS, RedisTarget};
+use spike_config::redis::{self as target, RedisTarget};
 use spike_config::server::ServerSettings;
 use spike_http1::task;
 use tokio::net::TcpListener;
@@ -164,10 +164,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     cli.redis.apply(&mut config.redis)?;
     if let Some(acks) = cli.replica_acks {
-        if acks > MAX_REPLICA_ACKS {
-            bail!("--replica-acks must be at most {MAX_REPLICA_ACKS}");
-        }
-        config.replica_acks = acks;
+        config.replica_acks =
+            target::replica_acks(acks).map_err(|err| anyhow::anyhow!("--replica-acks: {err}"))?;
     }
     if let Some(event) = cli.event {
         config.event =

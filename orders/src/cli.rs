@@ -30,6 +30,10 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(flatten)]
     redis: node::cli::RedisFlags,
+    /// Replicas that must hold the events read before they are written,
+    /// overriding `replica_acks`.
+    #[arg(long, value_name = "N")]
+    replica_acks: Option<u32>,
     /// Database URL, overriding `database_url`.
     #[arg(long, value_name = "URL")]
     database: Option<String>,
@@ -66,6 +70,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         check(value).map_err(|err| anyhow::anyhow!("{what}: {err}"))
     };
     cli.redis.apply(&mut config.redis)?;
+    if let Some(acks) = cli.replica_acks {
+        config.replica_acks = spike_config::redis::replica_acks(acks)
+            .map_err(|err| anyhow::anyhow!("--replica-acks: {err}"))?;
+    }
     if let Some(url) = cli.database {
         config.database_url = flag("--database", spike_config::orders::database_url, url)?;
     }

@@ -184,6 +184,15 @@ impl Service {
         let mut next_claim = Instant::now();
         while !shutdown.is_cancelled() {
             let read = self.read(&mut own, &mut cursor, &mut next_claim, &shutdown);
+            let read = async {
+                let read = read.await?;
+                // Only what survives a failover goes into the database.
+                let acks = self.config.replica_acks;
+                if acks > 0 && matches!(read, Read::Entries(_)) {
+                    self.stream.replicated(acks).await?;
+                }
+                Ok::<_, StreamError>(read)
+            };
             let entries = match read.await {
                 Ok(Read::Entries(entries)) => {
                     redis.recovered();

@@ -74,6 +74,8 @@ pub struct Stream {
     trim: redis::Script,
     pub key: String,
     pub dead: String,
+    /// The sale's stock hash, where `replicated` counts what it confirms.
+    stock: String,
     pub group: String,
     pub consumer: String,
     timeout: Duration,
@@ -96,6 +98,8 @@ pub enum StreamError {
     Redis(#[from] RedisError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("only {acked} of {wanted} replicas hold the events read")]
+    NotReplicated { acked: u64, wanted: u32 },
 }
 
 /// Where the group stands.
@@ -130,6 +134,7 @@ impl Stream {
             blocking,
             trim: redis::Script::new(TRIM_SCRIPT),
             dead: format!("{key}:dead"),
+            stock: format!("spike:{{{event}}}:stock"),
             key,
             group: group.to_owned(),
             consumer: consumer.to_owned(),
@@ -225,6 +230,31 @@ impl Stream {
             )
             .await?;
         Ok((entries, next))
+    }
+
+    /// Waits until `replicas` replicas hold every entry read so far: one
+    /// write after the reads (a count, `confirmed`, in the sale's stock
+    /// hash; its offset in the replication stream is past theirs), then
+    /// `WAIT` for it on the same connection, for up to half the timeout.
+    pub async fn replicated(&self, replicas: u32) -> Result<(), StreamError> {
+        let mut conn = self.conn.clone();
+        let wait = self.timeout / 2;
+        let mut pipe = redis::pipe();
+        pipe.hincr(&self.stock, "confirmed", 1)
+            .ignore()
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(wait.as_millis().max(1) as u64);
+        let (acked,): (u64,) = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| StreamError::Timeout(self.timeout))??;
+        if acked < u64::from(replicas) {
+            return Err(StreamError::NotReplicated {
+                acked,
+                wanted: replicas,
+            });
+        }
+        Ok(())
     }
 
     /// Acknowledges `ids`: they are in the database.

@@ -33,9 +33,9 @@ pub fn answers(url: &str) -> bool {
 
 /// Makes sure a Redis answers at `url`: `None` if one already does, else a
 /// `redis-server` started on its port (kept in memory only, logging to
-/// `log_dir`). Fails if the URL is not on this machine or `redis-server` is
-/// not installed.
-pub async fn ensure(url: &str, log_dir: &Path) -> anyhow::Result<Option<Running>> {
+/// `log_dir`, its folder under `data_dir`). Fails if the URL is not on this
+/// machine or `redis-server` is not installed.
+pub async fn ensure(url: &str, log_dir: &Path, data_dir: &Path) -> anyhow::Result<Option<Running>> {
     if answers(url) {
         return Ok(None);
     }
@@ -54,7 +54,7 @@ pub async fn ensure(url: &str, log_dir: &Path) -> anyhow::Result<Option<Running>
             "no Redis answers at {url} and redis-server is not installed (Debian: apt-get install -y redis-server)"
         );
     }
-    let launch = Launch::program("redis", "redis-server", in_memory(port), log_dir);
+    let launch = Launch::program("redis", "redis-server", in_memory(port, data_dir)?, log_dir);
     let mut running = launch.start().await?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !answers(url) {
@@ -74,11 +74,18 @@ pub async fn ensure(url: &str, log_dir: &Path) -> anyhow::Result<Option<Running>
     Ok(Some(running))
 }
 
-/// The arguments of a `redis-server` on loopback port `port` that keeps
-/// nothing on disk.
-fn in_memory(port: u16) -> Vec<OsString> {
+/// The arguments of a `redis-server` on loopback port `port` that starts
+/// empty and keeps nothing: it saves nothing, and its folder
+/// (`data_dir/redis-PORT`, where a replica's full sync writes the master's
+/// copy, which a server loads when it starts) is emptied first.
+fn in_memory(port: u16, data_dir: &Path) -> anyhow::Result<Vec<OsString>> {
+    let dir = std::path::absolute(data_dir.join(format!("redis-{port}")))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot empty {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let port = port.to_string();
-    [
+    let mut args: Vec<OsString> = [
         "--port",
         &port,
         "--bind",
@@ -87,10 +94,13 @@ fn in_memory(port: u16) -> Vec<OsString> {
         "",
         "--appendonly",
         "no",
+        "--dir",
     ]
     .into_iter()
     .map(OsString::from)
-    .collect()
+    .collect();
+    args.push(dir.into_os_string());
+    Ok(args)
 }
 
 fn is_local(host: &str) -> bool {
@@ -167,7 +177,7 @@ impl SentinelPlan {
         let mut children = Vec::new();
         let master = self.servers[0].to_string();
         for (i, port) in self.servers.iter().enumerate() {
-            let mut args = in_memory(*port);
+            let mut args = in_memory(*port, data_dir)?;
             if i > 0 {
                 args.extend(["--replicaof", "127.0.0.1", &master].map(OsString::from));
             }

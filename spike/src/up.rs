@@ -69,6 +69,7 @@ pub async fn up(options: UpOptions, shutdown: CancellationToken) -> anyhow::Resu
         plan.node.redis = sentinel.target();
         plan.orders.redis = sentinel.target();
         plan.node.replica_acks = plan.node.replica_acks.max(1);
+        plan.orders.replica_acks = plan.orders.replica_acks.max(1);
         Some(sentinel)
     } else {
         None
@@ -134,7 +135,7 @@ async fn start(
             );
         }
         RedisTarget::Single(url) => {
-            cluster.redis = crate::redis::ensure(url, &options.log_dir).await?;
+            cluster.redis = crate::redis::ensure(url, &options.log_dir, &options.data_dir).await?;
             match &cluster.redis {
                 Some(redis) => println!(
                     "no Redis answered at {url}: started redis-server (pid {}), in memory only; it stops with spike",
@@ -202,6 +203,10 @@ async fn start(
         args.extend(["--config".into(), file.clone().into()]);
     }
     args.extend(RedisFlags::naming(&plan.orders.redis));
+    args.extend([
+        "--replica-acks".into(),
+        plan.orders.replica_acks.to_string().into(),
+    ]);
     args.extend([
         "--event".into(),
         plan.orders.event.clone().into(),
