@@ -36,13 +36,17 @@ impl Default for RedisTarget {
     }
 }
 
+/// Names the Redis in a sentence: "Redis at URL", "master `NAME` of the
+/// sentinels at ...", "Redis Cluster at ...".
 impl fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Single(url) => f.write_str(url),
-            Self::Sentinel { sentinels, master } => {
-                write!(f, "master `{master}` of sentinels {}", sentinels.join(", "))
-            }
+            Self::Single(url) => write!(f, "Redis at {url}"),
+            Self::Sentinel { sentinels, master } => write!(
+                f,
+                "master `{master}` of the sentinels at {}",
+                sentinels.join(", ")
+            ),
             Self::Cluster(nodes) => write!(f, "Redis Cluster at {}", nodes.join(", ")),
         }
     }

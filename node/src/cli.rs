@@ -227,7 +227,7 @@ fn store(config: &NodeConfig) -> anyhow::Result<Store> {
         config.redis_timeout,
         config.replica_acks,
     )
-    .with_context(|| format!("invalid Redis {}", config.redis))
+    .with_context(|| format!("invalid setting of the {}", config.redis))
 }
 
 /// What `node status` prints.
@@ -256,10 +256,10 @@ async fn status(config: &NodeConfig) -> anyhow::Result<()> {
     let state = store(config)?
         .state()
         .await
-        .with_context(|| format!("cannot reach Redis at {}", config.redis))?;
+        .with_context(|| format!("cannot reach the {}", config.redis))?;
     let Some(total) = state.total else {
         bail!(
-            "no sale `{}` in Redis at {}: start a node or run `node reset`",
+            "no sale `{}` in the {}: start a node or run `node reset`",
             config.event,
             config.redis
         );
@@ -295,7 +295,7 @@ async fn reset(
     let state = store(config)?
         .reset(total, opens_at.map(crate::server::millis_since_epoch))
         .await
-        .with_context(|| format!("cannot reach Redis at {}", config.redis))?;
+        .with_context(|| format!("cannot reach the {}", config.redis))?;
     eprintln!(
         "sale `{}` started over with {total} tickets (epoch {})",
         config.event, state.epoch

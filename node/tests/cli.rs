@@ -96,16 +96,29 @@ fn status_of_a_missing_sale_says_so() {
 #[test]
 fn an_unreachable_redis_is_a_clear_error() {
     let url = format!("redis://127.0.0.1:{}", free_port());
-    for args in [
-        &["status", "--redis", &url][..],
-        &["reset", "--redis", &url],
-    ] {
-        let (ok, stdout, stderr) = node(args);
-        assert!(!ok, "{args:?} succeeded: {stdout}");
-        assert!(
-            stderr.contains(&format!("cannot reach Redis at {url}")),
-            "{stderr}"
-        );
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let cases = [
+        (
+            vec!["--redis", &url],
+            format!("cannot reach the Redis at {url}"),
+        ),
+        (
+            vec!["--redis-sentinels", &nowhere, "--redis-master", "sale"],
+            format!("cannot reach the master `sale` of the sentinels at {nowhere}"),
+        ),
+        (
+            vec!["--redis-cluster", &nowhere],
+            format!("cannot reach the Redis Cluster at {nowhere}"),
+        ),
+    ];
+    for (redis, expected) in &cases {
+        for command in ["status", "reset"] {
+            let mut args = vec![command];
+            args.extend(redis);
+            let (ok, stdout, stderr) = node(&args);
+            assert!(!ok, "{args:?} succeeded: {stdout}");
+            assert!(stderr.contains(expected), "{stderr}");
+        }
     }
 }
 

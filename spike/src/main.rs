@@ -181,7 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let snapshot = Observer::new(&plan)?.look().await;
                 print!("{}", snapshot.summary());
                 if snapshot.sale.is_none() {
-                    anyhow::bail!("no sale `{}` at {}", plan.node.event, plan.node.redis);
+                    anyhow::bail!("no sale `{}` in the {}", plan.node.event, plan.node.redis);
                 }
                 Ok(())
             }
@@ -195,7 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .store()
                     .reset(plan.total, opens_at)
                     .await
-                    .with_context(|| format!("cannot reach Redis at {}", plan.node.redis))?;
+                    .with_context(|| format!("cannot reach the {}", plan.node.redis))?;
                 println!(
                     "sale `{}` started over with {} tickets",
                     plan.node.event, plan.total
