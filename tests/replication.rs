@@ -30,6 +30,8 @@ struct Told {
     while_stalled: usize,
     /// Purchases answered 200 after the master was killed.
     after_kill: usize,
+    /// When the first purchase asked after the kill was answered 200.
+    resumed: Option<tokio::time::Instant>,
     /// 503 answers, all told.
     unavailable: usize,
 }
@@ -48,6 +50,12 @@ struct Progress {
 impl Progress {
     fn answers(&self) -> usize {
         self.sold.load(Ordering::Relaxed) + self.unavailable.load(Ordering::Relaxed)
+    }
+
+    /// Marks the master killed now.
+    fn kill(&self) -> tokio::time::Instant {
+        self.killed.store(true, Ordering::Relaxed);
+        tokio::time::Instant::now()
     }
 }
 
@@ -83,9 +91,13 @@ async fn buyers(
                     let url = &nodes[i % nodes.len()];
                     let deadline = tokio::time::Instant::now() + PATIENCE;
                     loop {
+                        let asked_after_kill = progress.killed.load(Ordering::Relaxed);
                         match buy(&client, url, &buyer).await {
                             (200, Some(order)) => {
                                 let mut told = told.lock();
+                                if asked_after_kill {
+                                    told.resumed.get_or_insert_with(tokio::time::Instant::now);
+                                }
                                 if progress.killed.load(Ordering::Relaxed) {
                                     told.after_kill += 1;
                                 } else if progress.stalled.load(Ordering::Relaxed) {
@@ -258,7 +270,7 @@ async fn sale_through_a_failover(replica_acks: u32, total: u64, stall: usize) ->
     })
     .await;
     sentinels.server(old).kill();
-    progress.killed.store(true, Ordering::Relaxed);
+    let killed = progress.kill();
     for &port in &replicas {
         sentinels.server(port).resume();
     }
@@ -266,11 +278,13 @@ async fn sale_through_a_failover(replica_acks: u32, total: u64, stall: usize) ->
     let new = sentinels.wait_for_new_master(old);
     let audit = audit(&mut sentinels.server(new).conn(), "ticket", &told);
     eprintln!(
-        "replica_acks = {replica_acks}: {} answered 200 ({} while the replicas stalled, {} after the kill), {} answered 503; \
+        "replica_acks = {replica_acks}: {} answered 200 ({} while the replicas stalled, {} after the kill, \
+         the first {:?} after it), {} answered 503; \
          the last master holds {} of {}: {} acknowledged orders lost, {} tickets told to two buyers",
         told.orders.len(),
         told.while_stalled,
         told.after_kill,
+        told.resumed.map(|at| at - killed),
         told.unavailable,
         audit.sold,
         audit.total,
@@ -450,9 +464,7 @@ async fn three_sales_on_a_cluster_end_exact_through_a_failover() {
     .await;
     let victim = events[0].1;
     cluster.server(victim).kill();
-    for progress in &progress {
-        progress.killed.store(true, Ordering::Relaxed);
-    }
+    let killed: Vec<_> = progress.iter().map(|progress| progress.kill()).collect();
     let mut told = Vec::new();
     for sale in sales {
         told.push(sale.await.unwrap());
@@ -460,6 +472,10 @@ async fn three_sales_on_a_cluster_end_exact_through_a_failover() {
     assert!(
         told[0].after_kill > 0,
         "the first sale went on after the failover"
+    );
+    eprintln!(
+        "cluster: the first sale resumed {:?} after its master's death",
+        told[0].resumed.map(|at| at - killed[0])
     );
     for ((event, _), told) in events.iter().zip(&told) {
         let master = cluster.master_of(&format!("spike:{{{event}}}:stock"));
