@@ -18,13 +18,17 @@ use std::time::Duration;
 use redis::{Cmd, FromRedisValue, RedisError, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::link::{Link, Redis};
+use crate::link::{Link, Redis, never_ran};
 use crate::store::StoreError;
 
 /// Connections, each with its batch in flight.
 pub const LINKS: usize = 4;
 /// The most changes in one batch.
 const MAX_BATCH: usize = 64;
+/// The most changes waiting for one connection; past it a change is
+/// refused, unsent, rather than queued behind a Redis that does not
+/// answer.
+const MAX_QUEUED: usize = 1024;
 
 /// One change and where its answer goes.
 struct Job {
@@ -36,7 +40,7 @@ struct Job {
 /// runtime that makes it).
 pub struct Committer {
     links: std::sync::Mutex<Vec<Link>>,
-    queues: OnceLock<Vec<mpsc::UnboundedSender<Job>>>,
+    queues: OnceLock<Vec<mpsc::Sender<Job>>>,
     next: AtomicUsize,
     replica_acks: u32,
     timeout: Duration,
@@ -72,8 +76,8 @@ impl Committer {
         let queues = self.queues.get_or_init(|| self.start());
         let queue = &queues[self.next.fetch_add(1, Ordering::Relaxed) % queues.len()];
         let (reply, answer) = oneshot::channel();
-        if queue.send(Job { cmd, reply }).is_err() {
-            return Err(lost());
+        if queue.try_send(Job { cmd, reply }).is_err() {
+            return Err(StoreError::Busy);
         }
         // The batch has its own bound; this one covers a batch queued
         // behind another.
@@ -85,12 +89,12 @@ impl Committer {
         }
     }
 
-    fn start(&self) -> Vec<mpsc::UnboundedSender<Job>> {
+    fn start(&self) -> Vec<mpsc::Sender<Job>> {
         let links = std::mem::take(&mut *self.links.lock().expect("not poisoned"));
         links
             .into_iter()
             .map(|link| {
-                let (queue, jobs) = mpsc::unbounded_channel();
+                let (queue, jobs) = mpsc::channel(MAX_QUEUED);
                 tokio::spawn(batches(link, jobs, self.replica_acks, self.timeout));
                 queue
             })
@@ -109,7 +113,7 @@ fn lost() -> StoreError {
 /// One connection's task: a batch of every change queued, then the next.
 async fn batches(
     mut link: Link,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut jobs: mpsc::Receiver<Job>,
     replica_acks: u32,
     timeout: Duration,
 ) {
@@ -120,17 +124,25 @@ async fn batches(
         pipe.ignore_errors();
         let mut job = Some(first);
         while let Some(Job { cmd, reply }) = job {
-            pipe.add_command(cmd);
-            batch.push(reply);
+            // A change whose caller stopped waiting (and answered "outcome
+            // unknown") is not sent late.
+            if !reply.is_closed() {
+                pipe.add_command(cmd);
+                batch.push(reply);
+            }
             job = if batch.len() < MAX_BATCH {
                 jobs.try_recv().ok()
             } else {
                 None
             };
         }
+        if batch.is_empty() {
+            continue;
+        }
+        // WAIT 0 would wait for ever.
         pipe.cmd("WAIT")
             .arg(replica_acks)
-            .arg(timeout.as_millis() as u64);
+            .arg(timeout.as_millis().max(1) as u64);
         let sent = tokio::time::timeout(timeout * 2, pipe.query_async::<Vec<Value>>(&mut link));
         match sent.await {
             Ok(Ok(mut replies)) if replies.len() == batch.len() + 1 => {
@@ -160,8 +172,20 @@ async fn batches(
                 }
             }
             Ok(Err(err)) => {
-                // Every change of the batch is for the same sale, in one
-                // slot: what stopped one stopped them all.
+                // The connection failed, or (in a cluster, whose client
+                // turns a redirection of any change into an error of the
+                // whole pipeline) one change was refused: the others may
+                // have run, so only a batch of one keeps an error that says
+                // it did not.
+                let err = if batch.len() > 1 && never_ran(&err) {
+                    RedisError::from((
+                        redis::ErrorKind::Io,
+                        "a batch of changes failed part way",
+                        err.to_string(),
+                    ))
+                } else {
+                    err
+                };
                 for reply in batch.drain(..) {
                     let _ = reply.send(Err(StoreError::Redis(err.clone())));
                 }

@@ -116,7 +116,7 @@ impl Api {
             unknown_payment: failure(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
                 .detail(
                     "redis did not answer or confirm the payment, which may have been made: \
-                     GET the order to learn its status, or pay again",
+                     pay again to learn its outcome",
                 )
                 .body(),
             no_sale: failure(StatusCode::SERVICE_UNAVAILABLE, "no_sale").body(),

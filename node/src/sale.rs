@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::stock::LocalStock;
-use crate::store::{Order, Outcome, Payment, SaleState, Store, StoreError, Ticket};
+use crate::store::{Order, Outcome, Payment, SaleState, Status, Store, StoreError, Ticket};
 
 /// How a purchase ended, as the client and the stat log see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,9 +289,12 @@ impl Sale {
             // who holds a ticket (bought through another node, or by a
             // purchase whose answer was lost) gets it once the sale's buyers
             // are known.
-            let purchase = match buyer.as_deref().and_then(|buyer| self.held_by(buyer)) {
-                Some(ticket) => Purchase::AlreadyBought(ticket),
-                None => Purchase::SoldOut,
+            let purchase = match buyer.as_deref().map(|b| (b, self.held_by(b))) {
+                Some((buyer, Some(ticket))) if self.store.replica_acks() > 0 => {
+                    self.confirm_held(buyer, ticket).await
+                }
+                Some((_, Some(ticket))) => Purchase::AlreadyBought(ticket),
+                _ => Purchase::SoldOut,
             };
             return self.record(purchase);
         }
@@ -333,6 +336,21 @@ impl Sale {
             .as_deref()
             .filter(|buyers| buyers.generation.epoch == epoch)?;
         buyers.orders.get(buyer).cloned()
+    }
+
+    /// `buyer`'s order from memory, told only once the replicas hold it
+    /// (the buyers were read from the master, which may have had it
+    /// alone): gone, the sale is sold out for them.
+    async fn confirm_held(&self, buyer: &str, ticket: Ticket) -> Purchase {
+        match self.store.confirmed_order(&ticket.order_id).await {
+            Ok(Some(order))
+                if order.buyer.as_deref() == Some(buyer) && order.status != Status::Expired =>
+            {
+                Purchase::AlreadyBought(ticket)
+            }
+            Ok(_) => Purchase::SoldOut,
+            Err(err) => Purchase::Unavailable(self.unanswered(&err)),
+        }
     }
 
     async fn sell(&self, buyer: Option<&str>) -> Purchase {

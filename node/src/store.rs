@@ -60,6 +60,16 @@ end
 return 1
 ";
 
+/// Reads the record of order ARGV[1] (every key of the sale given, as to
+/// the other scripts) and counts a confirmation (`confirmed`), one write,
+/// so that a `WAIT` after it covers the order, whichever connection made
+/// it; '' if there is no such order.
+const CONFIRM_SCRIPT: &str = r"
+local record = redis.call('HGET', KEYS[4], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'confirmed', 1)
+return record or ''
+";
+
 /// The Redis keys of one sale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -212,12 +222,17 @@ pub enum StoreError {
     /// `wanted` had it in time: a failover now could lose it.
     #[error("only {acked} of {wanted} replicas acknowledged the change in time")]
     NotReplicated { acked: u64, wanted: u32 },
+    /// Too many changes wait for a Redis that does not answer: this one
+    /// was not sent.
+    #[error("too many changes waiting for redis")]
+    Busy,
 }
 
 impl StoreError {
     /// Whether the command certainly never ran: nothing happened.
     pub fn never_sent(&self) -> bool {
         match self {
+            Self::Busy => true,
             Self::Redis(err) => never_ran(err),
             _ => false,
         }
@@ -287,6 +302,7 @@ pub struct Store {
     pay: Script,
     expire: Script,
     create: Script,
+    confirm: Script,
     timeout: Duration,
 }
 
@@ -339,6 +355,7 @@ impl Store {
             pay: Script::new(PAY_SCRIPT),
             expire: Script::new(EXPIRE_SCRIPT),
             create: Script::new(CREATE_SCRIPT),
+            confirm: Script::new(CONFIRM_SCRIPT),
             timeout,
         })
     }
@@ -484,6 +501,21 @@ impl Store {
         record
             .map(|record| Order::parse(id, &record).ok_or(StoreError::Record(record)))
             .transpose()
+    }
+
+    /// The order `id` as the ledger holds it, once as many replicas as
+    /// every change waits for hold it too: what a node tells from memory
+    /// is told only once it would survive a failover.
+    pub async fn confirmed_order(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        let mut cmd = self.script(&self.confirm);
+        cmd.arg(id);
+        let record: String = self.change(CONFIRM_SCRIPT, cmd).await?;
+        if record.is_empty() {
+            return Ok(None);
+        }
+        Order::parse(id, &record)
+            .map(Some)
+            .ok_or(StoreError::Record(record))
     }
 
     /// Expires at most `limit` pending orders past their deadline; returns

@@ -121,8 +121,8 @@ impl Service {
             &config.event,
             &config.group,
             consumer,
-            config.redis_timeout,
-            config.read_wait,
+            (config.redis_timeout, config.read_wait),
+            config.replica_acks,
         )?;
         let database =
             Database::open(&config.database_url, &config.event, config.database_timeout)?;
@@ -184,15 +184,6 @@ impl Service {
         let mut next_claim = Instant::now();
         while !shutdown.is_cancelled() {
             let read = self.read(&mut own, &mut cursor, &mut next_claim, &shutdown);
-            let read = async {
-                let read = read.await?;
-                // Only what survives a failover goes into the database.
-                let acks = self.config.replica_acks;
-                if acks > 0 && matches!(read, Read::Entries(_)) {
-                    self.stream.replicated(acks).await?;
-                }
-                Ok::<_, StreamError>(read)
-            };
             let entries = match read.await {
                 Ok(Read::Entries(entries)) => {
                     redis.recovered();

@@ -80,6 +80,7 @@ pub struct Stream {
     pub consumer: String,
     timeout: Duration,
     read_wait: Duration,
+    replica_acks: u32,
 }
 
 impl std::fmt::Debug for Stream {
@@ -117,17 +118,19 @@ pub struct Lag {
 impl Stream {
     /// The order stream of `event` in `redis`, read as `consumer` of `group`.
     /// Connects on first use. A blocking read may wait `read_wait` on top
-    /// of `timeout`, on a connection of its own.
+    /// of `timeout`, on a connection of its own. With `replica_acks`, a
+    /// read returns its entries only once that many replicas hold them.
     pub fn new(
         redis: &RedisTarget,
         event: &str,
         group: &str,
         consumer: &str,
-        timeout: Duration,
-        read_wait: Duration,
+        (timeout, read_wait): (Duration, Duration),
+        replica_acks: u32,
     ) -> Result<Self, RedisError> {
-        let conn = Redis::new(redis, timeout, Duration::ZERO)?.link()?;
-        let blocking = Redis::new(redis, timeout, read_wait)?.link()?;
+        // One Redis, so that both links follow the same master.
+        let redis = Redis::new(redis, timeout, read_wait + timeout)?;
+        let (conn, blocking) = (redis.link()?, redis.link()?);
         let key = format!("spike:{{{event}}}:orders");
         Ok(Self {
             conn,
@@ -140,6 +143,7 @@ impl Stream {
             consumer: consumer.to_owned(),
             timeout,
             read_wait,
+            replica_acks,
         })
     }
 
@@ -191,14 +195,8 @@ impl Stream {
         }
         cmd.arg("STREAMS").arg(&self.key).arg(from);
         let reply: Option<Vec<(String, Vec<Entry>)>> = match wait {
-            Some(_) => {
-                let mut conn = self.blocking.clone();
-                let limit = self.timeout + self.read_wait;
-                tokio::time::timeout(limit, cmd.query_async(&mut conn))
-                    .await
-                    .map_err(|_| StreamError::Timeout(limit))??
-            }
-            None => self.query(&cmd).await?,
+            Some(_) => self.read(&cmd, &self.blocking, self.read_wait).await?,
+            None => self.read(&cmd, &self.conn, Duration::ZERO).await?,
         };
         Ok(reply
             .into_iter()
@@ -218,7 +216,7 @@ impl Stream {
         count: u64,
     ) -> Result<(Vec<Entry>, String), StreamError> {
         let (next, entries, _deleted): (String, Vec<Entry>, Vec<String>) = self
-            .query(
+            .read(
                 redis::cmd("XAUTOCLAIM")
                     .arg(&self.key)
                     .arg(&self.group)
@@ -227,34 +225,52 @@ impl Stream {
                     .arg(cursor)
                     .arg("COUNT")
                     .arg(count),
+                &self.conn,
+                Duration::ZERO,
             )
             .await?;
         Ok((entries, next))
     }
 
-    /// Waits until `replicas` replicas hold every entry read so far: one
-    /// write after the reads (a count, `confirmed`, in the sale's stock
-    /// hash; its offset in the replication stream is past theirs), then
-    /// `WAIT` for it on the same connection, for up to half the timeout.
-    pub async fn replicated(&self, replicas: u32) -> Result<(), StreamError> {
-        let mut conn = self.conn.clone();
-        let wait = self.timeout / 2;
+    /// Runs the read `cmd` on `link`, which may wait `wait` in Redis.
+    /// With `replica_acks`, in the same pipeline, on the same connection:
+    /// one write (a count, `confirmed`, in the sale's stock hash; its
+    /// offset in the replication stream is past everything the read saw)
+    /// and `WAIT` for it, for up to half the timeout; the reply only if
+    /// enough replicas acknowledged.
+    async fn read<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        link: &Link,
+        wait: Duration,
+    ) -> Result<T, StreamError> {
+        let mut conn = link.clone();
+        let limit = self.timeout + wait;
+        if self.replica_acks == 0 {
+            return tokio::time::timeout(limit, cmd.query_async(&mut conn))
+                .await
+                .map_err(|_| StreamError::Timeout(limit))?
+                .map_err(StreamError::from);
+        }
+        let confirm = self.timeout / 2;
         let mut pipe = redis::pipe();
-        pipe.hincr(&self.stock, "confirmed", 1)
+        pipe.add_command(cmd.clone())
+            .hincr(&self.stock, "confirmed", 1)
             .ignore()
             .cmd("WAIT")
-            .arg(replicas)
-            .arg(wait.as_millis().max(1) as u64);
-        let (acked,): (u64,) = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+            .arg(self.replica_acks)
+            .arg(confirm.as_millis().max(1) as u64);
+        let limit = limit + confirm;
+        let (reply, acked): (T, u64) = tokio::time::timeout(limit, pipe.query_async(&mut conn))
             .await
-            .map_err(|_| StreamError::Timeout(self.timeout))??;
-        if acked < u64::from(replicas) {
+            .map_err(|_| StreamError::Timeout(limit))??;
+        if acked < u64::from(self.replica_acks) {
             return Err(StreamError::NotReplicated {
                 acked,
-                wanted: replicas,
+                wanted: self.replica_acks,
             });
         }
-        Ok(())
+        Ok(reply)
     }
 
     /// Acknowledges `ids`: they are in the database.
