@@ -352,6 +352,13 @@ impl Follower {
     /// Asks the sentinels which server is the master now.
     async fn look(&self) -> Result<(), RedisError> {
         let mut sentinel = self.sentinel.lock().await;
+        // Another caller may have just looked while this one waited.
+        let looked = *self.looked.lock();
+        if self.master.load().is_some()
+            && looked.is_some_and(|(at, ok)| ok && at.elapsed() < LOOKUP_SPACING)
+        {
+            return Ok(());
+        }
         let found = tokio::time::timeout(
             self.timeout * 2,
             sentinel.async_master_for(&self.name, None),
