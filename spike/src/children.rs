@@ -67,15 +67,18 @@ impl Launch {
         })
     }
 
-    /// Another program, e.g. `redis-server`.
-    pub fn program(name: &str, program: &str, args: Vec<OsString>, log_dir: &Path) -> Self {
-        Self {
-            name: name.to_owned(),
-            program: PathBuf::from(program),
-            args,
-            log: log_dir.join(format!("{name}.log")),
-            announces: 0,
-        }
+    /// Another program, e.g. `redis-server`, run through `spike exec` so
+    /// that it stops with spike as the other children do (the kernel's
+    /// request to signal it when its parent dies lasts across `exec`).
+    pub fn program(
+        name: &str,
+        program: &str,
+        args: Vec<OsString>,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut all = vec![OsString::from(program)];
+        all.extend(args);
+        Self::myself(name, "exec", all, log_dir, 0)
     }
 
     pub fn log(&self) -> &Path {

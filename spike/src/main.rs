@@ -128,6 +128,24 @@ fn main() -> ExitCode {
             spike::supervised_by_parent();
             return orders::cli::main(std::env::args_os().skip(1));
         }
+        // `spike exec PROGRAM ARGS...`: another program (redis-server),
+        // made to stop with spike as the others, then run in this process.
+        Some("exec") => {
+            spike::supervised_by_parent();
+            let mut args = std::env::args_os().skip(2);
+            let Some(program) = args.next() else {
+                eprintln!("spike exec: no program");
+                return ExitCode::FAILURE;
+            };
+            let err = std::os::unix::process::CommandExt::exec(
+                std::process::Command::new(&program).args(args),
+            );
+            eprintln!(
+                "spike exec: cannot run {}: {err}",
+                program.to_string_lossy()
+            );
+            return ExitCode::FAILURE;
+        }
         _ => {}
     }
     let cli = Cli::parse();

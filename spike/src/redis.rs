@@ -54,7 +54,7 @@ pub async fn ensure(url: &str, log_dir: &Path, data_dir: &Path) -> anyhow::Resul
             "no Redis answers at {url} and redis-server is not installed (Debian: apt-get install -y redis-server)"
         );
     }
-    let launch = Launch::program("redis", "redis-server", in_memory(port, data_dir)?, log_dir);
+    let launch = Launch::program("redis", "redis-server", in_memory(port, data_dir)?, log_dir)?;
     let mut running = launch.start().await?;
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     while !answers(url) {
@@ -186,7 +186,7 @@ impl SentinelPlan {
             } else {
                 format!("redis-replica-{i}")
             };
-            let launch = Launch::program(&name, "redis-server", args, log_dir);
+            let launch = Launch::program(&name, "redis-server", args, log_dir)?;
             children.push(launch.start().await?);
         }
         let master_url = format!("redis://127.0.0.1:{master}");
@@ -210,7 +210,7 @@ impl SentinelPlan {
                 "redis-server",
                 args,
                 log_dir,
-            );
+            )?;
             children.push(launch.start().await?);
         }
         for port in self.sentinels {

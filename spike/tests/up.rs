@@ -514,3 +514,33 @@ fn up_sentinel_sells_on_through_the_death_of_its_master() {
         assert!(!alive(pid), "pid {pid} outlived spike");
     }
 }
+
+#[test]
+fn what_spike_started_stops_when_spike_is_killed() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let config = ConfigDir::new(&url, 10);
+    let mut spike = spike_up(&config, &[]);
+    spike.wait_for_line("started redis-server", STARTED);
+    let pids = children(&spike);
+    assert_eq!(
+        pids.len(),
+        7,
+        "redis, four nodes, the order service, the balancer"
+    );
+    spike.kill();
+    wait_until("every child of a killed spike to stop", STOPPED, || {
+        pids.iter().all(|&pid| !running(pid))
+    });
+    assert!(!redis_answers(&url));
+}
+
+/// Whether `pid` runs: exists and is not a zombie waiting to be reaped.
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z')
+        })
+        .unwrap_or(false)
+}
