@@ -22,7 +22,7 @@
 //! Redis answers, and its first commands fail until one does.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -93,7 +93,6 @@ impl Redis {
                     master: ArcSwapOption::empty(),
                     looked: Mutex::new(None),
                     looking: AtomicBool::new(false),
-                    generation: AtomicU64::new(0),
                 }))
             }
             RedisTarget::Cluster(nodes) => Kind::Cluster(Box::new(
@@ -169,10 +168,17 @@ impl ClusterLink {
         Ok(made)
     }
 
+    /// After a command: forgets the connection if its error says the
+    /// master may have moved.
     fn observe(&self, err: Option<&RedisError>) {
-        if !err.is_some_and(master_may_have_moved) {
-            return;
+        if err.is_some_and(master_may_have_moved) {
+            self.forget();
         }
+    }
+
+    /// Lets the next command make a new connection, unless this one is
+    /// younger than [`LOOKUP_SPACING`] (or being made).
+    fn forget(&self) {
         if let Ok(mut conn) = self.conn.try_lock()
             && conn
                 .as_ref()
@@ -196,10 +202,7 @@ impl Link {
         match &self.inner {
             Inner::Single(_) => {}
             Inner::Sentinel(followed) => followed.follower.look_soon(),
-            Inner::Cluster(link) => link.observe(Some(&RedisError::from((
-                ErrorKind::Io,
-                "no answer in time",
-            )))),
+            Inner::Cluster(link) => link.forget(),
         }
     }
 }
@@ -281,7 +284,6 @@ fn master_may_have_moved(err: &RedisError) -> bool {
         || err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
-        || matches!(err.kind(), ErrorKind::Io)
         || matches!(err.code(), Some("READONLY" | "MASTERDOWN" | "NOREPLICAS"))
 }
 
@@ -294,7 +296,6 @@ struct Follower {
     /// When the sentinels were last asked, and whether they answered.
     looked: Mutex<Option<(Instant, bool)>>,
     looking: AtomicBool,
-    generation: AtomicU64,
 }
 
 /// A master's address, numbered each time it changes.
@@ -381,7 +382,8 @@ impl Follower {
         let addr = client.get_connection_info().addr().clone();
         let known = self.master.load();
         if known.as_ref().is_none_or(|master| master.addr != addr) {
-            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            // Only a lookup, under the sentinels' lock, names a master.
+            let generation = known.as_ref().map_or(1, |master| master.generation + 1);
             tracing::warn!(master = %self.name, %addr, "the sentinels name a new master");
             self.master.store(Some(Arc::new(Master {
                 generation,
