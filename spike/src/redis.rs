@@ -21,14 +21,7 @@ const PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// Whether a Redis answers PING at `url` (something else listening there,
 /// say an HTTP server, does not).
 pub fn answers(url: &str) -> bool {
-    let Ok(mut conn) = redis::Client::open(url)
-        .and_then(|client| client.get_connection_with_timeout(PING_TIMEOUT))
-    else {
-        return false;
-    };
-    conn.set_read_timeout(Some(PING_TIMEOUT)).is_ok()
-        && conn.set_write_timeout(Some(PING_TIMEOUT)).is_ok()
-        && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+    query::<String>(url, &redis::cmd("PING")).is_some()
 }
 
 /// Makes sure a Redis answers at `url`: `None` if one already does, else a
@@ -249,6 +242,7 @@ fn query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Option<T> {
         .and_then(|client| client.get_connection_with_timeout(PING_TIMEOUT))
         .ok()?;
     conn.set_read_timeout(Some(PING_TIMEOUT)).ok()?;
+    conn.set_write_timeout(Some(PING_TIMEOUT)).ok()?;
     cmd.query(&mut conn).ok()
 }
 

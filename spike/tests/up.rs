@@ -219,9 +219,7 @@ fn up_starts_its_own_redis_when_none_answers_and_stops_it() {
 }
 
 fn redis_answers(url: &str) -> bool {
-    redis::Client::open(url)
-        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(200)))
-        .is_ok()
+    spike_tests::redis::connect(url, Duration::from_millis(200)).is_ok()
 }
 
 #[test]

@@ -87,9 +87,13 @@ impl RedisServer {
 
     /// A fresh synchronous connection, for a test's own checks.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .and_then(|client| client.get_connection_with_timeout(Duration::from_secs(5)))
-            .expect("connect to the test's redis-server")
+        connect(&self.url(), Duration::from_secs(5)).expect("connect to the test's redis-server")
+    }
+
+    /// A connection, if the server answers within half a second (it may
+    /// have been killed).
+    pub fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
+        connect(&self.url(), Duration::from_millis(500))
     }
 
     /// Kills the server with SIGKILL, as a crash would.
@@ -176,11 +180,16 @@ fn spawn(port: u16, dir: &Path, durable: bool, args: &[String]) -> Option<Child>
     }
 }
 
-fn ping(url: &str) -> bool {
-    redis::Client::open(url)
-        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(200)))
+/// Whether a Redis (or a sentinel) answers PING at `url`.
+pub fn ping(url: &str) -> bool {
+    connect(url, Duration::from_millis(200))
         .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn))
         .is_ok()
+}
+
+/// A synchronous connection to `url`, given up after `timeout`.
+pub fn connect(url: &str, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+    redis::Client::open(url)?.get_connection_with_timeout(timeout)
 }
 
 /// A loopback port that was free a moment ago, and that no other call in

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::redis::{RedisServer, free_port};
+use crate::redis::{RedisServer, connect, free_port, ping};
 use crate::wait_until;
 
 /// The name the sentinels know the master by.
@@ -167,10 +167,7 @@ impl Sentinel {
                 if child.try_wait().ok().flatten().is_some() {
                     return true;
                 }
-                let answers = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                    .is_ok();
+                let answers = ping(&format!("redis://127.0.0.1:{port}"));
                 if answers {
                     sentinel = Some(port);
                 }
@@ -188,8 +185,10 @@ impl Sentinel {
     }
 
     fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?
-            .get_connection_with_timeout(Duration::from_secs(2))
+        connect(
+            &format!("redis://127.0.0.1:{}", self.port),
+            Duration::from_secs(2),
+        )
     }
 
     fn conn(&self) -> redis::Connection {
@@ -275,9 +274,7 @@ impl RedisCluster {
     /// answers sees it.
     fn slot_owners(&self) -> Vec<(u16, u16, u16)> {
         for server in &self.servers {
-            let Ok(mut conn) = redis::Client::open(server.url())
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
-            else {
+            let Ok(mut conn) = server.try_conn() else {
                 continue;
             };
             let Ok(ranges) = redis::cmd("CLUSTER")
@@ -328,11 +325,7 @@ impl RedisCluster {
     pub fn any_conn(&self) -> redis::Connection {
         self.servers
             .iter()
-            .find_map(|server| {
-                redis::Client::open(server.url())
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
-                    .ok()
-            })
+            .find_map(|server| server.try_conn().ok())
             .expect("a server of the cluster answers")
     }
 
@@ -347,9 +340,7 @@ impl RedisCluster {
 
 /// A section of `INFO`, as fields.
 pub fn info(server: &RedisServer, section: &str) -> HashMap<String, String> {
-    let Ok(mut conn) = redis::Client::open(server.url())
-        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
-    else {
+    let Ok(mut conn) = server.try_conn() else {
         return HashMap::new();
     };
     let text: String = redis::cmd("INFO")
