@@ -97,7 +97,6 @@ pub struct RedisFlags {
 impl RedisFlags {
     /// Replaces `target` with the Redis the flags name, if they name one.
     pub fn apply(self, target: &mut RedisTarget) -> anyhow::Result<()> {
-        let flag = |name: &str, err: String| anyhow::anyhow!("{name}: {err}");
         match (
             self.redis,
             self.redis_sentinels,
@@ -105,7 +104,7 @@ impl RedisFlags {
             self.redis_cluster,
         ) {
             (Some(url), None, None, None) => {
-                *target = target::url_target(url).map_err(|err| flag("--redis", err))?;
+                *target = flag("--redis", target::url_target(url))?;
             }
             (None, Some(sentinels), Some(master), None) => {
                 *target = RedisTarget::Sentinel {
@@ -145,6 +144,12 @@ impl RedisFlags {
     }
 }
 
+/// A flag's value as its check took it, or the check's message named by
+/// the flag.
+pub fn flag<T>(name: &str, checked: Result<T, String>) -> anyhow::Result<T> {
+    checked.map_err(|err| anyhow::anyhow!("{name}: {err}"))
+}
+
 /// Runs the `node` command line on `args` (the first is the program's name).
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
@@ -164,8 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     cli.redis.apply(&mut config.redis)?;
     if let Some(acks) = cli.replica_acks {
-        config.replica_acks =
-            target::replica_acks(acks).map_err(|err| anyhow::anyhow!("--replica-acks: {err}"))?;
+        config.replica_acks = flag("--replica-acks", target::replica_acks(acks))?;
     }
     if let Some(event) = cli.event {
         config.event =

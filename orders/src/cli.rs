@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use node::cli::flag;
 use spike_config::OrdersConfig;
 use spike_config::logging;
 use spike_config::server::ServerSettings;
@@ -66,16 +67,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(path) => OrdersConfig::load(path)?,
         None => OrdersConfig::default(),
     };
-    let flag = |what: &str, check: fn(String) -> Result<String, String>, value: String| {
-        check(value).map_err(|err| anyhow::anyhow!("{what}: {err}"))
-    };
     cli.redis.apply(&mut config.redis)?;
     if let Some(acks) = cli.replica_acks {
-        config.replica_acks = spike_config::redis::replica_acks(acks)
-            .map_err(|err| anyhow::anyhow!("--replica-acks: {err}"))?;
+        config.replica_acks = flag("--replica-acks", spike_config::redis::replica_acks(acks))?;
     }
     if let Some(url) = cli.database {
-        config.database_url = flag("--database", spike_config::orders::database_url, url)?;
+        config.database_url = flag("--database", spike_config::orders::database_url(url))?;
     }
     if let Some(event) = cli.event {
         config.event =

@@ -341,19 +341,7 @@ impl Stream {
         // up to a bound.
         let undelivered = match number(group.get("lag")) {
             Some(lag) => lag,
-            None => {
-                let ids: Vec<(String, Value)> = self
-                    .query(
-                        redis::cmd("XRANGE")
-                            .arg(&self.key)
-                            .arg(format!("({last}"))
-                            .arg("+")
-                            .arg("COUNT")
-                            .arg(LAG_COUNTED),
-                    )
-                    .await?;
-                ids.len() as u64
-            }
+            None => self.after(&last, LAG_COUNTED).await?.len() as u64,
         };
         let oldest = match pending {
             0 => self.first_after(&last).await?,
@@ -368,17 +356,22 @@ impl Stream {
 
     /// The id of the first entry after `id`.
     async fn first_after(&self, id: &str) -> Result<Option<String>, StreamError> {
-        let first: Vec<(String, Value)> = self
+        Ok(self.after(id, 1).await?.into_iter().next())
+    }
+
+    /// The ids of up to `count` entries after `id`.
+    async fn after(&self, id: &str, count: u64) -> Result<Vec<String>, StreamError> {
+        let entries: Vec<(String, Value)> = self
             .query(
                 redis::cmd("XRANGE")
                     .arg(&self.key)
                     .arg(format!("({id}"))
                     .arg("+")
                     .arg("COUNT")
-                    .arg(1),
+                    .arg(count),
             )
             .await?;
-        Ok(first.into_iter().next().map(|(id, _)| id))
+        Ok(entries.into_iter().map(|(id, _)| id).collect())
     }
 
     /// The id of the group's first unacknowledged entry.
