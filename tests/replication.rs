@@ -36,20 +36,77 @@ struct Told {
     unavailable: usize,
 }
 
-/// The answers of a sale's buyers so far, as they come.
-#[derive(Debug, Default)]
+/// Where a sale's buyers stand, and how many more purchases may start:
+/// the test lets the buyers make an exact number at
+/// a time, so that however fast the sale goes, the replicas are cut off
+/// and the master killed at the same point of it, with no purchase under
+/// way.
+#[derive(Debug)]
 struct Progress {
-    sold: AtomicUsize,
-    unavailable: AtomicUsize,
     /// Set while the replicas stall.
     stalled: AtomicBool,
     /// Set once the master is killed.
     killed: AtomicBool,
+    /// How many more purchases may start; `usize::MAX`: any number.
+    allowed: tokio::sync::watch::Sender<usize>,
+    /// Purchases under way.
+    in_flight: AtomicUsize,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            stalled: AtomicBool::new(false),
+            killed: AtomicBool::new(false),
+            allowed: tokio::sync::watch::Sender::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Progress {
-    fn answers(&self) -> usize {
-        self.sold.load(Ordering::Relaxed) + self.unavailable.load(Ordering::Relaxed)
+    /// Waits until a purchase may start, and counts it under way.
+    async fn enter(&self) {
+        let mut allowed = self.allowed.subscribe();
+        loop {
+            let mut entered = false;
+            // Counted under the lock that `run` reads the count with, so
+            // that it never sees a purchase allowed and not yet under way.
+            self.allowed.send_if_modified(|left| {
+                if *left > 0 {
+                    if *left != usize::MAX {
+                        *left -= 1;
+                    }
+                    self.in_flight.fetch_add(1, Ordering::SeqCst);
+                    entered = true;
+                }
+                false
+            });
+            if entered {
+                return;
+            }
+            let _ = allowed.wait_for(|left| *left > 0).await;
+        }
+    }
+
+    fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Lets exactly `purchases` more purchases (first asks or asks again)
+    /// be made, and waits until they are answered.
+    async fn run(&self, purchases: usize) {
+        self.allowed.send_replace(purchases);
+        spike_tests::wait_until_async("the purchases allowed", PATIENCE, || {
+            let done = *self.allowed.borrow() == 0 && self.in_flight.load(Ordering::SeqCst) == 0;
+            async move { done }
+        })
+        .await;
+    }
+
+    /// Lets the purchases go on, any number of them.
+    fn release(&self) {
+        self.allowed.send_replace(usize::MAX);
     }
 
     /// Marks the master killed now.
@@ -91,8 +148,11 @@ async fn buyers(
                     let url = &nodes[i % nodes.len()];
                     let deadline = tokio::time::Instant::now() + PATIENCE;
                     loop {
+                        progress.enter().await;
                         let asked_after_kill = progress.killed.load(Ordering::Relaxed);
-                        match buy(&client, url, &buyer).await {
+                        let answer = buy(&client, url, &buyer).await;
+                        progress.leave();
+                        match answer {
                             (200, Some(order)) => {
                                 let mut told = told.lock();
                                 if asked_after_kill {
@@ -104,13 +164,11 @@ async fn buyers(
                                     told.while_stalled += 1;
                                 }
                                 told.orders.insert(buyer, order);
-                                progress.sold.fetch_add(1, Ordering::Relaxed);
                                 break;
                             }
                             (409, _) => break,
                             (503, _) => {
                                 told.lock().unavailable += 1;
-                                progress.unavailable.fetch_add(1, Ordering::Relaxed);
                                 assert!(
                                     tokio::time::Instant::now() < deadline,
                                     "{buyer} got 503 for {PATIENCE:?}"
@@ -244,11 +302,7 @@ async fn sale_through_a_failover(replica_acks: u32, total: u64, stall: usize) ->
         32,
         Arc::clone(&progress),
     ));
-    spike_tests::wait_until_async("a third of the sale", PATIENCE, || {
-        let sold = progress.sold.load(Ordering::Relaxed) as u64;
-        async move { sold >= total / 3 }
-    })
-    .await;
+    progress.run(total as usize / 3).await;
     let old = sentinels.master_port();
     // The replicas are cut off: stalled (SIGSTOP), and their links closed
     // by the master (so that nothing it writes next reaches them, not even
@@ -271,17 +325,13 @@ async fn sale_through_a_failover(replica_acks: u32, total: u64, stall: usize) ->
         .query(&mut sentinels.server(old).conn())
         .unwrap();
     progress.stalled.store(true, Ordering::Relaxed);
-    let before = progress.answers();
-    spike_tests::wait_until_async("answers while the replicas stall", PATIENCE, || {
-        let now = progress.answers();
-        async move { now >= before + stall }
-    })
-    .await;
+    progress.run(stall).await;
     sentinels.server(old).kill();
     let killed = progress.kill();
     for &port in &replicas {
         sentinels.server(port).resume();
     }
+    progress.release();
     let told = sale.await.unwrap();
     let new = sentinels.wait_for_new_master(old);
     let audit = audit(&mut sentinels.server(new).conn(), "ticket", &told);
@@ -468,14 +518,15 @@ async fn three_sales_on_a_cluster_end_exact_through_a_failover() {
             ))
         })
         .collect();
-    spike_tests::wait_until_async("a third of the first sale", PATIENCE, || {
-        let sold = progress[0].sold.load(Ordering::Relaxed) as u64;
-        async move { sold >= TOTAL / 3 }
-    })
-    .await;
+    // The other two sales go on as they may while the first is stopped a
+    // third of the way for its master's death.
+    progress[1].release();
+    progress[2].release();
+    progress[0].run(TOTAL as usize / 3).await;
     let victim = events[0].1;
     cluster.server(victim).kill();
     let killed: Vec<_> = progress.iter().map(|progress| progress.kill()).collect();
+    progress[0].release();
     let mut told = Vec::new();
     for sale in sales {
         told.push(sale.await.unwrap());
