@@ -17,10 +17,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HOST, USER_AGENT};
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Uri};
+use http::{HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, Empty};
 use spike_config::health::{DEFAULT_INTERVAL, HealthSettings};
 use spike_http1::client::{Connection, ExchangeError, SendError};
+use spike_http1::message::Request;
 use spike_http1::task;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -151,8 +152,7 @@ fn log_transition(upstream: &Upstream, transition: Transition) {
 pub async fn probe(addr: SocketAddr, settings: &HealthSettings) -> Result<(), String> {
     let path = PathAndQuery::try_from(settings.path.as_str())
         .map_err(|err| format!("the path cannot be sent: {err}"))?;
-    let mut request = Request::new(Empty::<Bytes>::new());
-    *request.uri_mut() = Uri::from(path);
+    let mut request = Request::new(Method::GET, Uri::from(path), Empty::<Bytes>::new());
     let headers = request.headers_mut();
     if let Ok(host) = HeaderValue::try_from(addr.to_string()) {
         headers.insert(HOST, host);

@@ -9,9 +9,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::StatusCode;
 use spike_config::health::FailOn;
 use spike_http1::client::{ConnectError, ExchangeError};
+use spike_http1::message::Response;
 use spike_http1::reply::{self, Failure, ReplyBody};
 use spike_http1::server::BodyError;
 

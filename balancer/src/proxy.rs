@@ -20,10 +20,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::HOST;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
 use spike_http1::client::{ExchangeError, SendError, UpstreamBody};
+use spike_http1::message::{Request, Response};
 use spike_http1::reply::ReplyBody;
 use spike_http1::server::{BodyFailure, Handler, Rejections, RequestBody};
 
@@ -282,11 +283,15 @@ impl Exchange<'_> {
         } else {
             upstream.succeeded();
         }
-        let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        headers::add_via(&mut parts.headers, parts.version);
-        let body = ProxiedBody::new(body, self.in_flight, self.pool.max_idle);
-        Ok(Response::from_parts(parts, Either::Left(Box::new(body))))
+        let mut response = response;
+        let version = response.version();
+        response.headers_mut().remove_hop_by_hop();
+        headers::add_via(response.headers_mut(), version);
+        let (in_flight, max_idle) = (self.in_flight, self.pool.max_idle);
+        Ok(
+            response
+                .map(|body| Either::Left(Box::new(ProxiedBody::new(body, in_flight, max_idle)))),
+        )
     }
 
     /// Counts a failed exchange against the upstream, as its checks say.
@@ -329,7 +334,7 @@ fn rewrite_for_upstream(req: &mut Request<RequestBody>, client: &ClientAddr, tru
     }
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
-    headers::strip_hop_by_hop(headers);
+    headers.remove_hop_by_hop();
     headers::forwarded(headers, client, trusted);
     headers::add_via(headers, received);
 }

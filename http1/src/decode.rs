@@ -1,7 +1,7 @@
 //! Reading HTTP/1.1 off the wire: request and response heads, parsed with
-//! `httparse` into `http` types whose header values are slices of the read
-//! buffer (no copy), and bodies, decoded by their framing as the reader
-//! asks for them.
+//! `httparse` into messages whose header fields stay where they were read
+//! ([`Fields`]: no copy), and bodies, decoded by their framing as the
+//! reader asks for them.
 //!
 //! Heads are read as nginx reads them (a bare LF ends a line, as RFC 9112,
 //! 2.2 allows a recipient to accept); inside a chunked body, where a
@@ -13,10 +13,12 @@ use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
 
+use crate::fields::{Field, Fields};
 use crate::framing::BodyLength;
+use crate::message::{Request, Response};
 
 /// The most header fields a response head or a trailer section may have.
 pub const MAX_HEADERS: usize = 100;
@@ -24,18 +26,6 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD: usize = 400 * 1024;
 /// The longest chunk-size line (with its extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
-
-/// The reason phrase of a response, when it is not the usual one of its
-/// status code (a node's `409 Sold Out`): kept in the response's
-/// extensions, so that it reaches the client as the upstream wrote it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reason(pub(crate) Bytes);
-
-impl Reason {
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
 
 /// Why a head could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,8 +60,9 @@ pub struct HeadLimits {
     pub headers: usize,
 }
 
-/// Where each header field's name and value lie in a head, as offsets.
-type Spans = Vec<[u32; 4]>;
+/// Where each header field's name and value lie in a head, with room for
+/// the few a proxy adds (`Via` and the three `X-Forwarded-*`).
+type Spans = Vec<Field>;
 
 /// Parses a request head off the front of `buf`: `None` while it is
 /// incomplete. An empty line before the request line is skipped (RFC 9112,
@@ -96,12 +87,12 @@ pub fn parse_request(
     let head = buf.split_to(parsed.len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(parsed.target))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
-    let mut request = Request::new(());
-    *request.method_mut() = parsed.method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version(parsed.minor);
-    *request.headers_mut() = headers(&head, &parsed.spans)?;
-    Ok(Some(request))
+    Ok(Some(Request::from_head(
+        parsed.method,
+        uri,
+        version(parsed.minor),
+        Fields::received(head, parsed.spans),
+    )))
 }
 
 /// A request head as parsed, by offsets into the buffer.
@@ -148,43 +139,30 @@ fn request_head<'b>(
         method,
         target: start..start + target.len(),
         minor: request.version.unwrap_or_default(),
-        spans: spans(base, request.headers),
+        spans: spans(buf, request.headers),
     }))
 }
 
-/// Where the fields parsed from a buffer starting at `base` lie.
-fn spans(base: usize, fields: &[httparse::Header<'_>]) -> Spans {
+/// Where the fields parsed from `buf` lie.
+fn spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
+    let base = buf.as_ptr() as usize;
     // Offsets within a head of at most a few hundred kilobytes.
     let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
-    fields
-        .iter()
-        .map(|field| {
-            let (name, value) = (field.name.as_bytes(), field.value);
-            let (name_start, value_start) = (offset(name), offset(value));
+    let mut spans = Vec::with_capacity(fields.len() + 4);
+    spans.extend(fields.iter().map(|field| {
+        let (name, value) = (field.name.as_bytes(), field.value);
+        let (name_start, value_start) = (offset(name), offset(value));
+        Field::received(
+            buf,
             [
                 name_start,
                 name_start + name.len() as u32,
                 value_start,
                 value_start + value.len() as u32,
-            ]
-        })
-        .collect()
-}
-
-/// The header fields at `spans` of `head`, their values slices of it.
-fn headers(head: &Bytes, spans: &Spans) -> Result<HeaderMap, HeadError> {
-    // Room for the few a proxy adds (Via and the three X-Forwarded-*)
-    // without growing the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    for &[name_start, name_end, value_start, value_end] in spans {
-        let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
-            .map_err(|_| HeadError::Malformed("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(value_start as usize..value_end as usize))
-                .map_err(|_| HeadError::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
-    Ok(headers)
+            ],
+        )
+    }));
+    spans
 }
 
 fn version(minor: u8) -> Version {
@@ -217,14 +195,14 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<Response<()>>, HeadEr
         let status = StatusCode::from_u16(parsed.code)
             .map_err(|_| HeadError::Malformed("invalid status"))?;
         let head = buf.split_to(parsed.len).freeze();
-        let mut response = Response::new(());
-        *response.status_mut() = status;
-        *response.version_mut() = version(parsed.minor);
-        *response.headers_mut() = headers(&head, &parsed.spans)?;
-        if let Some(reason) = parsed.reason {
-            response.extensions_mut().insert(Reason(head.slice(reason)));
-        }
-        return Ok(Some(response));
+        let reason = parsed.reason.map(|reason| head.slice(reason));
+        return Ok(Some(Response::from_head(
+            status,
+            version(parsed.minor),
+            reason,
+            Fields::received(head, parsed.spans),
+            (),
+        )));
     }
 }
 
@@ -282,7 +260,7 @@ fn response_head<'b>(
         code,
         minor: response.version.unwrap_or_default(),
         reason,
-        spans: spans(base, response.headers),
+        spans: spans(buf, response.headers),
     }))
 }
 
@@ -560,8 +538,8 @@ mod tests {
         assert_eq!(req.method(), Method::POST);
         assert_eq!(req.uri(), "/a?b=1");
         assert_eq!(req.version(), Version::HTTP_11);
-        assert_eq!(req.headers()["host"], "x");
-        let values: Vec<_> = req.headers().get_all("x-a").iter().collect();
+        assert_eq!(req.headers().get("host").unwrap(), "x");
+        let values: Vec<_> = req.headers().get_all("x-a").collect();
         assert_eq!(values, ["1", "2"]);
         assert_eq!(&buf[..], b"body");
         let mut buf = BytesMut::from("GET / HTTP/1.0\r\n\r\n");
@@ -611,7 +589,7 @@ mod tests {
         );
         let head = parse_response(&mut buf).unwrap().unwrap();
         assert_eq!(head.status(), StatusCode::CREATED);
-        assert_eq!(head.headers()["x-a"], "1");
+        assert_eq!(head.headers().get("x-a").unwrap(), "1");
         assert!(!head.headers().contains_key("link"));
         assert_eq!(&buf[..], b"body");
     }
@@ -635,10 +613,9 @@ mod tests {
     #[test]
     fn an_unusual_reason_phrase_is_kept() {
         let sold_out = response("HTTP/1.1 409 Sold Out\r\ncontent-length: 0\r\n\r\n");
-        let reason = sold_out.extensions().get::<Reason>().unwrap();
-        assert_eq!(reason.as_bytes(), b"Sold Out");
+        assert_eq!(sold_out.reason(), Some(&b"Sold Out"[..]));
         let usual = response("HTTP/1.1 404 Not Found\r\n\r\n");
-        assert!(usual.extensions().get::<Reason>().is_none());
+        assert!(usual.reason().is_none());
     }
 
     /// Feeds `input` to a chunked decoder a byte at a time: the data, the

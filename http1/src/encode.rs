@@ -10,11 +10,12 @@ use std::cell::RefCell;
 use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, StatusCode, Version};
+use http::header::{HeaderMap, HeaderValue};
+use http::{StatusCode, Version};
 
-use crate::decode::Reason;
+use crate::fields::Fields;
 use crate::io::Outgoing;
+use crate::message::Request;
 
 /// How a body goes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +85,9 @@ impl BodyEncoder {
                     None => out.push(Bytes::from_static(b"0\r\n\r\n")),
                     Some(trailers) => {
                         let mut section = BytesMut::from(&b"0\r\n"[..]);
-                        write_fields(&mut section, trailers);
+                        for (name, value) in trailers {
+                            write_field(&mut section, name.as_str().as_bytes(), value.as_bytes());
+                        }
                         section.put_slice(b"\r\n");
                         out.push(section.freeze());
                     }
@@ -105,7 +108,9 @@ pub fn request_head<B>(out: &mut BytesMut, req: &Request<B>, chunked: bool) {
     let target = req.uri().path_and_query().map_or("/", |path| path.as_str());
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    write_fields(out, req.headers());
+    for (name, value) in req.headers().iter() {
+        write_field(out, name, value.as_bytes());
+    }
     if chunked {
         out.put_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -131,25 +136,28 @@ pub struct ResponseFraming {
 pub fn response_head(
     out: &mut BytesMut,
     status: StatusCode,
-    reason: Option<&Reason>,
-    headers: &HeaderMap,
+    reason: Option<&[u8]>,
+    headers: &Fields,
     framing: ResponseFraming,
 ) {
     out.put_slice(b"HTTP/1.1 ");
     out.put_slice(status.as_str().as_bytes());
     out.put_u8(b' ');
     match reason {
-        Some(reason) => out.put_slice(reason.as_bytes()),
+        Some(reason) => out.put_slice(reason),
         None => out.put_slice(status.canonical_reason().unwrap_or("").as_bytes()),
     }
     out.put_slice(b"\r\n");
-    for (name, value) in headers {
-        let framing_field = framing.body.is_some()
-            && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING);
-        if name == header::CONNECTION || framing_field {
+    let mut dated = false;
+    for (name, value) in headers.iter() {
+        let is = |other: &str| name.eq_ignore_ascii_case(other.as_bytes());
+        let framing_field =
+            framing.body.is_some() && (is("content-length") || is("transfer-encoding"));
+        if is("connection") || framing_field {
             continue;
         }
-        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        dated |= is("date");
+        write_field(out, name, value.as_bytes());
     }
     match framing.body {
         Some(BodyFraming::Length(length)) => {
@@ -164,16 +172,10 @@ pub fn response_head(
     } else if framing.client == Version::HTTP_10 {
         write_field(out, b"connection", b"keep-alive");
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         DATE.with(|date| write_field(out, b"date", date.borrow_mut().now().as_bytes()));
     }
     out.put_slice(b"\r\n");
-}
-
-fn write_fields(out: &mut BytesMut, headers: &HeaderMap) {
-    for (name, value) in headers {
-        write_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
 }
 
 fn write_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -227,6 +229,9 @@ impl CachedDate {
 
 #[cfg(test)]
 mod tests {
+    use http::header::{HOST, HeaderName};
+    use http::{Method, Uri};
+
     use super::*;
 
     fn queued(out: &mut Outgoing) -> String {
@@ -274,11 +279,23 @@ mod tests {
 
     #[test]
     fn a_response_head_carries_the_framing_and_connection_decided_here() {
-        let mut headers = HeaderMap::new();
-        headers.insert("content-type", HeaderValue::from_static("text/plain"));
-        headers.insert("content-length", HeaderValue::from_static("999"));
-        headers.insert("connection", HeaderValue::from_static("x-secret"));
-        headers.insert("date", HeaderValue::from_static("today"));
+        let mut headers = Fields::new();
+        headers.insert(
+            HeaderName::from_static("content-type"),
+            HeaderValue::from_static("text/plain"),
+        );
+        headers.insert(
+            HeaderName::from_static("content-length"),
+            HeaderValue::from_static("999"),
+        );
+        headers.insert(
+            HeaderName::from_static("connection"),
+            HeaderValue::from_static("x-secret"),
+        );
+        headers.insert(
+            HeaderName::from_static("date"),
+            HeaderValue::from_static("today"),
+        );
         let mut out = BytesMut::new();
         let framing = ResponseFraming {
             body: Some(BodyFraming::Length(12)),
@@ -292,7 +309,6 @@ mod tests {
               content-length: 12\r\nconnection: keep-alive\r\n\r\n"
         );
         let mut out = BytesMut::new();
-        let reason = Reason(Bytes::from_static(b"Sold Out"));
         let closing = ResponseFraming {
             body: None,
             keep_alive: false,
@@ -301,7 +317,7 @@ mod tests {
         response_head(
             &mut out,
             StatusCode::CONFLICT,
-            Some(&reason),
+            Some(&b"Sold Out"[..]),
             &headers,
             closing,
         );
@@ -322,7 +338,7 @@ mod tests {
             keep_alive: true,
             client: Version::HTTP_11,
         };
-        response_head(&mut out, StatusCode::OK, None, &HeaderMap::new(), framing);
+        response_head(&mut out, StatusCode::OK, None, &Fields::new(), framing);
         let text = String::from_utf8(out.to_vec()).unwrap();
         let date = text
             .lines()
@@ -334,10 +350,13 @@ mod tests {
 
     #[test]
     fn a_request_head_goes_out_in_origin_form() {
-        let req = Request::post("http://example.com/a?b=1")
-            .header("host", "example.com")
-            .body(())
-            .unwrap();
+        let mut req = Request::new(
+            Method::POST,
+            Uri::from_static("http://example.com/a?b=1"),
+            (),
+        );
+        req.headers_mut()
+            .append(HOST, HeaderValue::from_static("example.com"));
         let mut out = BytesMut::new();
         request_head(&mut out, &req, true);
         assert_eq!(

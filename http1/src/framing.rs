@@ -27,7 +27,9 @@
 //! accept `42, 42`), while a request may not, as nginx refuses it.
 
 use http::Version;
-use http::header::{self, HeaderMap};
+use http::header;
+
+use crate::fields::Fields;
 
 /// Which kind of message the rules apply to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,26 +94,27 @@ impl FramingError {
 pub fn body_framing(
     role: Role,
     version: Version,
-    headers: &mut HeaderMap,
+    headers: &mut Fields,
 ) -> Result<Framing, FramingError> {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(FramingError::CodingInHttp10);
         }
+        let (mut codings, mut chunked_last) = (0, false);
+        for coding in headers
+            .get_all(header::TRANSFER_ENCODING)
+            .flat_map(|value| list(value.as_bytes()))
         {
-            let mut codings = headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .flat_map(|value| list(value.as_bytes()));
-            let last = codings.next_back();
-            if !last.is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
-                return Err(FramingError::ChunkedNotFinal);
-            }
-            if codings.next().is_some() {
-                return Err(FramingError::UnsupportedCoding);
-            }
+            codings += 1;
+            chunked_last = coding.eq_ignore_ascii_case(b"chunked");
         }
-        let ambiguous = headers.remove(header::CONTENT_LENGTH).is_some();
+        if !chunked_last {
+            return Err(FramingError::ChunkedNotFinal);
+        }
+        if codings > 1 {
+            return Err(FramingError::UnsupportedCoding);
+        }
+        let ambiguous = headers.remove(header::CONTENT_LENGTH);
         return Ok(Framing {
             length: BodyLength::Chunked,
             ambiguous,
@@ -129,7 +132,7 @@ pub fn body_framing(
 }
 
 /// The `Content-Length` of a message, if it has one.
-fn content_length(role: Role, headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
+fn content_length(role: Role, headers: &Fields) -> Result<Option<u64>, FramingError> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
@@ -155,7 +158,7 @@ pub fn parse_decimal(digits: &[u8]) -> Option<u64> {
 
 /// The members of a comma-separated header value, trimmed, empty ones
 /// skipped (RFC 9110, 5.6.1).
-fn list(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
@@ -164,26 +167,27 @@ fn list(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
 
 /// The options of every `Connection` header of a message, trimmed (RFC
 /// 9110, 7.6.1).
-pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+pub fn connection_options(headers: &Fields) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
-        .iter()
         .flat_map(|value| list(value.as_bytes()))
 }
 
 /// Whether `headers` hold the `Connection` option `option`.
-pub fn has_connection_option(headers: &HeaderMap, option: &[u8]) -> bool {
+pub fn has_connection_option(headers: &Fields, option: &[u8]) -> bool {
     connection_options(headers).any(|token| token.eq_ignore_ascii_case(option))
 }
 
 /// Whether the sender of a message of `version` with these headers keeps
 /// its connection open after it (RFC 9112, 9.3): never if it says `close`;
 /// else in HTTP/1.1, and in HTTP/1.0 only if it says `keep-alive`.
-pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    if has_connection_option(headers, b"close") {
-        return false;
+pub fn keeps_alive(version: Version, headers: &Fields) -> bool {
+    let (mut close, mut keep_alive) = (false, false);
+    for option in connection_options(headers) {
+        close |= option.eq_ignore_ascii_case(b"close");
+        keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
     }
-    version != Version::HTTP_10 || has_connection_option(headers, b"keep-alive")
+    !close && (version != Version::HTTP_10 || keep_alive)
 }
 
 #[cfg(test)]
@@ -192,7 +196,7 @@ mod tests {
 
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    fn headers(pairs: &[(&str, &str)]) -> Fields {
         pairs
             .iter()
             .map(|(name, value)| {

@@ -7,7 +7,9 @@
 //! - [`framing`]: where a message's body ends and whether its connection
 //!   stays open (RFC 9112, 6 and 9.3), one rule set for requests and
 //!   responses;
-//! - [`decode`]: heads parsed into `http` types, bodies decoded by their
+//! - [`fields`]: a message's header fields, kept where they were read;
+//! - [`message`]: requests and responses, heads and bodies;
+//! - [`decode`]: heads parsed into messages, bodies decoded by their
 //!   framing;
 //! - [`encode`]: heads written, bodies framed on their way out;
 //! - [`reply`]: every reply the software makes up itself, with one JSON
@@ -22,8 +24,10 @@
 pub mod client;
 pub mod decode;
 pub mod encode;
+pub mod fields;
 pub mod framing;
 mod io;
+pub mod message;
 pub mod reply;
 pub mod server;
 pub mod task;

@@ -11,11 +11,13 @@
 //! carry one more field of its own (`opens_at` of a sale not open yet).
 
 use bytes::Bytes;
+use http::StatusCode;
 use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 use serde::ser::SerializeMap;
+
+use crate::message::Response;
 
 /// The body of every reply made here.
 pub type ReplyBody = Full<Bytes>;
@@ -93,8 +95,7 @@ impl<'a> Failure<'a> {
 
 /// A JSON reply with `body` (already JSON).
 pub fn json(status: StatusCode, body: Bytes) -> Response<ReplyBody> {
-    let mut reply = Response::new(Full::new(body));
-    *reply.status_mut() = status;
+    let mut reply = Response::new(status, Full::new(body));
     reply
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -111,8 +112,7 @@ pub fn json_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
 
 /// A reply of some other type (`/metrics`, say).
 pub fn typed(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ReplyBody> {
-    let mut reply = Response::new(Full::new(body));
-    *reply.status_mut() = status;
+    let mut reply = Response::new(status, Full::new(body));
     reply
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -160,7 +160,10 @@ mod tests {
     async fn every_error_has_one_json_shape() {
         let bare = Failure::new(StatusCode::NOT_FOUND, "not_found").reply();
         assert_eq!(bare.status(), StatusCode::NOT_FOUND);
-        assert_eq!(bare.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(
+            bare.headers().get(CONTENT_TYPE).unwrap(),
+            "application/json"
+        );
         assert_eq!(text(bare).await, "{\"error\":\"not_found\"}\n");
         let full = Failure::new(StatusCode::CONFLICT, "sold_out")
             .detail("a \"quoted\" detail")
@@ -185,9 +188,9 @@ mod tests {
             Failure::new(StatusCode::SERVICE_UNAVAILABLE, "x").reply(),
             0,
         );
-        assert_eq!(reply.headers()[RETRY_AFTER], "1");
+        assert_eq!(reply.headers().get(RETRY_AFTER).unwrap(), "1");
         let reply = closing(method_not_allowed("GET, HEAD"));
-        assert_eq!(reply.headers()[ALLOW], "GET, HEAD");
-        assert_eq!(reply.headers()[CONNECTION], "close");
+        assert_eq!(reply.headers().get(ALLOW).unwrap(), "GET, HEAD");
+        assert_eq!(reply.headers().get(CONNECTION).unwrap(), "close");
     }
 }

@@ -12,9 +12,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde::Serialize;
+use spike_http1::message::{Request, Response};
 use spike_http1::reply::{self, Failure, ReplyBody};
 use spike_http1::server::{Handler, RequestBody};
 
@@ -286,21 +287,21 @@ impl Handler for Api {
     }
 }
 
-/// The buyer id from `?user=ID` or the `X-User-Id` header; both may be given
-/// only if they agree. `None` for an anonymous purchase.
 /// The request once its whole body has arrived (and been let go: neither a
 /// purchase nor a payment reads one), or the refusal of a body cut short
 /// or too slow.
 async fn whole(req: Request<RequestBody>) -> Result<Request<()>, Response<ReplyBody>> {
-    let (parts, body) = req.into_parts();
+    let (head, body) = req.into_parts();
     match body.collect().await {
-        Ok(_) => Ok(Request::from_parts(parts, ())),
+        Ok(_) => Ok(head),
         Err(err) => Err(Failure::new(err.status(), err.rejection().as_str())
             .detail(&err.to_string())
             .reply()),
     }
 }
 
+/// The buyer id from `?user=ID` or the `X-User-Id` header; both may be given
+/// only if they agree. `None` for an anonymous purchase.
 fn buyer<B>(req: &Request<B>) -> Result<Option<String>, &'static str> {
     let from_query = req.uri().query().and_then(|query| {
         form_urlencoded::parse(query.as_bytes())
@@ -394,11 +395,11 @@ mod tests {
     use super::*;
 
     fn request(uri: &str, header: Option<&str>) -> Request<()> {
-        let mut req = Request::builder().uri(uri);
+        let mut req = http::Request::builder().uri(uri);
         if let Some(value) = header {
             req = req.header(BUYER_HEADER, value);
         }
-        req.body(()).unwrap()
+        req.body(()).unwrap().into()
     }
 
     #[test]

@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use serde::Serialize;
+use spike_http1::message::{Request, Response};
 use spike_http1::reply::{self, Failure, ReplyBody};
 use spike_http1::server::{Handler, RequestBody};
 

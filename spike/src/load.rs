@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use http::header::HOST;
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use serde::Serialize;
 use spike_http1::client::{Connection, SendError};
+use spike_http1::message::Request;
 
 /// How long one request may take before it counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -393,9 +394,7 @@ async fn send(
     method: Method,
     path: &str,
 ) -> Option<(StatusCode, Bytes)> {
-    let mut request = Request::new(Empty::<Bytes>::new());
-    *request.method_mut() = method;
-    *request.uri_mut() = path.parse().ok()?;
+    let mut request = Request::new(method, path.parse().ok()?, Empty::<Bytes>::new());
     request.headers_mut().insert(HOST, shared.host.clone());
     let mut request = Box::new(request);
     let mut reused = connection.take();

@@ -29,9 +29,11 @@ use std::sync::OnceLock;
 use http::header::{
     AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, REFERER, WWW_AUTHENTICATE,
 };
-use http::{HeaderMap, Method, Response, StatusCode};
+use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use spike_config::balancer::AdminToken;
+use spike_http1::fields::Fields;
+use spike_http1::message::Response;
 use spike_http1::reply::{Failure, ReplyBody};
 use subtle::ConstantTimeEq;
 
@@ -78,7 +80,7 @@ impl Guard {
     /// The refusal (403) of a request whose `Host` does not name the admin
     /// address, when no token is set (with one, the token keeps others
     /// out).
-    pub fn foreign_host(&self, headers: &HeaderMap) -> Option<Response<ReplyBody>> {
+    pub fn foreign_host(&self, headers: &Fields) -> Option<Response<ReplyBody>> {
         if self.token.is_some() {
             return None;
         }
@@ -93,11 +95,11 @@ impl Guard {
     }
 
     /// The refusal (401) of a request without the token, if one is set.
-    pub fn unauthorized(&self, headers: &HeaderMap) -> Option<Response<ReplyBody>> {
+    pub fn unauthorized(&self, headers: &Fields) -> Option<Response<ReplyBody>> {
         let token = self.token.as_ref()?;
         let given = headers
             .get(AUTHORIZATION)
-            .map(HeaderValue::as_bytes)
+            .map(|value| value.as_bytes())
             .and_then(|value| {
                 let (scheme, rest) = value.split_at_checked(7)?;
                 scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
@@ -120,11 +122,7 @@ impl Guard {
     /// The refusal (403, or 415) of a request that changes something,
     /// unless it comes from the admin address's own page, or from no page
     /// at all (a command line client), with a JSON body.
-    pub fn refuse_change(
-        &self,
-        method: &Method,
-        headers: &HeaderMap,
-    ) -> Option<Response<ReplyBody>> {
+    pub fn refuse_change(&self, method: &Method, headers: &Fields) -> Option<Response<ReplyBody>> {
         if matches!(*method, Method::GET | Method::HEAD) {
             return None;
         }
@@ -220,10 +218,13 @@ mod tests {
         guard
     }
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut headers = HeaderMap::new();
+    fn headers(pairs: &[(&'static str, &str)]) -> Fields {
+        let mut headers = Fields::new();
         for (name, value) in pairs {
-            headers.insert(*name, HeaderValue::from_str(value).unwrap());
+            headers.insert(
+                http::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
         headers
     }

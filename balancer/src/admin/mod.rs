@@ -22,9 +22,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
+use spike_http1::message::{Request, Response};
 use spike_http1::reply::{self, Failure, ReplyBody};
 use spike_http1::server::{ConnectionCounts, Handler, Rejection, Rejections, RequestBody};
 

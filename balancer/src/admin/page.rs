@@ -5,8 +5,9 @@
 //! what it shows needs the token, if one is set, which the page asks for.
 
 use bytes::Bytes;
+use http::StatusCode;
 use http::header::{CACHE_CONTROL, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use spike_http1::message::Response;
 use spike_http1::reply::{self, ReplyBody};
 
 const INDEX: &str = include_str!("page/index.html");

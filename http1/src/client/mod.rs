@@ -3,7 +3,7 @@
 //! A proxied request needs little of a general HTTP client: its head is
 //! already parsed and checked by the server side, so it is written out as
 //! it stands ([`crate::encode`]); the upstream's response head is parsed
-//! into the [`http::Response`] the server side writes for the client
+//! into the [`Response`] the server side writes for the client
 //! ([`crate::decode`]); and the response body is decoded by its framing
 //! ([`crate::framing`], the same rules requests are held to) as the
 //! client's connection asks for it. Everything runs inside the task that
@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use http_body::Body;
 use tokio::net::TcpStream;
 
@@ -42,6 +42,7 @@ use crate::decode::{self, DecodeError, Decoder, HeadError};
 use crate::encode;
 use crate::framing::{self, FramingError, Role, parse_decimal};
 use crate::io::{Outgoing, poll_read};
+use crate::message::{Request, Response};
 use patience::Patience;
 use sender::BodySender;
 

@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::decode::Reason;
 
 /// A response timeout no test here reaches.
 const PATIENT: Duration = Duration::from_secs(10);
@@ -133,13 +132,14 @@ async fn read_all<B: Body<Data = Bytes> + Unpin>(
     Ok(String::from_utf8(data).unwrap())
 }
 
-fn get(path: &str) -> Box<Request<Frames>> {
+fn get(path: &str) -> Box<crate::message::Request<Frames>> {
     Box::new(
         Request::get(path)
             .header("host", "backend")
             .header("x-test", "1")
             .body(Frames::new(&[], false))
-            .unwrap(),
+            .unwrap()
+            .into(),
     )
 }
 
@@ -157,7 +157,7 @@ async fn a_request_goes_out_in_http_1_1_and_a_sized_body_comes_back_whole() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()["x-reply"], "yes");
+    assert_eq!(response.headers().get("x-reply").unwrap(), "yes");
     assert_eq!(read_all(response.body_mut()).await.unwrap(), "hello");
     let reusable = response.body_mut().into_reusable();
     assert!(
@@ -181,7 +181,7 @@ async fn a_body_of_unknown_length_goes_chunked_and_one_of_known_length_as_is() {
         .unwrap();
     let mut response = connect(addr)
         .await
-        .send(Box::new(req), PATIENT)
+        .send(Box::new(req.into()), PATIENT)
         .await
         .unwrap();
     assert!(response.body_mut().into_reusable().is_some());
@@ -204,7 +204,7 @@ async fn a_body_of_unknown_length_goes_chunked_and_one_of_known_length_as_is() {
     drop(
         connect(addr)
             .await
-            .send(Box::new(req), PATIENT)
+            .send(Box::new(req.into()), PATIENT)
             .await
             .unwrap(),
     );
@@ -226,7 +226,7 @@ async fn an_answer_before_the_whole_body_ends_the_exchange_and_the_connection() 
         .unwrap();
     let mut response = connect(addr)
         .await
-        .send(Box::new(req), PATIENT)
+        .send(Box::new(req.into()), PATIENT)
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -317,7 +317,7 @@ async fn waiting_for_the_client_body_does_not_count_against_the_upstream() {
     });
     let mut response = connect(addr)
         .await
-        .send(Box::new(req), limit)
+        .send(Box::new(req.into()), limit)
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -360,7 +360,7 @@ async fn an_upstream_that_answers_before_the_body_still_gets_all_of_it() {
     frames.send(Some("first")).unwrap();
     let mut response = connect(addr)
         .await
-        .send(Box::new(req), PATIENT)
+        .send(Box::new(req.into()), PATIENT)
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -385,7 +385,7 @@ async fn a_body_of_known_length_is_done_once_all_of_it_went_out() {
         .unwrap();
     let mut response = connect(addr)
         .await
-        .send(Box::new(req), PATIENT)
+        .send(Box::new(req.into()), PATIENT)
         .await
         .unwrap();
     assert!(response.body_mut().into_reusable().is_some());
@@ -399,7 +399,7 @@ async fn a_client_body_failing_after_the_answer_fails_the_response() {
     let req = Request::post("/").body(Sent(body)).unwrap();
     let mut response = connect(addr)
         .await
-        .send(Box::new(req), PATIENT)
+        .send(Box::new(req.into()), PATIENT)
         .await
         .unwrap();
     frames.send(None).unwrap();
@@ -417,7 +417,10 @@ async fn a_body_that_does_not_match_its_length_fails_the_exchange() {
             .body(Frames::new(&frames, false))
             .unwrap();
         assert!(matches!(
-            connect(addr).await.send(Box::new(req), PATIENT).await,
+            connect(addr)
+                .await
+                .send(Box::new(req.into()), PATIENT)
+                .await,
             Err(SendError::Failed(ExchangeError::RequestBody))
         ));
     }
@@ -432,8 +435,7 @@ async fn an_unusual_reason_phrase_is_kept() {
     )
     .await;
     let response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
-    let reason = response.extensions().get::<Reason>().unwrap();
-    assert_eq!(reason.as_bytes(), b"Sold Out");
+    assert_eq!(response.reason(), Some(&b"Sold Out"[..]));
     let (addr, _upstream) = scripted(
         "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
         0,
@@ -441,5 +443,5 @@ async fn an_unusual_reason_phrase_is_kept() {
     )
     .await;
     let response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
-    assert!(response.extensions().get::<Reason>().is_none());
+    assert!(response.reason().is_none());
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use http_body::Body;
 use http_body_util::Empty;
 use tokio::net::TcpStream;
@@ -30,10 +30,11 @@ use super::park::{Lot, Parked};
 use super::phase::{self, Expiry, Phase, Stall, Timer};
 use super::service::{self, Refused};
 use super::{Handler, Shared};
-use crate::decode::{self, Decoder, HeadError, Reason};
+use crate::decode::{self, Decoder, HeadError};
 use crate::encode::{self, BodyEncoder, BodyFraming, ResponseFraming};
 use crate::framing;
 use crate::io::{Outgoing, poll_read};
+use crate::message::{Request, Response};
 
 /// How much room a read of a head is given.
 const HEAD_READ_SIZE: usize = 4 * 1024;
@@ -318,18 +319,18 @@ impl Connection {
     /// Clears `keep_alive` if the body can only end with the connection.
     async fn write_reply<B: ServedBody>(
         &mut self,
-        reply: Response<B>,
+        mut reply: Response<B>,
         head_request: bool,
         version: Version,
         keep_alive: &mut bool,
     ) -> Result<(), Aborted> {
-        let (mut parts, body) = reply.into_parts();
-        let status = parts.status;
+        let status = reply.status();
         let bodiless = head_request
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let framing = (!bodiless).then(|| match body.size_hint().exact() {
+        let size = reply.body().size_hint().exact();
+        let framing = (!bodiless).then(|| match size {
             Some(length) => BodyFraming::Length(length),
             None if version == Version::HTTP_11 => BodyFraming::Chunked,
             None => {
@@ -338,20 +339,20 @@ impl Connection {
             }
         });
         if head_request
-            && !parts.headers.contains_key(CONTENT_LENGTH)
-            && let Some(length) = body.size_hint().exact().filter(|&length| length > 0)
+            && !reply.headers().contains_key(CONTENT_LENGTH)
+            && let Some(length) = size.filter(|&length| length > 0)
         {
             // A handler that answers HEAD as it answers GET: the length the
             // GET's body would have. (An empty body says nothing of it.)
-            parts
-                .headers
+            reply
+                .headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
         encode::response_head(
             &mut self.head,
             status,
-            parts.extensions.get::<Reason>(),
-            &parts.headers,
+            reply.reason(),
+            reply.headers(),
             ResponseFraming {
                 body: framing,
                 keep_alive: *keep_alive,
@@ -359,6 +360,7 @@ impl Connection {
             },
         );
         self.out.push(self.head.split().freeze());
+        let body = reply.into_body();
         match framing {
             Some(framing) => self.write(Some((body, BodyEncoder::new(framing)))).await,
             None => {

@@ -37,8 +37,8 @@ mod tests;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::message::{Request, Response};
 use bytes::Bytes;
-use http::{Request, Response};
 use http_body::Body;
 use spike_config::server::ServerSettings;
 use tokio::sync::Semaphore;

@@ -19,13 +19,14 @@
 //!   read `Transfer_Encoding` as `Transfer-Encoding`.
 //! - `Expect: 100-continue` is answered here, for this hop.
 
-use http::header::{EXPECT, HOST, HeaderName, HeaderValue};
+use http::header::{EXPECT, HOST, HeaderValue};
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 
 use super::body::BodyError;
 use super::counters::Rejection;
 use crate::framing::{self, BodyLength, Framing, Role};
+use crate::message::{Request, Response};
 use crate::reply::{self, Failure, ReplyBody};
 
 /// What the checks found of a request they let through.
@@ -105,14 +106,7 @@ pub(super) fn check<B>(req: &mut Request<B>, max_body: u64) -> Result<Checked, R
         });
     }
     let headers = req.headers_mut();
-    let underscored: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for name in underscored {
-        headers.remove(name);
-    }
+    headers.retain(|name, _| !name.contains(&b'_'));
     let expects_continue = version == Version::HTTP_11
         && framing.length != BodyLength::Empty
         && headers
@@ -158,18 +152,20 @@ fn check_target<B>(req: &Request<B>) -> Result<(), Refused> {
 /// `Host`: at most one, valid, and present in HTTP/1.1; taken from the
 /// target when it is in absolute form.
 fn check_host<B>(req: &mut Request<B>) -> Result<(), Refused> {
-    let mut hosts = req.headers().get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (_, Some(_)) => return Err(Refused::bad("more than one Host")),
-        (None, None) if req.version() == Version::HTTP_11 => {
-            return Err(Refused::bad("an HTTP/1.1 request without Host"));
+    {
+        let mut hosts = req.headers().get_all(HOST);
+        match (hosts.next(), hosts.next()) {
+            (_, Some(_)) => return Err(Refused::bad("more than one Host")),
+            (None, None) if req.version() == Version::HTTP_11 => {
+                return Err(Refused::bad("an HTTP/1.1 request without Host"));
+            }
+            (Some(host), None) if !valid_host(host.as_bytes()) => {
+                return Err(Refused::bad(
+                    "a Host that is not a host and an optional port",
+                ));
+            }
+            _ => {}
         }
-        (Some(host), None) if !valid_host(host.as_bytes()) => {
-            return Err(Refused::bad(
-                "a Host that is not a host and an optional port",
-            ));
-        }
-        _ => {}
     }
     if let Some(authority) = req.uri().authority().map(Authority::as_str) {
         // A target with user information names no host a server may use.
@@ -209,7 +205,7 @@ fn valid_host(value: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use http::header::CONTENT_LENGTH;
+    use http::header::{CONTENT_LENGTH, HeaderName};
 
     use super::*;
 
@@ -219,14 +215,16 @@ mod tests {
         version: Version,
         headers: &[(&str, &str)],
     ) -> Request<()> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(target)
-            .version(version);
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = Request::new(method, target.parse().unwrap(), ());
+        *req.version_mut() = version;
         for (name, value) in headers {
-            req = req.header(*name, *value);
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
         }
-        req.body(()).unwrap()
+        req
     }
 
     fn get(headers: &[(&str, &str)]) -> Request<()> {
@@ -334,7 +332,7 @@ mod tests {
             &[("host", "other.example")],
         );
         check(&mut req, 100).unwrap();
-        assert_eq!(req.headers()[HOST], "shop.example:8080");
+        assert_eq!(req.headers().get(HOST).unwrap(), "shop.example:8080");
         let with_user = request("GET", "http://u@shop/a", Version::HTTP_11, &[HOST_X]);
         assert_eq!(refusal(with_user), BAD);
     }
@@ -382,9 +380,8 @@ mod tests {
             ("x-user", "b"),
         ]);
         check(&mut req, 100).unwrap();
-        let mut names: Vec<_> = req.headers().keys().map(HeaderName::as_str).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["host", "x-user"]);
+        let names: Vec<_> = req.headers().iter().map(|(name, _)| name).collect();
+        assert_eq!(names, [&b"host"[..], b"x-user"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::StatusCode;
 use http_body::Frame;
 use http_body_util::{BodyExt, Either, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use super::*;
+use crate::message::{Request, Response};
 
 /// Answers "ok" to everything but `/echo` (its body back, read whole) and
 /// `/stream` (two chunks, no length).
@@ -21,13 +22,19 @@ async fn handle(req: Request<RequestBody>) -> Response<Either<Full<Bytes>, Chunk
         // A body that failed is answered as a handler would; the server
         // closes the connection after it.
         "/echo" => match req.into_body().collect().await {
-            Ok(body) => Response::new(Either::Left(Full::new(body.to_bytes()))),
+            Ok(body) => Response::new(StatusCode::OK, Either::Left(Full::new(body.to_bytes()))),
             Err(err) => crate::reply::Failure::new(err.status(), "body")
                 .reply()
                 .map(Either::Left),
         },
-        "/stream" => Response::new(Either::Right(Chunks(vec!["hello ", "world"]))),
-        _ => Response::new(Either::Left(Full::new(Bytes::from_static(b"ok")))),
+        "/stream" => Response::new(
+            StatusCode::OK,
+            Either::Right(Chunks(vec!["hello ", "world"])),
+        ),
+        _ => Response::new(
+            StatusCode::OK,
+            Either::Left(Full::new(Bytes::from_static(b"ok"))),
+        ),
     }
 }
 
