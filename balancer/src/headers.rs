@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::Version;
 use http::header::{self, HeaderName, HeaderValue};
 use ipnet::IpNet;
-use spike_http1::fields::Fields;
+use spike_http1::fields::{Fields, Known};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -63,15 +63,17 @@ pub fn forwarded(headers: &mut Fields, client: &ClientAddr, trusted: bool) {
     let (proto, host) = if trusted {
         append_forwarded_for(headers, client);
         (
-            headers.contains_key(X_FORWARDED_PROTO),
-            headers.contains_key(X_FORWARDED_HOST),
+            headers.contains_key(Known::X_FORWARDED_PROTO),
+            headers.contains_key(Known::X_FORWARDED_HOST),
         )
     } else {
-        headers.retain(|name, _| {
-            ![&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST]
-                .iter()
-                .any(|forwarded| name.eq_ignore_ascii_case(forwarded.as_str().as_bytes()))
-        });
+        for claimed in [
+            Known::X_FORWARDED_FOR,
+            Known::X_FORWARDED_PROTO,
+            Known::X_FORWARDED_HOST,
+        ] {
+            headers.remove(claimed);
+        }
         headers.append(X_FORWARDED_FOR, client.forwarded_for.clone());
         (false, false)
     };
@@ -79,7 +81,7 @@ pub fn forwarded(headers: &mut Fields, client: &ClientAddr, trusted: bool) {
         headers.append(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if !host {
-        headers.append_copy(X_FORWARDED_HOST, header::HOST);
+        headers.append_copy(X_FORWARDED_HOST, Known::HOST);
     }
 }
 
@@ -93,7 +95,7 @@ pub fn original_client(headers: &Fields, peer: IpAddr, trusted: &[IpNet]) -> IpA
         return peer;
     }
     let mut client = peer;
-    let values: Vec<_> = headers.get_all(&X_FORWARDED_FOR).collect();
+    let values: Vec<_> = headers.get_all(Known::X_FORWARDED_FOR).collect();
     for value in values.iter().rev() {
         let Ok(text) = value.to_str() else {
             return client;
@@ -115,7 +117,7 @@ pub fn original_client(headers: &Fields, peer: IpAddr, trusted: &[IpNet]) -> IpA
 /// already there into one comma-separated chain.
 fn append_forwarded_for(headers: &mut Fields, client: &ClientAddr) {
     let mut chain = Vec::new();
-    for value in headers.get_all(&X_FORWARDED_FOR) {
+    for value in headers.get_all(Known::X_FORWARDED_FOR) {
         chain.extend_from_slice(value.as_bytes());
         chain.extend_from_slice(b", ");
     }

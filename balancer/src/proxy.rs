@@ -24,6 +24,7 @@ use http::{Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
 use spike_http1::client::{ExchangeError, SendError, UpstreamBody};
+use spike_http1::fields::Known;
 use spike_http1::message::{Request, Response};
 use spike_http1::reply::ReplyBody;
 use spike_http1::server::{BodyFailure, Handler, Rejections, RequestBody};
@@ -160,7 +161,7 @@ impl Proxy {
         let mut req = Box::new(req);
         rewrite_for_upstream(&mut req, client, trusted);
         // A request without Host (HTTP/1.0) gets its upstream's address.
-        let lacks_host = !req.headers().contains_key(HOST);
+        let lacks_host = !req.headers().contains_key(Known::HOST);
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
             let Some((peer, in_flight)) = self.router.pick(&tried) else {

@@ -139,17 +139,24 @@ fn request_head<'b>(
         method,
         target: start..start + target.len(),
         minor: request.version.unwrap_or_default(),
-        spans: spans(buf, request.headers),
+        // As nginx does: a proxy or an application that maps `-` and `_`
+        // to the same name (CGI does) could read `Transfer_Encoding` as
+        // `Transfer-Encoding`.
+        spans: spans(buf, request.headers, true),
     }))
 }
 
-/// Where the fields parsed from `buf` lie.
-fn spans(buf: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
+/// Where the fields parsed from `buf` lie: those whose names hold `_` left
+/// out if `drop_underscored`.
+fn spans(buf: &[u8], fields: &[httparse::Header<'_>], drop_underscored: bool) -> Spans {
     let base = buf.as_ptr() as usize;
     // Offsets within a head of at most a few hundred kilobytes.
     let offset = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
     let mut spans = Vec::with_capacity(fields.len() + 4);
-    spans.extend(fields.iter().map(|field| {
+    let kept = fields
+        .iter()
+        .filter(|field| !(drop_underscored && field.name.as_bytes().contains(&b'_')));
+    spans.extend(kept.map(|field| {
         let (name, value) = (field.name.as_bytes(), field.value);
         let (name_start, value_start) = (offset(name), offset(value));
         Field::received(
@@ -260,7 +267,7 @@ fn response_head<'b>(
         code,
         minor: response.version.unwrap_or_default(),
         reason,
-        spans: spans(buf, response.headers),
+        spans: spans(buf, response.headers, false),
     }))
 }
 
@@ -545,6 +552,17 @@ mod tests {
         let mut buf = BytesMut::from("GET / HTTP/1.0\r\n\r\n");
         let req = parse_request(&mut buf, LIMITS).unwrap().unwrap();
         assert_eq!(req.version(), Version::HTTP_10);
+    }
+
+    #[test]
+    fn request_header_names_with_underscores_are_dropped() {
+        let mut buf = BytesMut::from(
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\nx_user: a\r\nx-user: b\r\n\r\n",
+        );
+        let req = parse_request(&mut buf, LIMITS).unwrap().unwrap();
+        let names: Vec<_> = req.headers().iter().map(|(name, _)| name).collect();
+        assert_eq!(names, [&b"Host"[..], b"x-user"]);
+        assert!(!req.headers().contains_key("transfer-encoding"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue};
 use http::{StatusCode, Version};
 
-use crate::fields::Fields;
+use crate::fields::{Fields, Known};
 use crate::io::Outgoing;
 use crate::message::Request;
 
@@ -108,9 +108,7 @@ pub fn request_head<B>(out: &mut BytesMut, req: &Request<B>, chunked: bool) {
     let target = req.uri().path_and_query().map_or("/", |path| path.as_str());
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers().iter() {
-        write_field(out, name, value.as_bytes());
-    }
+    req.headers().write(out, |_| true);
     if chunked {
         out.put_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -149,16 +147,15 @@ pub fn response_head(
     }
     out.put_slice(b"\r\n");
     let mut dated = false;
-    for (name, value) in headers.iter() {
-        let is = |other: &str| name.eq_ignore_ascii_case(other.as_bytes());
-        let framing_field =
-            framing.body.is_some() && (is("content-length") || is("transfer-encoding"));
-        if is("connection") || framing_field {
-            continue;
-        }
-        dated |= is("date");
-        write_field(out, name, value.as_bytes());
-    }
+    headers.write(out, |known| {
+        let framing_field = framing.body.is_some()
+            && matches!(
+                known,
+                Some(Known::CONTENT_LENGTH | Known::TRANSFER_ENCODING)
+            );
+        dated |= known == Some(Known::DATE);
+        known != Some(Known::CONNECTION) && !framing_field
+    });
     match framing.body {
         Some(BodyFraming::Length(length)) => {
             let mut digits = [0; 20];

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::str::Utf8Error;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 
 /// The header fields of one message.
@@ -25,6 +25,35 @@ pub struct Fields {
     /// lookup of one that is not (most of them, in most messages) scans
     /// nothing.
     present: u32,
+    /// What the `Connection` fields say.
+    connection: ConnectionOptions,
+}
+
+/// The options of a message's `Connection` fields (RFC 9110, 7.6.1),
+/// read once, as the fields are read or added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// Options other than these two: names of fields that go with this
+    /// hop.
+    pub others: bool,
+}
+
+impl ConnectionOptions {
+    fn add(&mut self, value: &[u8]) {
+        for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            // A value holds no control character but the tab, which bit
+            // 0x20 does not make a letter or `-` either.
+            if option.len() == 5 && same_lowercase(option, b"close") {
+                self.close = true;
+            } else if option.len() == 10 && same_lowercase(option, b"keep-alive") {
+                self.keep_alive = true;
+            } else if !option.is_empty() {
+                self.others = true;
+            }
+        }
+    }
 }
 
 /// The names this crate and the proxy look up on every message, told
@@ -53,7 +82,7 @@ const KNOWN: [&str; 17] = [
 const OTHER: u8 = u8::MAX;
 
 /// Which of [`KNOWN`] `name` is, ignoring case, or [`OTHER`].
-fn known(name: &[u8]) -> u8 {
+fn classify(name: &[u8]) -> u8 {
     // Their lengths and first letters tell the known names apart: one
     // candidate at most, and most other names are told from them without
     // comparing another byte.
@@ -113,8 +142,6 @@ fn same_lowercase(name: &[u8], lower: &[u8]) -> bool {
 /// `Trailer`, `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization` and
 /// `Proxy-Authenticate`.
 const HOP_BY_HOP: u32 = 0b111_1111_1100;
-/// `Connection`.
-const CONNECTION: u8 = 3;
 
 fn bit(known: u8) -> u32 {
     if known == OTHER { 0 } else { 1 << known }
@@ -144,7 +171,7 @@ impl Field {
         [name_start, name_end, value_start, value_end]: [u32; 4],
     ) -> Self {
         Field {
-            known: known(&head[name_start as usize..name_end as usize]),
+            known: classify(&head[name_start as usize..name_end as usize]),
             place: Place::Received {
                 name: (name_start, name_end),
                 value: (value_start, value_end),
@@ -163,9 +190,52 @@ impl Field {
     }
 }
 
-/// A field name to look up: an `http` constant, or a name in lower case.
+/// A field name to look up: a [`Known`] one, an `http` constant, or a name
+/// in lower case.
 pub trait Name {
     fn as_name(&self) -> &str;
+
+    /// Which of [`KNOWN`] it is, or [`OTHER`].
+    #[doc(hidden)]
+    fn known(&self) -> u8 {
+        classify(self.as_name().as_bytes())
+    }
+}
+
+/// One of the names [`Fields`] tells apart as fields are read, which a
+/// lookup finds without comparing a byte: the ones looked up on every
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known(u8);
+
+impl Known {
+    pub const HOST: Known = Known(0);
+    pub const CONTENT_LENGTH: Known = Known(1);
+    pub const TRANSFER_ENCODING: Known = Known(2);
+    pub const CONNECTION: Known = Known(3);
+    pub const KEEP_ALIVE: Known = Known(4);
+    pub const PROXY_CONNECTION: Known = Known(5);
+    pub const TE: Known = Known(6);
+    pub const TRAILER: Known = Known(7);
+    pub const UPGRADE: Known = Known(8);
+    pub const PROXY_AUTHORIZATION: Known = Known(9);
+    pub const PROXY_AUTHENTICATE: Known = Known(10);
+    pub const EXPECT: Known = Known(11);
+    pub const X_FORWARDED_FOR: Known = Known(12);
+    pub const X_FORWARDED_PROTO: Known = Known(13);
+    pub const X_FORWARDED_HOST: Known = Known(14);
+    pub const VIA: Known = Known(15);
+    pub const DATE: Known = Known(16);
+}
+
+impl Name for Known {
+    fn as_name(&self) -> &str {
+        KNOWN[self.0 as usize]
+    }
+
+    fn known(&self) -> u8 {
+        self.0
+    }
 }
 
 impl Name for HeaderName {
@@ -244,14 +314,32 @@ impl Fields {
 
     /// The fields read from `head`.
     pub(crate) fn received(head: Bytes, list: Vec<Field>) -> Self {
-        let present = list
-            .iter()
-            .fold(0, |present, field| present | bit(field.known));
-        Self {
+        let mut fields = Self {
             head,
             list,
-            present,
+            present: 0,
+            connection: ConnectionOptions::default(),
+        };
+        fields.index();
+        fields
+    }
+
+    /// Tells again which known names are present and what `Connection`
+    /// says.
+    fn index(&mut self) {
+        self.present = 0;
+        self.connection = ConnectionOptions::default();
+        for field in &self.list {
+            self.present |= bit(field.known);
+            if field.known == Known::CONNECTION.0 {
+                self.connection.add(field.parts(&self.head).1);
+            }
         }
+    }
+
+    /// The options of the `Connection` fields.
+    pub fn connection(&self) -> ConnectionOptions {
+        self.connection
     }
 
     pub fn len(&self) -> usize {
@@ -272,19 +360,18 @@ impl Fields {
 
     /// The value of the first field named `name`.
     pub fn get(&self, name: impl Name) -> Option<Value<'_>> {
-        let name = name.as_name().as_bytes();
-        let wanted = known(name);
+        let wanted = name.known();
         self.scanned(wanted)
             .iter()
-            .find_map(|field| self.value_of(field, wanted, name))
+            .find_map(|field| self.value_of(field, wanted, &name))
     }
 
     /// The values of every field named `name`, in order.
     pub fn get_all<N: Name>(&self, name: N) -> impl Iterator<Item = Value<'_>> + use<'_, N> {
-        let wanted = known(name.as_name().as_bytes());
+        let wanted = name.known();
         self.scanned(wanted)
             .iter()
-            .filter_map(move |field| self.value_of(field, wanted, name.as_name().as_bytes()))
+            .filter_map(move |field| self.value_of(field, wanted, &name))
     }
 
     /// The fields a lookup of a name that is `wanted` of [`KNOWN`] scans:
@@ -299,12 +386,13 @@ impl Fields {
 
     /// The value of `field` if it is named `name`, `wanted` of [`KNOWN`]:
     /// a known name is matched by its index, any other by its bytes.
-    fn value_of<'a>(&'a self, field: &'a Field, wanted: u8, name: &[u8]) -> Option<Value<'a>> {
+    fn value_of<'a>(&'a self, field: &'a Field, wanted: u8, name: &impl Name) -> Option<Value<'a>> {
         if field.known != wanted {
             return None;
         }
         let (raw, value) = field.parts(&self.head);
-        (wanted != OTHER || raw.eq_ignore_ascii_case(name)).then_some(Value(value))
+        let named = wanted != OTHER || raw.eq_ignore_ascii_case(name.as_name().as_bytes());
+        named.then_some(Value(value))
     }
 
     pub fn contains_key(&self, name: impl Name) -> bool {
@@ -313,13 +401,16 @@ impl Fields {
 
     /// Removes every field named `name`; whether there was one.
     pub fn remove(&mut self, name: impl Name) -> bool {
-        let name = name.as_name().as_bytes();
-        let wanted = known(name);
+        let wanted = name.known();
         if wanted != OTHER && self.present & bit(wanted) == 0 {
             return false;
         }
         let before = self.list.len();
-        self.retain(|raw, _| !raw.eq_ignore_ascii_case(name));
+        let name = name.as_name().as_bytes();
+        self.retain_fields(|field, raw, _| match wanted {
+            OTHER => !raw.eq_ignore_ascii_case(name),
+            _ => field.known != wanted,
+        });
         self.list.len() != before
     }
 
@@ -332,22 +423,17 @@ impl Fields {
     /// value, holds.
     fn retain_fields(&mut self, mut keep: impl FnMut(&Field, &[u8], &[u8]) -> bool) {
         let head = &self.head;
-        let mut present = 0;
         self.list.retain(|field| {
             let (name, value) = field.parts(head);
-            let kept = keep(field, name, value);
-            if kept {
-                present |= bit(field.known);
-            }
-            kept
+            keep(field, name, value)
         });
-        self.present = present;
+        self.index();
     }
 
     /// Adds a field after the others.
     pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
         self.push(Field {
-            known: known(name.as_str().as_bytes()),
+            known: classify(name.as_str().as_bytes()),
             place: Place::Added(name, value),
         });
     }
@@ -366,7 +452,7 @@ impl Fields {
                 Place::Added(_, value) => Err(value.clone()),
             })
         });
-        let known = known(name.as_str().as_bytes());
+        let known = classify(name.as_str().as_bytes());
         match found {
             Some(Ok(value)) => self.push(Field {
                 known,
@@ -392,27 +478,59 @@ impl Fields {
         if self.present & HOP_BY_HOP == 0 {
             return;
         }
-        // The usual options name no field of their own (`close`) or one
-        // removed anyway (`keep-alive`).
-        let named: Vec<Vec<u8>> = if self.present & bit(CONNECTION) != 0 {
-            crate::framing::connection_options(self)
+        if self.connection.others {
+            // The usual options name no field of their own (`close`) or
+            // one removed anyway (`keep-alive`).
+            let named: Vec<Vec<u8>> = crate::framing::connection_options(self)
                 .filter(|option| {
                     !option.eq_ignore_ascii_case(b"keep-alive")
                         && !option.eq_ignore_ascii_case(b"close")
                 })
                 .map(<[u8]>::to_vec)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        self.retain_fields(|field, name, _| {
-            bit(field.known) & HOP_BY_HOP == 0
-                && !named.iter().any(|named| named.eq_ignore_ascii_case(name))
-        });
+                .collect();
+            self.retain_fields(|_, name, _| {
+                !named.iter().any(|named| named.eq_ignore_ascii_case(name))
+            });
+        }
+        self.list.retain(|field| bit(field.known) & HOP_BY_HOP == 0);
+        self.present &= !HOP_BY_HOP;
+        self.connection = ConnectionOptions::default();
+    }
+
+    /// Writes the fields for which `keep`, given which known name each has
+    /// (`None` for another), holds, a line each: a received field as it
+    /// came, from its name to the end of its value.
+    pub(crate) fn write(&self, out: &mut BytesMut, mut keep: impl FnMut(Option<Known>) -> bool) {
+        out.reserve(self.head.len() + 64 * self.list.len());
+        for field in &self.list {
+            if !keep((field.known != OTHER).then_some(Known(field.known))) {
+                continue;
+            }
+            let line = |start: u32, end: u32| self.head.get(start as usize..end as usize);
+            match &field.place {
+                Place::Received { name, value } => {
+                    out.put_slice(line(name.0, value.1).unwrap_or_default());
+                }
+                Place::Added(name, value) => {
+                    out.put_slice(name.as_str().as_bytes());
+                    out.put_slice(b": ");
+                    out.put_slice(value.as_bytes());
+                }
+                Place::Copied { name, value } => {
+                    out.put_slice(name.as_str().as_bytes());
+                    out.put_slice(b": ");
+                    out.put_slice(line(value.0, value.1).unwrap_or_default());
+                }
+            }
+            out.put_slice(b"\r\n");
+        }
     }
 
     fn push(&mut self, field: Field) {
         self.present |= bit(field.known);
+        if field.known == Known::CONNECTION.0 {
+            self.connection.add(field.parts(&self.head).1);
+        }
         self.list.push(field);
     }
 }
@@ -452,11 +570,15 @@ mod tests {
     #[test]
     fn each_known_name_is_told_apart_in_any_case() {
         for (index, name) in KNOWN.iter().enumerate() {
-            assert_eq!(known(name.as_bytes()), index as u8, "{name}");
-            assert_eq!(known(name.to_uppercase().as_bytes()), index as u8, "{name}");
+            assert_eq!(classify(name.as_bytes()), index as u8, "{name}");
+            assert_eq!(
+                classify(name.to_uppercase().as_bytes()),
+                index as u8,
+                "{name}"
+            );
         }
         for other in ["", "t", "hosts", "hast", "user-agent", "x-forwarded-fox"] {
-            assert_eq!(known(other.as_bytes()), OTHER, "{other}");
+            assert_eq!(classify(other.as_bytes()), OTHER, "{other}");
         }
     }
 
@@ -529,7 +651,7 @@ mod tests {
         ];
         let mask = hop_by_hop
             .iter()
-            .fold(0, |mask, name| mask | bit(known(name.as_bytes())));
+            .fold(0, |mask, name| mask | bit(classify(name.as_bytes())));
         assert_eq!(mask, HOP_BY_HOP);
         let mut fields = read(
             "Connection: keep-alive, X-Secret\nconnection: x-other\nX-Secret: 1\nx-other: 2\n\

@@ -27,9 +27,8 @@
 //! accept `42, 42`), while a request may not, as nginx refuses it.
 
 use http::Version;
-use http::header;
 
-use crate::fields::Fields;
+use crate::fields::{Fields, Known};
 
 /// Which kind of message the rules apply to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,13 +95,13 @@ pub fn body_framing(
     version: Version,
     headers: &mut Fields,
 ) -> Result<Framing, FramingError> {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if headers.contains_key(Known::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(FramingError::CodingInHttp10);
         }
         let (mut codings, mut chunked_last) = (0, false);
         for coding in headers
-            .get_all(header::TRANSFER_ENCODING)
+            .get_all(Known::TRANSFER_ENCODING)
             .flat_map(|value| list(value.as_bytes()))
         {
             codings += 1;
@@ -114,7 +113,7 @@ pub fn body_framing(
         if codings > 1 {
             return Err(FramingError::UnsupportedCoding);
         }
-        let ambiguous = headers.remove(header::CONTENT_LENGTH);
+        let ambiguous = headers.remove(Known::CONTENT_LENGTH);
         return Ok(Framing {
             length: BodyLength::Chunked,
             ambiguous,
@@ -134,7 +133,7 @@ pub fn body_framing(
 /// The `Content-Length` of a message, if it has one.
 fn content_length(role: Role, headers: &Fields) -> Result<Option<u64>, FramingError> {
     let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    for value in headers.get_all(Known::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
             let n = parse_decimal(part.trim_ascii()).ok_or(FramingError::MalformedLength)?;
             match length {
@@ -169,30 +168,22 @@ fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// 9110, 7.6.1).
 pub fn connection_options(headers: &Fields) -> impl Iterator<Item = &[u8]> {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(Known::CONNECTION)
         .flat_map(|value| list(value.as_bytes()))
-}
-
-/// Whether `headers` hold the `Connection` option `option`.
-pub fn has_connection_option(headers: &Fields, option: &[u8]) -> bool {
-    connection_options(headers).any(|token| token.eq_ignore_ascii_case(option))
 }
 
 /// Whether the sender of a message of `version` with these headers keeps
 /// its connection open after it (RFC 9112, 9.3): never if it says `close`;
 /// else in HTTP/1.1, and in HTTP/1.0 only if it says `keep-alive`.
 pub fn keeps_alive(version: Version, headers: &Fields) -> bool {
-    let (mut close, mut keep_alive) = (false, false);
-    for option in connection_options(headers) {
-        close |= option.eq_ignore_ascii_case(b"close");
-        keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-    }
-    !close && (version != Version::HTTP_10 || keep_alive)
+    let options = headers.connection();
+    !options.close && (version != Version::HTTP_10 || options.keep_alive)
 }
 
 #[cfg(test)]
 mod tests {
     use http::HeaderValue;
+    use http::header;
 
     use super::*;
 

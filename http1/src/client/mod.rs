@@ -31,7 +31,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
 use http::{Method, StatusCode};
 use http_body::Body;
 use tokio::net::TcpStream;
@@ -40,6 +39,7 @@ pub use response::UpstreamBody;
 
 use crate::decode::{self, DecodeError, Decoder, HeadError};
 use crate::encode;
+use crate::fields::Known;
 use crate::framing::{self, FramingError, Role, parse_decimal};
 use crate::io::{Outgoing, poll_read};
 use crate::message::{Request, Response};
@@ -263,7 +263,7 @@ impl RequestFraming {
         if req.body().is_end_stream() {
             return RequestFraming::None;
         }
-        let length = req.headers().get(CONTENT_LENGTH);
+        let length = req.headers().get(Known::CONTENT_LENGTH);
         match length.and_then(|value| parse_decimal(value.as_bytes().trim_ascii())) {
             Some(length) => RequestFraming::Length(length),
             None => RequestFraming::Chunked,

@@ -32,6 +32,7 @@ use super::service::{self, Refused};
 use super::{Handler, Shared};
 use crate::decode::{self, Decoder, HeadError};
 use crate::encode::{self, BodyEncoder, BodyFraming, ResponseFraming};
+use crate::fields::Known;
 use crate::framing;
 use crate::io::{Outgoing, poll_read};
 use crate::message::{Request, Response};
@@ -293,7 +294,7 @@ impl Connection {
         keep_alive &= !self.shared.shutdown.is_cancelled()
             && failure.get().is_none()
             && returned.as_ref().is_none_or(|returned| returned.complete)
-            && !framing::has_connection_option(reply.headers(), b"close");
+            && !reply.headers().connection().close;
         let written = self
             .write_reply(reply, head_request, version, &mut keep_alive)
             .await;
@@ -339,7 +340,7 @@ impl Connection {
             }
         });
         if head_request
-            && !reply.headers().contains_key(CONTENT_LENGTH)
+            && !reply.headers().contains_key(Known::CONTENT_LENGTH)
             && let Some(length) = size.filter(|&length| length > 0)
         {
             // A handler that answers HEAD as it answers GET: the length the

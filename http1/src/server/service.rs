@@ -14,17 +14,15 @@
 //!   and the connection closed after the reply, so nothing that followed
 //!   can be read as a second request.
 //! - A `Content-Length` over the body limit: 413, before the body is read.
-//! - Header names holding `_` are dropped, as nginx does: a proxy or an
-//!   application that maps `-` and `_` to the same name (CGI does) could
-//!   read `Transfer_Encoding` as `Transfer-Encoding`.
 //! - `Expect: 100-continue` is answered here, for this hop.
 
-use http::header::{EXPECT, HOST, HeaderValue};
+use http::header::{HOST, HeaderValue};
 use http::uri::Authority;
 use http::{Method, StatusCode, Version};
 
 use super::body::BodyError;
 use super::counters::Rejection;
+use crate::fields::Known;
 use crate::framing::{self, BodyLength, Framing, Role};
 use crate::message::{Request, Response};
 use crate::reply::{self, Failure, ReplyBody};
@@ -106,14 +104,13 @@ pub(super) fn check<B>(req: &mut Request<B>, max_body: u64) -> Result<Checked, R
         });
     }
     let headers = req.headers_mut();
-    headers.retain(|name, _| !name.contains(&b'_'));
     let expects_continue = version == Version::HTTP_11
         && framing.length != BodyLength::Empty
         && headers
-            .get(EXPECT)
+            .get(Known::EXPECT)
             .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
-        headers.remove(EXPECT);
+        headers.remove(Known::EXPECT);
     }
     Ok(Checked {
         framing,
@@ -153,7 +150,7 @@ fn check_target<B>(req: &Request<B>) -> Result<(), Refused> {
 /// target when it is in absolute form.
 fn check_host<B>(req: &mut Request<B>) -> Result<(), Refused> {
     {
-        let mut hosts = req.headers().get_all(HOST);
+        let mut hosts = req.headers().get_all(Known::HOST);
         match (hosts.next(), hosts.next()) {
             (_, Some(_)) => return Err(Refused::bad("more than one Host")),
             (None, None) if req.version() == Version::HTTP_11 => {
@@ -372,19 +369,6 @@ mod tests {
     }
 
     #[test]
-    fn underscored_names_are_dropped() {
-        let mut req = get(&[
-            HOST_X,
-            ("transfer_encoding", "chunked"),
-            ("x_user", "a"),
-            ("x-user", "b"),
-        ]);
-        check(&mut req, 100).unwrap();
-        let names: Vec<_> = req.headers().iter().map(|(name, _)| name).collect();
-        assert_eq!(names, [&b"host"[..], b"x-user"]);
-    }
-
-    #[test]
     fn expect_100_continue_is_answered_here_for_a_body_only() {
         let mut req = request(
             "POST",
@@ -393,7 +377,7 @@ mod tests {
             &[HOST_X, ("expect", "100-Continue"), ("content-length", "5")],
         );
         assert!(check(&mut req, 100).unwrap().expects_continue);
-        assert!(!req.headers().contains_key(EXPECT));
+        assert!(!req.headers().contains_key(Known::EXPECT));
         let mut bodiless = get(&[HOST_X, ("expect", "100-continue")]);
         assert!(!check(&mut bodiless, 100).unwrap().expects_continue);
     }
