@@ -89,13 +89,13 @@ impl ConnectionPool {
 
     /// Returns a connection whose exchange has ended to this worker's
     /// stack, unless the upstream has `max_idle` idle connections already.
-    pub fn release(&self, connection: Connection, max_idle: usize) {
+    pub fn release(&self, connection: Connection, max_idle: usize, now: Instant) {
         let max_idle = max_idle.div_ceil(self.idle.len());
         let mut idle = self.idle[self.home()].lock();
         if idle.len() < max_idle {
             idle.push(Idle {
                 connection,
-                since: Instant::now(),
+                since: now,
             });
         }
     }

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HOST;
@@ -370,12 +370,17 @@ impl ProxiedBody {
         body
     }
 
+    /// The response has ended: the request's time is taken, and the
+    /// connection goes back to the pool if it may carry another exchange
+    /// (both at one reading of the clock).
     fn release(&mut self) {
+        let now = Instant::now();
+        self.in_flight.end(now);
         if let Some(connection) = self.inner.into_reusable() {
             self.in_flight
                 .upstream()
                 .pool
-                .release(connection, self.max_idle);
+                .release(connection, self.max_idle, now);
         }
     }
 }

@@ -79,7 +79,7 @@ impl Upstream {
         self.counters.in_flight.inc();
         InFlight {
             upstream: Arc::clone(self),
-            started: Instant::now(),
+            started: Some(Instant::now()),
         }
     }
 
@@ -150,21 +150,33 @@ impl Drop for Upstream {
 #[derive(Debug)]
 pub struct InFlight {
     upstream: Arc<Upstream>,
-    started: Instant,
+    /// When it started, until its duration is recorded.
+    started: Option<Instant>,
 }
 
 impl InFlight {
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
     }
+
+    /// Records the request's duration, as ended `now`; it stays counted
+    /// in flight until this is dropped.
+    pub fn end(&mut self, now: Instant) {
+        if let Some(started) = self.started.take() {
+            let duration = now.saturating_duration_since(started);
+            self.upstream
+                .counters
+                .duration
+                .observe(duration.as_secs_f64());
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let counters = &self.upstream.counters;
-        counters.in_flight.dec();
-        counters
-            .duration
-            .observe(self.started.elapsed().as_secs_f64());
+        if self.started.is_some() {
+            self.end(Instant::now());
+        }
+        self.upstream.counters.in_flight.dec();
     }
 }

@@ -13,11 +13,14 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug, Default)]
 pub(super) struct Patience {
     limit: Duration,
-    /// Kept with the connection from one exchange to the next: moving a
-    /// deadline later is cheap, registering a new timer is not.
+    /// Kept with the connection from one exchange to the next, and set no
+    /// later than the deadline of the wait under way, possibly earlier:
+    /// each wait's deadline is later than the last one's, and moving the
+    /// timer at every wait costs more than waking once early, at most once
+    /// per `limit`, to set it again.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Whether the timer is set for a wait under way.
-    waiting: bool,
+    /// When the wait under way runs out, if one is.
+    deadline: Option<Instant>,
 }
 
 impl Patience {
@@ -25,7 +28,7 @@ impl Patience {
     /// time.
     pub fn start(&mut self, limit: Duration) {
         self.limit = limit;
-        self.waiting = false;
+        self.deadline = None;
     }
 
     /// The exchange has to wait: whether it has waited on the upstream for
@@ -36,22 +39,61 @@ impl Patience {
             self.reset();
             return false;
         }
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = Instant::now() + self.limit;
-            match &mut self.timer {
-                Some(timer) => timer.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
+        let limit = self.limit;
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + limit);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
         }
-        self.timer
-            .as_mut()
-            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return true;
+            }
+            // Woken early, for an earlier wait's deadline.
+            timer.as_mut().reset(deadline);
+        }
+        false
     }
 
     /// The upstream sent something, or the exchange waits on the client:
     /// the next wait on the upstream starts afresh.
     pub fn reset(&mut self) {
-        self.waiting = false;
+        self.deadline = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn each_wait_runs_out_after_the_limit_from_its_own_start() {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut patience = Patience::default();
+        patience.start(Duration::from_secs(10));
+        assert!(!patience.poll_expired(false, &mut cx));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // The upstream sent something: a new wait, with its own deadline,
+        // later than the timer is set.
+        patience.reset();
+        assert!(!patience.poll_expired(false, &mut cx));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(
+            !patience.poll_expired(false, &mut cx),
+            "6 s into a wait of 10"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(patience.poll_expired(false, &mut cx));
+        // A wait on the client does not count, and the next exchange waits
+        // afresh.
+        assert!(!patience.poll_expired(true, &mut cx));
+        patience.start(Duration::from_secs(1));
+        assert!(!patience.poll_expired(false, &mut cx));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(patience.poll_expired(false, &mut cx));
     }
 }
