@@ -46,8 +46,9 @@ use crate::message::{Request, Response};
 use patience::Patience;
 use sender::BodySender;
 
-/// How much room a read of a response is given.
-const READ_SIZE: usize = 8 * 1024;
+/// How much room a read of a response is given: a page, as nginx's
+/// `proxy_buffer_size`; every pooled connection keeps it.
+const READ_SIZE: usize = 4 * 1024;
 
 /// Why no connection to an upstream could be had. Nothing was sent.
 #[derive(Debug, thiserror::Error)]

@@ -37,8 +37,11 @@ use crate::framing;
 use crate::io::{Outgoing, poll_read};
 use crate::message::{Request, Response};
 
-/// How much room a read of a head is given.
-const HEAD_READ_SIZE: usize = 4 * 1024;
+/// How much room a read of a head is given: most heads fit (nginx's
+/// `client_header_buffer_size` is as much), a larger one takes more reads,
+/// and a thousand connections waiting for their replies hold a kilobyte
+/// each.
+const HEAD_READ_SIZE: usize = 1024;
 /// How much of a reply may be queued, taken from its body, before it is
 /// written out.
 const MAX_QUEUED: usize = 64 * 1024;
