@@ -158,7 +158,14 @@ fn spans(buf: &[u8], fields: &[httparse::Header<'_>], drop_underscored: bool) ->
         .filter(|field| !(drop_underscored && field.name.as_bytes().contains(&b'_')));
     spans.extend(kept.map(|field| {
         let (name, value) = (field.name.as_bytes(), field.value);
-        let (name_start, value_start) = (offset(name), offset(value));
+        let name_start = offset(name);
+        // An empty value is placed right after the colon that follows the
+        // name, wherever the parser's empty slice points.
+        let value_start = if value.is_empty() {
+            name_start + name.len() as u32 + 1
+        } else {
+            offset(value)
+        };
         Field::received(
             buf,
             [
@@ -552,6 +559,18 @@ mod tests {
         let mut buf = BytesMut::from("GET / HTTP/1.0\r\n\r\n");
         let req = parse_request(&mut buf, LIMITS).unwrap().unwrap();
         assert_eq!(req.version(), Version::HTTP_10);
+    }
+
+    #[test]
+    fn a_field_goes_out_as_it_came_and_an_empty_one_as_its_name() {
+        let mut buf =
+            BytesMut::from("GET / HTTP/1.1\r\nX-Empty:   \r\nHost:x\r\nX-A:  1 2\r\n\r\n");
+        let req = parse_request(&mut buf, LIMITS).unwrap().unwrap();
+        assert_eq!(req.headers().get("x-empty").unwrap(), "");
+        assert_eq!(req.headers().get("x-a").unwrap(), "1 2");
+        let mut out = BytesMut::new();
+        req.headers().write(&mut out, |_| true);
+        assert_eq!(&out[..], b"X-Empty:\r\nHost:x\r\nX-A:  1 2\r\n");
     }
 
     #[test]
