@@ -5,7 +5,12 @@
 # backends, weighted 1 to 4, health checks off. Instruction counts repeat
 # run after run whatever else the machine is doing, which the user-space
 # CPU time of bench/proxy.sh on a shared machine does not; they do not
-# count the kernel's work, nor how fast the instructions run.
+# count the kernel's work, nor how fast the instructions run. What slows
+# instructions down is estimated too, as callgrind simulates it: misses of
+# the first-level instruction and data caches and of the last-level cache
+# (callgrind's model of this machine's caches), and mispredicted branches;
+# and the atomic read-modify-write instructions run (bench/locked.py), each
+# some twenty cycles that no count of instructions shows.
 #
 #   bash bench/instructions.sh          # REQUESTS=20000 CONCURRENCY=16
 set -euo pipefail
@@ -20,15 +25,18 @@ need callgrind_control valgrind
 need nginx
 need ab apache2-utils
 need python3
+need objdump binutils
 cargo build --release --quiet --bin balancer
 
 make_workdir
 start_static_backends 4
 
-# count NAME PORT PID: the instructions PID ran per request over $REQUESTS
-# requests to PORT, after a warm-up; callgrind writes to $work/NAME.out.
+# count NAME PORT PID BINARY: per request over $REQUESTS requests to PORT,
+# after a warm-up, what PID ran: "instructions i1_misses d1_misses
+# ll_misses mispredicts atomics" (the atomics of BINARY's own code);
+# callgrind writes to $work/NAME.out.
 count() {
-  local name=$1 port=$2 pid=$3 dump total
+  local name=$1 port=$2 pid=$3 binary=$4 dump atomics
   wait_port "$port"
   ab -q -k -n 2000 -c "$CONCURRENCY" "http://127.0.0.1:$port/" >/dev/null
   callgrind_control --zero "$pid" >/dev/null 2>&1
@@ -36,17 +44,25 @@ count() {
   callgrind_control --dump "$pid" >/dev/null 2>&1
   grep -q '^Failed requests: *0' "$work/$name.ab" || { cat "$work/$name.ab" >&2; exit 1; }
   dump=$(ls -t "$work/$name.out".* | head -n 1)
-  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
-  echo $((total / REQUESTS))
+  atomics=$(python3 bench/locked.py "$dump" "$binary")
+  awk -v n="$REQUESTS" -v atomics="$atomics" '
+    /^events:/ { for (i = 2; i <= NF; i++) at[$i] = i }
+    /^(summary|totals):/ {
+      printf "%d %.1f %.1f %.1f %.1f %.1f\n", $at["Ir"] / n, $at["I1mr"] / n,
+        ($at["D1mr"] + $at["D1mw"]) / n,
+        ($at["ILmr"] + $at["DLmr"] + $at["DLmw"]) / n, ($at["Bcm"] + $at["Bim"]) / n,
+        atomics / n
+      exit }' "$dump"
 }
 
 spike_port=$(free_port)
 write_balancer_config "$work/balancer.toml" "$spike_port" "$(printf '[server]\nworkers = 1\n%s' "$CHECKS_OFF")"
-RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/spike.out" \
+SIMULATE=(--cache-sim=yes --branch-sim=yes --dump-instr=yes)
+RUST_LOG=warn valgrind --tool=callgrind "${SIMULATE[@]}" --callgrind-out-file="$work/spike.out" \
   target/release/balancer --config "$work/balancer.toml" >/dev/null 2>"$work/spike.valgrind" &
 spike_pid=$!
 pids+=("$spike_pid")
-spike=$(count spike "$spike_port" "$spike_pid")
+spike=$(count spike "$spike_port" "$spike_pid" "$PWD/target/release/balancer")
 kill "$spike_pid"
 
 # nginx as bench/proxy.sh runs it, in one process so that callgrind sees
@@ -69,18 +85,27 @@ nginx_port=$(free_port)
   echo "  }"
   echo "}"
 } >"$work/nginx.conf"
-valgrind --tool=callgrind --callgrind-out-file="$work/nginx.out" \
+valgrind --tool=callgrind "${SIMULATE[@]}" --callgrind-out-file="$work/nginx.out" \
   nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" >/dev/null 2>"$work/nginx.valgrind" &
 nginx_pid=$!
 pids+=("$nginx_pid")
-nginx=$(count nginx "$nginx_port" "$nginx_pid")
+nginx=$(count nginx "$nginx_port" "$nginx_pid" "$(command -v nginx)")
 
 echo "Machine: $(machine)"
 echo "$(nginx -v 2>&1 | sed 's/^nginx version: //'); $REQUESTS keep-alive requests (ab -k -c $CONCURRENCY), 4 static backends, one worker each"
 echo
-echo "| proxy | instructions per request |"
-echo "|---|---:|"
-echo "| spike balancer | $spike |"
-echo "| nginx | $nginx |"
+echo "| proxy | instructions | L1 instruction misses | L1 data misses | last-level misses | mispredicted branches | atomic instructions |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for row in "spike balancer|$spike" "nginx|$nginx"; do
+  # shellcheck disable=SC2086
+  set -- ${row#*|}
+  echo "| ${row%%|*} | $1 | $2 | $3 | $4 | $5 | $6 |"
+done
+echo "(per request)"
 echo
-awk -v s="$spike" -v n="$nginx" 'BEGIN { printf "spike / nginx: %.2fx\n", s / n }'
+read -r -a ours <<<"$spike"
+read -r -a theirs <<<"$nginx"
+awk -v a="${ours[*]}" -v b="${theirs[*]}" 'BEGIN {
+  split(a, s, " "); split(b, n, " ")
+  printf "spike / nginx: instructions %.2fx, L1 instruction misses %.2fx, L1 data misses %.2fx, mispredicted branches %.2fx\n",
+    s[1] / n[1], (n[2] > 0 ? s[2] / n[2] : 0), s[3] / n[3], s[5] / n[5] }'
