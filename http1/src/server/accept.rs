@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -111,6 +112,7 @@ impl Server {
                 lot.clone(),
             ));
         }
+        shared.stopping.store(true, Ordering::Release);
         drop(listener);
         connections.close();
         tokio::select! {

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -294,7 +295,7 @@ impl Connection {
             .as_ref()
             .filter(|_| lent)
             .and_then(|home| home.take());
-        keep_alive &= !self.shared.shutdown.is_cancelled()
+        keep_alive &= !self.shared.stopping.load(Ordering::Acquire)
             && failure.get().is_none()
             && returned.as_ref().is_none_or(|returned| returned.complete)
             && !reply.headers().connection().close;

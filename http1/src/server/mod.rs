@@ -36,6 +36,7 @@ mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::message::{Request, Response};
 use bytes::Bytes;
@@ -99,6 +100,12 @@ struct Shared {
     connections: Arc<ConnectionCounts>,
     rejections: Arc<Rejections>,
     shutdown: CancellationToken,
+    /// Set by the accept loops once they have seen the shutdown: read
+    /// after every reply, where asking the token itself would take its
+    /// lock, shared by every worker. A reply decided before they have seen
+    /// it keeps its connection, which closes as it waits for its next
+    /// head.
+    stopping: AtomicBool,
 }
 
 impl Server {
@@ -113,6 +120,7 @@ impl Server {
             settings,
             rejections,
             shutdown,
+            stopping: AtomicBool::new(false),
         };
         Self {
             shared: Arc::new(shared),

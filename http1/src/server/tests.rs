@@ -345,3 +345,47 @@ async fn a_refusal_is_answered_before_anything_is_read_of_the_body() {
     assert!(head.starts_with("HTTP/1.1 413 "), "{head}");
     assert_eq!(rejections.count(Rejection::BodyTooLarge), 1);
 }
+
+#[tokio::test]
+async fn a_reply_finished_after_shutdown_closes_its_connection() {
+    // The handler answers once the test lets it, after shutdown began.
+    let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = Server::new(ServerSettings::default(), Arc::default(), shutdown.clone());
+    let held = Arc::clone(&release);
+    let serving = tokio::spawn(async move {
+        server
+            .serve(listener, move |_| {
+                let (started, held) = (started.clone(), Arc::clone(&held));
+                FnHandler(move |_req: Request<RequestBody>| {
+                    let (started, held) = (started.clone(), Arc::clone(&held));
+                    async move {
+                        let _ = started.send(());
+                        held.notified().await;
+                        Response::new(StatusCode::OK, Full::new(Bytes::from_static(b"ok")))
+                    }
+                })
+            })
+            .await;
+    });
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    started_rx.recv().await.unwrap();
+    shutdown.cancel();
+    // Let the accept loop see the shutdown before the reply is decided.
+    tokio::task::yield_now().await;
+    release.notify_one();
+    let (head, body) = reply(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("connection: close\r\n"), "{head}");
+    assert_eq!(body, "ok");
+    assert!(closed(&mut client).await);
+    drop(client);
+    serving.await.unwrap();
+}
