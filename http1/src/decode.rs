@@ -109,6 +109,9 @@ fn request_head<'b>(
     slots: &mut [MaybeUninit<httparse::Header<'b>>],
     limits: HeadLimits,
 ) -> Result<Option<ParsedRequest>, HeadError> {
+    // Fields are found by 32-bit offsets into their head, whatever limit
+    // the settings allow.
+    let most = limits.bytes.min(u32::MAX as usize);
     let mut request = httparse::Request::new(&mut []);
     let status = httparse::ParserConfig::default().parse_request_with_uninit_headers(
         &mut request,
@@ -117,8 +120,8 @@ fn request_head<'b>(
     );
     let len = match status {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > limits.bytes => {
-            return Err(HeadError::TooLarge(limits.bytes));
+        Ok(httparse::Status::Partial) if buf.len() > most => {
+            return Err(HeadError::TooLarge(most));
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -126,8 +129,8 @@ fn request_head<'b>(
         }
         Err(err) => return Err(err.into()),
     };
-    if len > limits.bytes {
-        return Err(HeadError::TooLarge(limits.bytes));
+    if len > most {
+        return Err(HeadError::TooLarge(most));
     }
     let base = buf.as_ptr() as usize;
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
