@@ -1,8 +1,10 @@
 //! A message's header fields (RFC 9110, 5), kept where they were read:
 //! the head's bytes and, for each field, where its name and value lie in
 //! them, in the order they came. Nothing is copied, hashed or checked again
-//! after `httparse` (which validated every name and value); a lookup is a
-//! scan of the few fields a message carries, names compared ignoring case.
+//! after `httparse` (which validated every name and value). A lookup scans
+//! the few fields a message carries; the names looked up on every message
+//! ([`Known`]) are told apart once, as a field is read, so that looking one
+//! up compares no byte, and looking up one that is absent scans nothing.
 //! Fields added here (`Via`, `X-Forwarded-For`, a reply's `Content-Type`)
 //! are `http` names and values, kept beside them.
 //!
@@ -116,9 +118,9 @@ fn classify(name: &[u8]) -> u8 {
     }
 }
 
-/// Whether the name `name`, of the same length as `lower` (a name of
-/// [`KNOWN`], lower-case letters and `-`), is `lower` in any case: eight
-/// bytes at a time. Setting bit 0x20 of a token character (every byte a
+/// Whether `name`, of the same length as `lower` (lower-case letters and
+/// `-`: a name of [`KNOWN`], or the option `close` or `keep-alive`), is
+/// `lower` in any case: eight bytes at a time. Setting bit 0x20 of a token character (every byte a
 /// name may hold) makes a capital letter small and leaves a small letter
 /// and `-` as they are; no other token character becomes one of them.
 fn same_lowercase(name: &[u8], lower: &[u8]) -> bool {
@@ -470,7 +472,7 @@ impl Fields {
         self.append(name, value);
     }
 
-    /// Removes the hop-by-hop fields: those [`HOP_BY_HOP`] names and those
+    /// Removes the hop-by-hop fields: those named in RFC 9110, 7.6.1, and those
     /// `Connection` names. Most messages carry none but `Connection:
     /// keep-alive`: nothing is allocated then, and a message without any
     /// is not scanned.
