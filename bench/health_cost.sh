@@ -28,26 +28,17 @@ start_static_backends 4
 # instructions NAME EXTRA_TOML: prints the balancer's instructions per
 # request over $REQUESTS requests, after a warm-up.
 instructions() {
-  local name=$1 extra=$2 port pid total
+  local name=$1 extra=$2 port pid dump total
   port=$(free_port)
   write_balancer_config "$work/$name.toml" "$port" "$(printf '[server]\nworkers = 1\n%s' "$extra")"
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" \
     target/release/balancer --config "$work/$name.toml" >/dev/null 2>"$work/$name.valgrind" &
   pid=$!
   pids+=("$pid")
-  for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-  done
-  # Warm-up: connections pooled, allocator settled, probes under way.
-  ab -q -k -n 2000 -c 16 "http://127.0.0.1:$port/" >/dev/null
-  callgrind_control --zero "$pid" >/dev/null 2>&1
-  ab -q -k -n "$REQUESTS" -c 16 "http://127.0.0.1:$port/" >"$work/$name.ab"
-  callgrind_control --dump "$pid" >/dev/null 2>&1
+  dump=$(callgrind_requests "$name" "$port" "$pid")
   kill "$pid"
   wait "$pid" 2>/dev/null || true
-  grep -q '^Failed requests: *0' "$work/$name.ab" || { cat "$work/$name.ab" >&2; exit 1; }
-  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$work/$name.out.1")
+  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
   echo $((total / REQUESTS))
 }
 

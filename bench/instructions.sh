@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 
 REQUESTS=${REQUESTS:-20000}
-CONCURRENCY=${CONCURRENCY:-16}
+export CONCURRENCY=${CONCURRENCY:-16}
 
 need valgrind
 need callgrind_control valgrind
@@ -37,13 +37,7 @@ start_static_backends 4
 # callgrind writes to $work/NAME.out.
 count() {
   local name=$1 port=$2 pid=$3 binary=$4 dump atomics
-  wait_port "$port"
-  ab -q -k -n 2000 -c "$CONCURRENCY" "http://127.0.0.1:$port/" >/dev/null
-  callgrind_control --zero "$pid" >/dev/null 2>&1
-  ab -q -k -n "$REQUESTS" -c "$CONCURRENCY" "http://127.0.0.1:$port/" >"$work/$name.ab"
-  callgrind_control --dump "$pid" >/dev/null 2>&1
-  grep -q '^Failed requests: *0' "$work/$name.ab" || { cat "$work/$name.ab" >&2; exit 1; }
-  dump=$(ls -t "$work/$name.out".* | head -n 1)
+  dump=$(callgrind_requests "$name" "$port" "$pid")
   atomics=$(python3 bench/locked.py "$dump" "$binary")
   awk -v n="$REQUESTS" -v atomics="$atomics" '
     /^events:/ { for (i = 2; i <= NF; i++) at[$i] = i }
@@ -68,23 +62,7 @@ kill "$spike_pid"
 # nginx as bench/proxy.sh runs it, in one process so that callgrind sees
 # all of its work.
 nginx_port=$(free_port)
-{
-  echo "master_process off; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
-  echo "events { worker_connections 4096; }"
-  echo "http { access_log off; keepalive_requests 100000000;"
-  echo "  upstream nodes {"
-  weight=1
-  for port in "${backend_ports[@]}"; do
-    echo "    server 127.0.0.1:$port weight=$weight;"
-    weight=$((weight + 1))
-  done
-  echo "    keepalive 1024;"
-  echo "  }"
-  echo "  server { listen 127.0.0.1:$nginx_port;"
-  echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
-  echo "  }"
-  echo "}"
-} >"$work/nginx.conf"
+nginx_proxy_config 0 "$nginx_port" "${backend_ports[@]}" >"$work/nginx.conf"
 valgrind --tool=callgrind "${SIMULATE[@]}" --callgrind-out-file="$work/nginx.out" \
   nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" >/dev/null 2>"$work/nginx.valgrind" &
 nginx_pid=$!

@@ -62,35 +62,64 @@ start_static_backends() {
   for port in "${backend_ports[@]}"; do wait_port "$port"; done
 }
 
-# start_nginx_proxy WORKERS PORT...: nginx as a weighted round-robin proxy
-# (weights 1, 2, 3... in the order of the PORTs), with keep-alive to them and
-# no access log, on a free port; sets nginx_port and nginx_pid. Each worker
-# takes up to $MAX_CONNECTIONS connections (default 8192).
+# nginx_proxy_config WORKERS LISTEN_PORT PORT...: prints the configuration
+# of nginx as a weighted round-robin proxy (weights 1, 2, 3... in the order
+# of the PORTs), with keep-alive to them and no access log, listening on
+# LISTEN_PORT; WORKERS 0 is one process, master and worker in one (for
+# callgrind to see all of its work). Each worker takes up to
+# $MAX_CONNECTIONS connections (default 8192).
+nginx_proxy_config() {
+  local workers=$1 listen=$2 weight=1 port connections=${MAX_CONNECTIONS:-8192}
+  shift 2
+  if [ "$workers" -eq 0 ]; then
+    echo "master_process off; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
+  else
+    echo "worker_processes $workers; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
+  fi
+  echo "worker_rlimit_nofile $(ulimit -Hn | sed "s/unlimited/$((2 * connections + 1024))/");"
+  echo "events { worker_connections $connections; }"
+  echo "http { access_log off; keepalive_requests 100000000;"
+  echo "  upstream nodes {"
+  for port in "$@"; do
+    echo "    server 127.0.0.1:$port weight=$weight;"
+    weight=$((weight + 1))
+  done
+  echo "    keepalive 1024;"
+  echo "  }"
+  echo "  server { listen 127.0.0.1:$listen;"
+  echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+  echo "  }"
+  echo "}"
+}
+
+# start_nginx_proxy WORKERS PORT...: nginx as nginx_proxy_config has it,
+# on a free port; sets nginx_port and nginx_pid.
 start_nginx_proxy() {
-  local workers=$1 weight=1 port connections=${MAX_CONNECTIONS:-8192}
+  local workers=$1
   shift
   nginx_port=$(free_port)
-  {
-    echo "worker_processes $workers; daemon off; pid $work/nginx.pid; error_log $work/nginx-error.log;"
-    echo "worker_rlimit_nofile $(ulimit -Hn | sed "s/unlimited/$((2 * connections + 1024))/");"
-    echo "events { worker_connections $connections; }"
-    echo "http { access_log off; keepalive_requests 100000000;"
-    echo "  upstream nodes {"
-    for port in "$@"; do
-      echo "    server 127.0.0.1:$port weight=$weight;"
-      weight=$((weight + 1))
-    done
-    echo "    keepalive 1024;"
-    echo "  }"
-    echo "  server { listen 127.0.0.1:$nginx_port;"
-    echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
-    echo "  }"
-    echo "}"
-  } >"$work/nginx.conf"
+  nginx_proxy_config "$workers" "$nginx_port" "$@" >"$work/nginx.conf"
   nginx -c "$work/nginx.conf" -e "$work/nginx-error.log" &
   nginx_pid=$!
   pids+=("$nginx_pid")
   wait_port "$nginx_port"
+}
+
+# callgrind_requests NAME PORT PID: runs $REQUESTS keep-alive requests
+# ($CONCURRENCY at a time, default 16) to PORT, after a warm-up of 2,000
+# (connections pooled, allocator settled), with the callgrind counts of PID
+# zeroed before and dumped after; fails unless every request succeeded,
+# and prints the path of the dump.
+callgrind_requests() {
+  local name=$1 port=$2 pid=$3 concurrency=${CONCURRENCY:-16} dumps
+  wait_port "$port"
+  ab -q -k -n 2000 -c "$concurrency" "http://127.0.0.1:$port/" >/dev/null
+  callgrind_control --zero "$pid" >/dev/null 2>&1
+  ab -q -k -n "$REQUESTS" -c "$concurrency" "http://127.0.0.1:$port/" >"$work/$name.ab"
+  callgrind_control --dump "$pid" >/dev/null 2>&1
+  grep -q '^Failed requests: *0' "$work/$name.ab" || { cat "$work/$name.ab" >&2; return 1; }
+  dumps=$(ls -t "$work/$name.out".*)
+  echo "${dumps%%$'\n'*}"
 }
 
 # start_haproxy_proxy WORKERS PORT...: HAProxy as a weighted round-robin
