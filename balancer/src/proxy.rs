@@ -244,7 +244,7 @@ impl Exchange<'_> {
         };
         // Boxed: the exchange's state is most of a request's future, which is
         // moved, whole, each time a caller's future is built around it.
-        let response = match Box::pin(connection.send(req, self.response_timeout)).await {
+        let mut response = match Box::pin(connection.send(req, self.response_timeout)).await {
             Ok(response) => response,
             Err(SendError::NotSent(request, source)) => {
                 // The connection was found closed before the request went
@@ -284,7 +284,6 @@ impl Exchange<'_> {
         } else {
             upstream.succeeded();
         }
-        let mut response = response;
         let version = response.version();
         response.headers_mut().remove_hop_by_hop();
         headers::add_via(response.headers_mut(), version);

@@ -44,14 +44,14 @@ pub struct ConnectionOptions {
 
 impl ConnectionOptions {
     fn add(&mut self, value: &[u8]) {
-        for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        for option in crate::framing::list(value) {
             // A value holds no control character but the tab, which bit
             // 0x20 does not make a letter or `-` either.
             if option.len() == 5 && same_lowercase(option, b"close") {
                 self.close = true;
             } else if option.len() == 10 && same_lowercase(option, b"keep-alive") {
                 self.keep_alive = true;
-            } else if !option.is_empty() {
+            } else {
                 self.others = true;
             }
         }

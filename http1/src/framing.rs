@@ -157,7 +157,7 @@ pub fn parse_decimal(digits: &[u8]) -> Option<u64> {
 
 /// The members of a comma-separated header value, trimmed, empty ones
 /// skipped (RFC 9110, 5.6.1).
-fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
