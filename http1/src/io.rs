@@ -2,12 +2,19 @@
 //! connection and the request body reading from it can both hold it: the
 //! readiness of tokio's reactor, then the system call, again while the
 //! socket turns out not to be ready after all.
+//!
+//! The system calls go to the kernel directly (rustix), not through the C
+//! library: its `recv` and `writev` are thread cancellation points, and in
+//! a process with more than one thread each call sets and clears the
+//! thread's cancellation type with two atomic compare-and-swaps, four
+//! calls per proxied request.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rustix::net::RecvFlags;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -34,7 +41,7 @@ pub(crate) fn poll_read(
         ready!(stream.poll_read_ready(cx))?;
         let spare = buf.capacity() - buf.len();
         let mut drained = None;
-        let read = stream.try_io(Interest::READABLE, || match stream.try_read_buf(buf) {
+        let read = stream.try_io(Interest::READABLE, || match recv(stream, buf) {
             Ok(n) if n > 0 && n < spare => {
                 drained = Some(n);
                 Err(io::ErrorKind::WouldBlock.into())
@@ -49,13 +56,32 @@ pub(crate) fn poll_read(
     }
 }
 
+/// One `recv` into the spare room of `buf`, which grows by what it read.
+fn recv(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let ((read, _), _) = rustix::net::recv(stream, buf.spare_capacity_mut(), RecvFlags::empty())?;
+    let n = read.len();
+    // SAFETY: `recv` initialized the first `n` bytes of the spare room.
+    #[allow(unsafe_code)]
+    unsafe {
+        buf.advance_mut(n);
+    }
+    Ok(n)
+}
+
 /// Data on its way out: a message's head, then its body's pieces (chunk
 /// size lines, data, CRLFs) as they came, written together with one
 /// `writev` where the socket takes them (no copy of a body).
+///
+/// A head is encoded in place, into room that the next head reuses: it is
+/// never shared, so writing it takes no reference count.
 #[derive(Debug, Default)]
 pub(crate) struct Outgoing {
+    /// The head being written, then the room for the next one.
+    head: BytesMut,
+    /// How much of `head` went out.
+    head_sent: usize,
     queue: VecDeque<Bytes>,
-    /// The bytes queued.
+    /// The bytes queued, `head` included.
     queued: usize,
 }
 
@@ -63,6 +89,21 @@ pub(crate) struct Outgoing {
 const MAX_SLICES: usize = 16;
 
 impl Outgoing {
+    /// Queues a head that `encode` writes. It goes first if nothing else is
+    /// queued, in the reused room; after what is queued otherwise.
+    pub fn push_head(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        if self.queued == 0 {
+            self.head.clear();
+            self.head_sent = 0;
+            encode(&mut self.head);
+            self.queued = self.head.len();
+        } else {
+            let mut head = BytesMut::new();
+            encode(&mut head);
+            self.push(head.freeze());
+        }
+    }
+
     pub fn push(&mut self, bytes: Bytes) {
         if !bytes.is_empty() {
             self.queued += bytes.len();
@@ -73,13 +114,19 @@ impl Outgoing {
     /// Takes the first piece queued, as a test reads what would be sent.
     #[cfg(test)]
     pub fn pop(&mut self) -> Option<Bytes> {
+        if self.head_sent < self.head.len() {
+            let head = Bytes::copy_from_slice(&self.head[self.head_sent..]);
+            self.queued -= head.len();
+            self.head_sent = self.head.len();
+            return Some(head);
+        }
         let bytes = self.queue.pop_front()?;
         self.queued -= bytes.len();
         Some(bytes)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queued == 0
     }
 
     /// The bytes queued.
@@ -90,15 +137,23 @@ impl Outgoing {
     /// Writes what is queued to `stream` until all of it went out (`Ok`),
     /// the socket failed, or it has to wait.
     pub fn poll_write(&mut self, stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.queue.is_empty() {
+        while self.queued > 0 {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let count = self.queue.len().min(MAX_SLICES);
-            for (slice, bytes) in slices.iter_mut().zip(&self.queue) {
+            let head = &self.head[self.head_sent..];
+            let mut count = 0;
+            if !head.is_empty() {
+                slices[0] = IoSlice::new(head);
+                count = 1;
+            }
+            for (slice, bytes) in slices[count..].iter_mut().zip(&self.queue) {
                 *slice = IoSlice::new(bytes);
+                count += 1;
             }
             let mut written = loop {
                 ready!(stream.poll_write_ready(cx))?;
-                match stream.try_write_vectored(&slices[..count]) {
+                match stream.try_io(Interest::WRITABLE, || {
+                    Ok(rustix::io::writev(stream, &slices[..count])?)
+                }) {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     written => break written?,
                 }
@@ -107,6 +162,9 @@ impl Outgoing {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.queued -= written;
+            let of_head = written.min(head.len());
+            self.head_sent += of_head;
+            written -= of_head;
             while let Some(front) = self.queue.front_mut() {
                 if written < front.len() {
                     front.advance(written);

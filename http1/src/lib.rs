@@ -31,3 +31,4 @@ pub mod message;
 pub mod reply;
 pub mod server;
 pub mod task;
+mod timer;

@@ -95,8 +95,8 @@ pub struct Connection {
     patience: Patience,
     /// What was read and not yet consumed; empty between exchanges.
     read: BytesMut,
-    /// Where request heads are written; its room is reused.
-    head: BytesMut,
+    /// Request heads on their way out.
+    out: Outgoing,
 }
 
 impl Connection {
@@ -115,7 +115,7 @@ impl Connection {
             stream,
             patience: Patience::default(),
             read: BytesMut::new(),
-            head: BytesMut::new(),
+            out: Outgoing::default(),
         }
     }
 
@@ -151,10 +151,10 @@ impl Connection {
     {
         self.patience.start(timeout);
         let framing = RequestFraming::of(&req);
-        encode::request_head(&mut self.head, &req, framing == RequestFraming::Chunked);
-        let mut head = Outgoing::default();
-        head.push(self.head.split().freeze());
-        let written = std::future::poll_fn(|cx| match head.poll_write(&self.stream, cx) {
+        let chunked = framing == RequestFraming::Chunked;
+        self.out
+            .push_head(|head| encode::request_head(head, &req, chunked));
+        let written = std::future::poll_fn(|cx| match self.out.poll_write(&self.stream, cx) {
             Poll::Pending if self.patience.poll_expired(false, cx) => {
                 Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
             }

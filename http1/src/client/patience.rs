@@ -1,10 +1,11 @@
 //! How long an upstream may keep an exchange waiting.
 
-use std::pin::Pin;
 use std::task::Context;
 use std::time::Duration;
 
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::timer::Timer;
 
 /// How long an upstream may keep an exchange waiting: `limit` for the
 /// response head, then between two reads of the body. The clock stops
@@ -13,12 +14,9 @@ use tokio::time::{Instant, Sleep};
 #[derive(Debug, Default)]
 pub(super) struct Patience {
     limit: Duration,
-    /// Kept with the connection from one exchange to the next, and set no
-    /// later than the deadline of the wait under way, possibly earlier:
-    /// each wait's deadline is later than the last one's, and moving the
-    /// timer at every wait costs more than waking once early, at most once
-    /// per `limit`, to set it again.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Kept with the connection from one exchange to the next (see
+    /// [`Timer`]).
+    timer: Option<Timer>,
     /// When the wait under way runs out, if one is.
     deadline: Option<Instant>,
 }
@@ -41,20 +39,9 @@ impl Patience {
         }
         let limit = self.limit;
         let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + limit);
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() > deadline {
-            timer.as_mut().reset(deadline);
-        }
-        while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return true;
-            }
-            // Woken early, for an earlier wait's deadline.
-            timer.as_mut().reset(deadline);
-        }
-        false
+        self.timer
+            .get_or_insert_with(|| Timer::new(deadline))
+            .poll_passed(deadline, cx)
     }
 
     /// The upstream sent something, or the exchange waits on the client:

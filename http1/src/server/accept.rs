@@ -113,6 +113,7 @@ impl Server {
             ));
         }
         shared.stopping.store(true, Ordering::Release);
+        shared.stop.notify_waiters();
         drop(listener);
         connections.close();
         tokio::select! {

@@ -12,8 +12,8 @@ use std::future::Future;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,12 +23,13 @@ use http_body::Body;
 use http_body_util::Empty;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use super::body::{BodyLimits, Home, Prefetched, Report, RequestBody};
 use super::counters::{Open, Rejection};
 use super::park::{Lot, Parked};
-use super::phase::{self, Expiry, Phase, Stall, Timer};
+use super::phase::{self, Expiry, Phase, Stall};
 use super::service::{self, Refused};
 use super::{Handler, Shared};
 use crate::decode::{self, Decoder, HeadError};
@@ -37,6 +38,7 @@ use crate::fields::Known;
 use crate::framing;
 use crate::io::{Outgoing, poll_read};
 use crate::message::{Request, Response};
+use crate::timer::Timer;
 
 /// How much room a read of a head is given: most heads fit (nginx's
 /// `client_header_buffer_size` is as much), a larger one takes more reads,
@@ -97,8 +99,6 @@ struct Connection {
     /// What was read and not yet consumed; lent to a request body while it
     /// is read.
     read: BytesMut,
-    /// Where response heads are written; its room is reused.
-    head: BytesMut,
     out: Outgoing,
     timer: Timer,
     /// Where a request body gives the read buffer back; made for the first
@@ -116,8 +116,12 @@ pub(super) async fn serve<H: Handler>(
     kept: Kept,
     lot: Option<Arc<Lot<Kept>>>,
 ) {
-    let cancelled = shared.shutdown.clone().cancelled_owned();
-    let mut cancelled = pin!(cancelled);
+    let notice = Arc::clone(&shared);
+    let mut stop = Stop {
+        stopping: &notice.stopping,
+        notified: pin!(notice.stop.notified()),
+        waker: None,
+    };
     // A new connection's first request is due within the header timeout;
     // one back from the lot is idle until its first byte.
     let mut phase = if kept.resumed {
@@ -129,19 +133,17 @@ pub(super) async fn serve<H: Handler>(
         shared,
         stream: Arc::new(stream),
         read: BytesMut::new(),
-        head: BytesMut::new(),
         out: Outgoing::default(),
-        timer: Timer::new(),
+        timer: Timer::new(Instant::now()),
         home: None,
         kept,
     };
-    let mut since = Instant::now();
+    // When the phase began; read from the clock only when a deadline is
+    // needed, which a request that comes whole at once never does.
+    let mut since = None;
     loop {
         let parking = lot.is_some();
-        let req = match conn
-            .read_head(phase, since, parking, cancelled.as_mut())
-            .await
-        {
+        let req = match conn.read_head(phase, &mut since, parking, &mut stop).await {
             Ok(req) => req,
             Err(NoRequest::Close) => return,
             Err(NoRequest::Refuse(refused)) => {
@@ -150,7 +152,7 @@ pub(super) async fn serve<H: Handler>(
             }
             Err(NoRequest::Park) => {
                 if let Some(lot) = lot {
-                    conn.park(&lot, since);
+                    conn.park(&lot, since.unwrap_or_else(Instant::now));
                 }
                 return;
             }
@@ -158,7 +160,7 @@ pub(super) async fn serve<H: Handler>(
         match conn.exchange(&handler, req).await {
             Next::KeepAlive => {
                 phase = Phase::Idle;
-                since = Instant::now();
+                since = None;
             }
             Next::Close { linger } => {
                 if linger {
@@ -170,21 +172,51 @@ pub(super) async fn serve<H: Handler>(
     }
 }
 
+/// The shutdown, as a connection waiting for its next request sees it.
+/// The task registers with the accept loops' notice once; after that, while
+/// its waker stays the same, only the flag they set before sending the
+/// notice is read (the token's own future takes two locks at every poll).
+struct Stop<'a, 'b> {
+    stopping: &'a AtomicBool,
+    notified: Pin<&'b mut Notified<'a>>,
+    /// The waker the notice wakes.
+    waker: Option<Waker>,
+}
+
+impl Stop<'_, '_> {
+    /// Whether the server is shutting down; if not, the task is woken
+    /// when it does.
+    fn poll_stopping(&mut self, cx: &mut Context<'_>) -> bool {
+        let registered = self
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if !registered {
+            if self.notified.as_mut().poll(cx).is_ready() {
+                return true;
+            }
+            self.waker = Some(cx.waker().clone());
+        }
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
 impl Connection {
     fn peer(&self) -> SocketAddr {
         self.kept.peer
     }
 
     /// Reads the next request's head, keeping the deadlines of `phase`
-    /// (begun at `since`): the header timeout once a head is under way;
+    /// (begun at `since`, which the first wait sets if it is `None`): the
+    /// header timeout once a head is under way;
     /// while idle, the moment to park (if `parking`) or close. On shutdown,
     /// a connection with no byte of a request read closes at once.
     async fn read_head(
         &mut self,
         mut phase: Phase,
-        mut since: Instant,
+        since: &mut Option<Instant>,
         parking: bool,
-        mut cancelled: Pin<&mut impl Future<Output = ()>>,
+        stop: &mut Stop<'_, '_>,
     ) -> Result<Request<()>, NoRequest> {
         let limits = decode::HeadLimits {
             bytes: self.shared.settings.max_header_bytes,
@@ -195,7 +227,7 @@ impl Connection {
                 if !self.read.is_empty() {
                     if phase == Phase::Idle {
                         phase = Phase::Head;
-                        since = Instant::now();
+                        *since = None;
                     }
                     match decode::parse_request(&mut self.read, limits) {
                         Ok(Some(req)) => return Poll::Ready(Ok(req)),
@@ -208,11 +240,12 @@ impl Connection {
                     Poll::Ready(Ok(_)) => continue,
                     Poll::Pending => {}
                 }
-                if self.read.is_empty() && cancelled.as_mut().poll(cx).is_ready() {
+                if self.read.is_empty() && stop.poll_stopping(cx) {
                     return Poll::Ready(Err(NoRequest::Close));
                 }
                 let settings = &self.shared.settings;
-                let (deadline, expiry) = phase::deadline(phase, since, settings, parking);
+                let begun = *since.get_or_insert_with(Instant::now);
+                let (deadline, expiry) = phase::deadline(phase, begun, settings, parking);
                 if !self.timer.poll_passed(deadline, cx) {
                     return Poll::Pending;
                 }
@@ -353,18 +386,19 @@ impl Connection {
                 .headers_mut()
                 .insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
-        encode::response_head(
-            &mut self.head,
-            status,
-            reply.reason(),
-            reply.headers(),
-            ResponseFraming {
-                body: framing,
-                keep_alive: *keep_alive,
-                client: version,
-            },
-        );
-        self.out.push(self.head.split().freeze());
+        self.out.push_head(|head| {
+            encode::response_head(
+                head,
+                status,
+                reply.reason(),
+                reply.headers(),
+                ResponseFraming {
+                    body: framing,
+                    keep_alive: *keep_alive,
+                    client: version,
+                },
+            );
+        });
         let body = reply.into_body();
         match framing {
             Some(framing) => self.write(Some((body, BodyEncoder::new(framing)))).await,

@@ -42,7 +42,7 @@ use crate::message::{Request, Response};
 use bytes::Bytes;
 use http_body::Body;
 use spike_config::server::ServerSettings;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use body::{BodyError, BodyFailure, RequestBody};
@@ -100,12 +100,13 @@ struct Shared {
     connections: Arc<ConnectionCounts>,
     rejections: Arc<Rejections>,
     shutdown: CancellationToken,
-    /// Set by the accept loops once they have seen the shutdown: read
-    /// after every reply, where asking the token itself would take its
-    /// lock, shared by every worker. A reply decided before they have seen
-    /// it keeps its connection, which closes as it waits for its next
-    /// head.
+    /// Set by the accept loops once they have seen the shutdown, and then
+    /// announced on `stop`: read after every reply and by every wait for a
+    /// next request, where asking the token itself would take its lock,
+    /// shared by every worker. A reply decided before they have seen it
+    /// keeps its connection, which closes as it waits for its next head.
     stopping: AtomicBool,
+    stop: Notify,
 }
 
 impl Server {
@@ -121,6 +122,7 @@ impl Server {
             rejections,
             shutdown,
             stopping: AtomicBool::new(false),
+            stop: Notify::new(),
         };
         Self {
             shared: Arc::new(shared),

@@ -10,12 +10,10 @@
 //! In every phase, a write that waits for the client longer than
 //! `send_timeout` closes the connection.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use spike_config::server::ServerSettings;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 /// How long a keep-alive connection stays idle before it is parked
 /// ([`super::park`]): its task and its buffers are freed, and only the
@@ -59,33 +57,6 @@ pub(super) fn deadline(
             (since + PARK_AFTER, Expiry::Park)
         }
         Phase::Idle => (since + settings.idle_timeout, Expiry::IdleTimeout),
-    }
-}
-
-/// A connection's one timer, moved from deadline to deadline: moving a
-/// registered timer is cheap, registering a new one is not.
-#[derive(Debug)]
-pub(super) struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    armed: Instant,
-}
-
-impl Timer {
-    pub fn new() -> Self {
-        let now = Instant::now();
-        Self {
-            sleep: Box::pin(tokio::time::sleep_until(now)),
-            armed: now,
-        }
-    }
-
-    /// Whether `deadline` has passed, registering to be woken when it does.
-    pub fn poll_passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        if self.armed != deadline {
-            self.sleep.as_mut().reset(deadline);
-            self.armed = deadline;
-        }
-        self.sleep.as_mut().poll(cx) == Poll::Ready(())
     }
 }
 

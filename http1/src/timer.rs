@@ -1,0 +1,165 @@
+//! A connection's one timer, for deadlines that move at every exchange.
+//!
+//! Moving a registered tokio timer to a later deadline, and polling it
+//! again, each take atomic operations on the timer wheel's entry, at every
+//! request of a keep-alive connection. Most deadlines never pass: a
+//! request comes, or a response, long before. So the timer is left where
+//! it is when the deadline moves later, and set again only if it fires
+//! before the deadline of the moment; and it is polled only when it has
+//! no waker of this task yet or when it has fired.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio::time::{Instant, Sleep};
+
+/// A timer set no later than the deadline it is asked about.
+#[derive(Debug)]
+pub(crate) struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    /// When `sleep` fires.
+    armed: Instant,
+    /// The waker `sleep` holds since it was last polled, if it has not
+    /// fired or moved since.
+    waker: Option<Waker>,
+}
+
+impl Timer {
+    /// A timer set for `deadline`.
+    pub fn new(deadline: Instant) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            armed: deadline,
+            waker: None,
+        }
+    }
+
+    /// Whether `deadline` has passed; if not, the task is woken when it
+    /// does, or before (and then asks again).
+    pub fn poll_passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        if deadline < self.armed {
+            self.arm(deadline);
+        }
+        loop {
+            let registered = self
+                .waker
+                .as_ref()
+                .is_some_and(|waker| waker.will_wake(cx.waker()));
+            if registered && !self.sleep.is_elapsed() {
+                return false;
+            }
+            // Out of tokio's budget, a sleep would answer `Pending` without
+            // taking the waker: polled unconstrained, it always takes it.
+            let mut sleep = tokio::task::unconstrained(self.sleep.as_mut());
+            if Pin::new(&mut sleep).poll(cx) == Poll::Pending {
+                self.waker = Some(cx.waker().clone());
+                return false;
+            }
+            // Fired, at `armed`: tokio's timers never fire early.
+            if self.armed >= deadline {
+                return true;
+            }
+            self.arm(deadline);
+        }
+    }
+
+    fn arm(&mut self, deadline: Instant) {
+        self.sleep.as_mut().reset(deadline);
+        self.armed = deadline;
+        self.waker = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_moved_later_is_kept_and_one_moved_earlier_is_set() {
+        let woken = Arc::new(Count::default());
+        let waker = Waker::from(Arc::clone(&woken));
+        let mut cx = Context::from_waker(&waker);
+        let start = Instant::now();
+        let mut timer = Timer::new(start + Duration::from_secs(1));
+        assert!(!timer.poll_passed(start + Duration::from_secs(1), &mut cx));
+        // Moved later: the timer stays where it was and fires early...
+        assert!(!timer.poll_passed(start + Duration::from_secs(3), &mut cx));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        // ...and is set again for the deadline of the moment.
+        assert!(!timer.poll_passed(start + Duration::from_secs(3), &mut cx));
+        tokio::time::advance(Duration::from_millis(1_999)).await;
+        assert!(!timer.poll_passed(start + Duration::from_secs(3), &mut cx));
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2);
+        assert!(timer.poll_passed(start + Duration::from_secs(3), &mut cx));
+        // Moved earlier than it is set: it wakes at the earlier deadline.
+        let now = Instant::now();
+        assert!(!timer.poll_passed(now + Duration::from_secs(10), &mut cx));
+        assert!(!timer.poll_passed(now + Duration::from_secs(2), &mut cx));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(woken.0.load(Ordering::SeqCst), 3);
+        assert!(timer.poll_passed(now + Duration::from_secs(2), &mut cx));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_out_of_its_budget_is_still_woken() {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut timer = Timer::new(deadline - Duration::from_secs(1));
+        // First asked once the task has spent tokio's budget, where tokio's
+        // own sleep answers `Pending` without taking the waker.
+        std::future::poll_fn(|cx| {
+            while tokio::task::coop::has_budget_remaining() {
+                let _ = pin!(tokio::task::coop::consume_budget()).poll(cx);
+            }
+            assert!(!timer.poll_passed(deadline, cx));
+            Poll::Ready(())
+        })
+        .await;
+        let passed = std::future::poll_fn(|cx| {
+            if timer.poll_passed(deadline, cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(60), passed)
+            .await
+            .expect("the timer never woke the task");
+        assert_eq!(Instant::now(), deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_waker_is_registered() {
+        let first = Arc::new(Count::default());
+        let second = Arc::new(Count::default());
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(1);
+        let mut timer = Timer::new(deadline);
+        let waker = Waker::from(Arc::clone(&first));
+        assert!(!timer.poll_passed(deadline, &mut Context::from_waker(&waker)));
+        let waker = Waker::from(Arc::clone(&second));
+        assert!(!timer.poll_passed(deadline, &mut Context::from_waker(&waker)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+    }
+}
