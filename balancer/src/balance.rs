@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::Checker;
-use crate::health::{State, now_ms};
+use crate::health::{State, ms_at};
 use crate::registry::Registry;
 use crate::table::{Peer, Routing, Table};
 use crate::upstream::InFlight;
@@ -139,8 +139,10 @@ impl Router {
     /// threshold keeps balancing): the balancer does not refuse every
     /// request on the strength of failures that may have passed. `None`
     /// when none can.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<(Peer, InFlight)> {
-        let now = now_ms();
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<InFlight> {
+        // One look at the clock for the pick and the request's duration.
+        let started = tokio::time::Instant::now();
+        let now = ms_at(started);
         let _picking = self.pick_lock.lock();
         // Loaded under the lock: a pick never mixes the state of one table
         // with the weights of another.
@@ -148,16 +150,18 @@ impl Router {
         let busy = table.proxy.max_requests_per_upstream;
         let pick =
             |backup, despite_rest| pick(&table.peers, backup, despite_rest, tried, busy, now);
-        let peer = match pick(false, false).or_else(|| pick(true, false)) {
-            Some(peer) => peer,
+        let index = match pick(false, false).or_else(|| pick(true, false)) {
+            Some(index) => index,
             None => {
-                let peer = pick(false, true).or_else(|| pick(true, true))?;
+                let index = pick(false, true).or_else(|| pick(true, true))?;
                 self.registry.metrics().picks_despite_rest.inc();
-                peer
+                index
             }
         };
+        let peer = &table.peers[index];
         peer.upstream.health.picked(&peer.health, now);
-        Some((peer.clone(), peer.upstream.start_request()))
+        let table = arc_swap::Guard::into_inner(table);
+        Some(InFlight::start(table, index, started.into_std()))
     }
 }
 
@@ -165,23 +169,23 @@ impl Router {
 /// request at `now` (resting ones too if `despite_rest`), are not in
 /// `tried` and have fewer than `busy` requests in flight (if `busy` is not
 /// 0). Must run under the pick lock.
-fn pick<'a>(
-    peers: &'a [Peer],
+fn pick(
+    peers: &[Peer],
     backup: bool,
     despite_rest: bool,
     tried: &[SocketAddr],
     busy: u32,
     now: u64,
-) -> Option<&'a Peer> {
-    let mut best: Option<(&Peer, i64)> = None;
+) -> Option<usize> {
+    let mut best: Option<(usize, i64)> = None;
     let mut total = 0;
-    let candidates = peers.iter().filter(|peer| {
+    let candidates = peers.iter().enumerate().filter(|(_, peer)| {
         peer.backup == backup
             && peer.weight > 0
             && !tried.contains(&peer.upstream.addr())
             && (busy == 0 || peer.upstream.counters.in_flight.get() < i64::from(busy))
     });
-    for peer in candidates {
+    for (index, peer) in candidates {
         let upstream = &peer.upstream;
         // Down, resting, or ramping up after coming back.
         let Some(weight) = upstream
@@ -209,14 +213,15 @@ fn pick<'a>(
             .effective_weight
             .store(recovered, Ordering::Relaxed);
         if best.is_none_or(|(_, best_current)| current > best_current) {
-            best = Some((peer, current));
+            best = Some((index, current));
         }
     }
-    let (peer, current) = best?;
-    peer.upstream
+    let (index, current) = best?;
+    peers[index]
+        .upstream
         .current_weight
         .store(current - total, Ordering::Relaxed);
-    Some(peer)
+    Some(index)
 }
 
 #[cfg(test)]
@@ -228,6 +233,7 @@ mod tests {
 
     use super::*;
     use crate::error::UpstreamFailure;
+    use crate::health::now_ms;
     use crate::metrics::Metrics;
 
     fn upstreams(weights: &[u32]) -> Vec<UpstreamConfig> {
@@ -266,7 +272,7 @@ mod tests {
     fn picks(router: &Router, count: usize) -> String {
         (0..count)
             .map(|_| {
-                let port = router.pick(&[]).unwrap().0.upstream.addr().port();
+                let port = router.pick(&[]).unwrap().upstream().addr().port();
                 char::from(b'a' + (port - 3001) as u8)
             })
             .collect()
@@ -308,7 +314,7 @@ mod tests {
                 let router = Arc::clone(&router);
                 std::thread::spawn(move || {
                     (0..2_500)
-                        .map(|_| router.pick(&[]).unwrap().0.upstream.addr().port())
+                        .map(|_| router.pick(&[]).unwrap().upstream().addr().port())
                         .collect::<Vec<_>>()
                 })
             })
@@ -394,8 +400,9 @@ mod tests {
             registry,
             None,
         );
-        let first = Arc::clone(&router.table().peers[0].upstream);
-        let _in_flight = [first.start_request(), first.start_request()];
+        let table = router.table();
+        let _in_flight = [0, 0]
+            .map(|index| InFlight::start(Arc::clone(&table), index, std::time::Instant::now()));
         assert_eq!(picks(&router, 4), "bbbb");
     }
 

@@ -36,9 +36,14 @@ use tokio::time::Instant;
 /// Milliseconds since the process's first look at the clock, on tokio's
 /// clock (which tests can pause).
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// `at` in the milliseconds of [`now_ms`].
+pub fn ms_at(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    Instant::now().saturating_duration_since(epoch).as_millis() as u64
+    let epoch = *EPOCH.get_or_init(|| at);
+    at.saturating_duration_since(epoch).as_millis() as u64
 }
 
 /// The state of an upstream, as the active checks see it.

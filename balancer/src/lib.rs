@@ -28,6 +28,7 @@ pub mod pool;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
+pub mod shards;
 pub mod table;
 pub mod upstream;
 pub mod workers;

@@ -2,7 +2,8 @@
 //!
 //! Per-upstream metrics are families labelled by `upstream` (its address).
 //! Each upstream holds handles to its own series ([`UpstreamCounters`]),
-//! so the request path updates them without looking anything up.
+//! so the request path updates them without looking anything up; those
+//! that every request updates are sharded by worker ([`crate::shards`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,12 +13,13 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 use spike_http1::server::{ConnectionCounts, Rejection};
 
 use crate::error::FailoverReason;
+use crate::shards::{ShardedCounter, ShardedGauge, ShardedHistogram};
 
 /// The label set of per-upstream series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,13 +42,13 @@ pub const STATES: [&str; 5] = ["up", "ramping", "resting", "down", "unknown"];
 /// handle here is the very series `/metrics` shows.
 #[derive(Debug)]
 pub struct UpstreamCounters {
-    pub requests: Counter,
+    pub requests: ShardedCounter,
     /// Failures of live traffic: connection errors, timeouts, broken
     /// exchanges, and the statuses `fail_on` names.
     pub failures: Counter,
-    pub in_flight: Gauge,
+    pub in_flight: ShardedGauge,
     /// Seconds from routing a request here to the end of its response.
-    pub duration: Histogram,
+    pub duration: ShardedHistogram,
     /// Requests that could not be sent here and went to another upstream,
     /// by [`FailoverReason`].
     pub failovers: [Counter; 3],
@@ -80,10 +82,10 @@ pub struct Metrics {
     /// locked while series are made or removed, so that those of an
     /// address are only ever removed by their owner.
     owners: Mutex<(HashMap<SocketAddr, u64>, u64)>,
-    requests: Family<UpstreamLabel, Counter>,
+    requests: Family<UpstreamLabel, ShardedCounter>,
     failures: Family<UpstreamLabel, Counter>,
-    in_flight: Family<UpstreamLabel, Gauge>,
-    duration: Family<UpstreamLabel, Histogram, fn() -> Histogram>,
+    in_flight: Family<UpstreamLabel, ShardedGauge>,
+    duration: Family<UpstreamLabel, ShardedHistogram, fn() -> ShardedHistogram>,
     weight: Family<UpstreamLabel, Gauge>,
     healthy: Family<UpstreamLabel, Gauge>,
     state: Family<UpstreamKindLabel, Gauge>,
@@ -108,8 +110,8 @@ pub struct ReasonLabel {
 }
 
 /// Request durations from 100 µs to about 13 s.
-fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+fn duration_histogram() -> ShardedHistogram {
+    ShardedHistogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
 impl Default for Metrics {
@@ -124,7 +126,7 @@ impl Metrics {
         let requests = Family::default();
         let failures = Family::default();
         let in_flight = Family::default();
-        let duration = Family::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let duration = Family::new_with_constructor(duration_histogram as fn() -> ShardedHistogram);
         let weight = Family::default();
         let healthy = Family::default();
         let state = Family::default();

@@ -24,6 +24,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use spike_config::balancer::ProxySettings;
 use spike_http1::client::{ConnectError, Connection};
@@ -53,9 +54,11 @@ impl From<&ProxySettings> for PoolSettings {
 #[derive(Debug)]
 pub struct ConnectionPool {
     addr: SocketAddr,
-    /// One stack per worker, of the connections that worker opened. Each is
-    /// held only to push or pop; never across an `.await`.
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// One stack per worker, of the connections that worker opened, each
+    /// on cache lines of its own (the workers push and pop at every
+    /// request). Each is held only to push or pop; never across an
+    /// `.await`.
+    idle: Box<[CachePadded<Mutex<Vec<Idle>>>]>,
 }
 
 #[derive(Debug)]
@@ -69,16 +72,22 @@ impl ConnectionPool {
         Self {
             addr,
             idle: (0..workers::count())
-                .map(|_| Mutex::new(Vec::new()))
+                .map(|_| CachePadded::new(Mutex::new(Vec::new())))
                 .collect(),
         }
     }
 
-    /// A connection ready to send a request: the most recently used idle
-    /// one of this worker that is still open, or a new one.
-    pub async fn checkout(&self, settings: &PoolSettings) -> Result<Connection, ConnectError> {
+    /// A connection ready to send a request at `now`: the most recently
+    /// used idle one of this worker that is still open, or a new one.
+    pub async fn checkout(
+        &self,
+        settings: &PoolSettings,
+        now: Instant,
+    ) -> Result<Connection, ConnectError> {
         while let Some(mut idle) = self.pop() {
-            if idle.since.elapsed() <= settings.idle_timeout && idle.connection.is_open() {
+            if now.saturating_duration_since(idle.since) <= settings.idle_timeout
+                && idle.connection.is_open()
+            {
                 return Ok(idle.connection);
             }
         }

@@ -33,8 +33,7 @@ use crate::balance::Router;
 use crate::error::{FailoverReason, ProxyError, UpstreamFailure};
 use crate::headers::{self, ClientAddr};
 use crate::pool::PoolSettings;
-use crate::table::Peer;
-use crate::upstream::InFlight;
+use crate::upstream::{InFlight, Upstream};
 
 /// A reply to the client: an upstream's streamed response, or the proxy's
 /// own short reply. The upstream's body is boxed: a response is moved
@@ -164,15 +163,15 @@ impl Proxy {
         let lacks_host = !req.headers().contains_key(Known::HOST);
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let Some((peer, in_flight)) = self.router.pick(&tried) else {
+            let Some(in_flight) = self.router.pick(&tried) else {
                 return Err(ProxyError::NoUpstream);
             };
-            let addr = peer.upstream.addr();
+            let addr = in_flight.upstream().addr();
             if lacks_host {
-                req.headers_mut().insert(HOST, peer.upstream.host().clone());
+                req.headers_mut()
+                    .insert(HOST, in_flight.upstream().host().clone());
             }
             let exchange = Exchange {
-                peer: &peer,
                 in_flight,
                 pool: &pool,
                 response_timeout,
@@ -183,6 +182,7 @@ impl Proxy {
                 Err(Attempt::Failed(error)) => return Err(error),
                 Err(Attempt::NotSent {
                     request,
+                    upstream,
                     reason,
                     error,
                 }) => {
@@ -190,7 +190,7 @@ impl Proxy {
                     if !self.may_retry(tried.len(), retries) {
                         return Err(error);
                     }
-                    peer.upstream.failed_over(reason, &error);
+                    upstream.failed_over(reason, &error);
                     self.router.registry().metrics().retries.inc();
                     req = request;
                 }
@@ -208,7 +208,6 @@ impl Proxy {
 
 /// One attempt on one upstream, counted in flight there.
 struct Exchange<'a> {
-    peer: &'a Peer,
     in_flight: InFlight,
     pool: &'a PoolSettings,
     response_timeout: Duration,
@@ -222,10 +221,11 @@ impl Exchange<'_> {
         self,
         req: Box<Request<RequestBody>>,
     ) -> Result<Response<ProxyReply>, Attempt> {
-        let peer = self.peer;
+        let peer = self.in_flight.peer();
         let upstream = &peer.upstream;
         let addr = upstream.addr();
-        let connection = match upstream.pool.checkout(self.pool).await {
+        let checkout = upstream.pool.checkout(self.pool, self.in_flight.started());
+        let connection = match checkout.await {
             Ok(connection) => connection,
             Err(source) => {
                 // Nothing was sent: connecting failed.
@@ -237,6 +237,7 @@ impl Exchange<'_> {
                 self.count(&error);
                 return Err(Attempt::NotSent {
                     request: req,
+                    upstream: Arc::clone(upstream),
                     reason,
                     error,
                 });
@@ -251,6 +252,7 @@ impl Exchange<'_> {
                 // out.
                 return Err(Attempt::NotSent {
                     request,
+                    upstream: Arc::clone(upstream),
                     reason: FailoverReason::Closed,
                     error: ProxyError::Upstream {
                         upstream: addr,
@@ -297,7 +299,7 @@ impl Exchange<'_> {
     /// Counts a failed exchange against the upstream, as its checks say.
     fn count(&self, error: &ProxyError) {
         if let Some(failure) = error.failure() {
-            self.peer.failed(failure);
+            self.in_flight.peer().failed(failure);
         }
     }
 }
@@ -309,6 +311,8 @@ enum Attempt {
     /// another.
     NotSent {
         request: Box<Request<RequestBody>>,
+        /// Where it was not sent.
+        upstream: Arc<Upstream>,
         reason: FailoverReason,
         error: ProxyError,
     },
@@ -371,8 +375,12 @@ impl ProxiedBody {
 
     /// The response has ended: the request's time is taken, and the
     /// connection goes back to the pool if it may carry another exchange
-    /// (both at one reading of the clock).
+    /// (both at one reading of the clock). Once: the end of the body may
+    /// be seen twice, at its last data and when it is polled again.
     fn release(&mut self) {
+        if self.in_flight.ended() {
+            return;
+        }
         let now = Instant::now();
         self.in_flight.end(now);
         if let Some(connection) = self.inner.into_reusable() {

@@ -23,6 +23,7 @@ use crate::error::{FailoverReason, UpstreamFailure};
 use crate::health::{Health, State, now_ms};
 use crate::metrics::{HealthGauges, Metrics, UpstreamCounters};
 use crate::pool::ConnectionPool;
+use crate::table::{Peer, Table};
 
 /// One upstream server and the balancer's state about it.
 #[derive(Debug)]
@@ -70,17 +71,6 @@ impl Upstream {
 
     pub fn host(&self) -> &HeaderValue {
         &self.host
-    }
-
-    /// Marks a request as routed to this upstream; the returned guard marks
-    /// it finished (and records its duration) when dropped.
-    pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.counters.requests.inc();
-        self.counters.in_flight.inc();
-        InFlight {
-            upstream: Arc::clone(self),
-            started: Some(Instant::now()),
-        }
     }
 
     /// Counts a failure of live traffic at this upstream, of configured
@@ -146,25 +136,60 @@ impl Drop for Upstream {
     }
 }
 
-/// A request in flight on an upstream.
+/// A request in flight on an upstream: the peer that the round-robin
+/// picked, held by the routing table it was picked from (one reference
+/// count to take per request, not one per handle the peer holds).
 #[derive(Debug)]
 pub struct InFlight {
-    upstream: Arc<Upstream>,
-    /// When it started, until its duration is recorded.
-    started: Option<Instant>,
+    table: Arc<Table>,
+    index: usize,
+    /// When it was picked.
+    started: Instant,
+    /// Whether its duration has been recorded.
+    ended: bool,
 }
 
 impl InFlight {
+    /// Marks a request as routed, `started` then, to the peer at `index`
+    /// of `table`; it is marked finished (and its duration recorded, if
+    /// [`end`](Self::end) did not) when this is dropped.
+    pub fn start(table: Arc<Table>, index: usize, started: Instant) -> Self {
+        let counters = &table.peers[index].upstream.counters;
+        counters.requests.inc();
+        counters.in_flight.inc();
+        Self {
+            table,
+            index,
+            started,
+            ended: false,
+        }
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.table.peers[self.index]
+    }
+
     pub fn upstream(&self) -> &Arc<Upstream> {
-        &self.upstream
+        &self.peer().upstream
+    }
+
+    /// When the request was picked.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Whether the request's duration has been recorded.
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     /// Records the request's duration, as ended `now`; it stays counted
     /// in flight until this is dropped.
     pub fn end(&mut self, now: Instant) {
-        if let Some(started) = self.started.take() {
-            let duration = now.saturating_duration_since(started);
-            self.upstream
+        if !self.ended {
+            self.ended = true;
+            let duration = now.saturating_duration_since(self.started);
+            self.upstream()
                 .counters
                 .duration
                 .observe(duration.as_secs_f64());
@@ -174,9 +199,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.started.is_some() {
+        if !self.ended {
             self.end(Instant::now());
         }
-        self.upstream.counters.in_flight.dec();
+        self.upstream().counters.in_flight.dec();
     }
 }
