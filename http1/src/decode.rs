@@ -92,6 +92,7 @@ pub fn parse_request(
         uri,
         version(parsed.minor),
         Fields::received(head, parsed.spans),
+        (),
     )))
 }
 

@@ -50,7 +50,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         }
         let connection = self.connection.take()?;
         // Anything sent beyond the response is a broken upstream.
-        connection.read.is_empty().then_some(connection)
+        connection.link.read.is_empty().then_some(connection)
     }
 
     fn fail(&mut self, error: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
@@ -70,7 +70,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         else {
             return Ok(());
         };
-        match sender.poll_send(&connection.stream, cx) {
+        match sender.poll_send(&connection.link.stream, cx) {
             Poll::Ready(Ok(())) => self.sending = None,
             Poll::Ready(Err(ExchangeError::RequestBody)) => return Err(ExchangeError::RequestBody),
             Poll::Ready(Err(_)) => {
@@ -102,26 +102,26 @@ impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
             let Some(connection) = this.connection.as_mut() else {
                 return this.fail(ExchangeError::Closed);
             };
-            match this.decoder.decode(&mut connection.read) {
+            match this.decoder.decode(&mut connection.link.read) {
                 Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                 Ok(None) if this.decoder.is_done() => return Poll::Ready(None),
                 Ok(None) => {}
                 Err(error) => return this.fail(error.into()),
             }
             let Poll::Ready(filled) = poll_read(
-                &connection.stream,
-                &mut connection.read,
+                &connection.link.stream,
+                &mut connection.link.read,
                 super::READ_SIZE,
                 cx,
             ) else {
                 let on_client =
                     (this.sending.as_ref()).is_some_and(|sender| sender.waits_on_client());
-                if connection.patience.poll_expired(on_client, cx) {
+                if connection.link.patience.poll_expired(on_client, cx) {
                     return this.fail(ExchangeError::TimedOut);
                 }
                 return Poll::Pending;
             };
-            connection.patience.reset();
+            connection.link.patience.reset();
             match filled {
                 Ok(0) => match this.decoder.closed() {
                     Ok(()) => {

@@ -259,7 +259,7 @@ async fn a_connection_the_upstream_closed_is_not_open() {
     let (addr, _upstream) = scripted("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 0, true).await;
     let mut response = connect(addr).await.send(get("/"), PATIENT).await.unwrap();
     let mut upstream = response.body_mut().into_reusable().unwrap();
-    upstream.stream.readable().await.unwrap();
+    upstream.link.stream.readable().await.unwrap();
     assert!(!upstream.is_open());
 
     let (addr, _upstream) =
