@@ -67,7 +67,11 @@ start_static_backends() {
 # of the PORTs), with keep-alive to them and no access log, listening on
 # LISTEN_PORT; WORKERS 0 is one process, master and worker in one (for
 # callgrind to see all of its work). Each worker takes up to
-# $MAX_CONNECTIONS connections (default 8192).
+# $MAX_CONNECTIONS connections (default 8192). It forwards what the
+# balancer forwards, so that both do the same job: the client's Host,
+# X-Forwarded-For (appended to), X-Forwarded-Proto and X-Forwarded-Host,
+# and Via both ways (nginx's defaults send none of them, and Host as the
+# upstream group's name). BARE=1 leaves them out, here and in HAProxy's.
 nginx_proxy_config() {
   local workers=$1 listen=$2 weight=1 port connections=${MAX_CONNECTIONS:-8192}
   shift 2
@@ -87,7 +91,15 @@ nginx_proxy_config() {
   echo "    keepalive 1024;"
   echo "  }"
   echo "  server { listen 127.0.0.1:$listen;"
-  echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
+  echo "    location / { proxy_pass http://nodes; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+  if [ "${BARE:-0}" != 1 ]; then
+    echo "      proxy_set_header Host \$http_host;"
+    echo "      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
+    echo "      proxy_set_header X-Forwarded-Proto \$scheme;"
+    echo "      proxy_set_header X-Forwarded-Host \$http_host;"
+    echo "      proxy_set_header Via \"1.1 nginx\"; add_header Via \"1.1 nginx\" always;"
+  fi
+  echo "    }"
   echo "  }"
   echo "}"
 }
@@ -125,7 +137,8 @@ callgrind_requests() {
 # start_haproxy_proxy WORKERS PORT...: HAProxy as a weighted round-robin
 # proxy (weights 1, 2, 3... in the order of the PORTs) with connection reuse
 # to them and no log, on a free port; sets haproxy_port and haproxy_pid. It
-# takes up to $MAX_CONNECTIONS connections (default 4096).
+# takes up to $MAX_CONNECTIONS connections (default 4096), and forwards
+# what the balancer forwards unless BARE=1 (see nginx_proxy_config).
 start_haproxy_proxy() {
   local workers=$1 weight=1 port
   shift
@@ -145,6 +158,14 @@ start_haproxy_proxy() {
     echo "  default_backend nodes"
     echo "backend nodes"
     echo "  balance roundrobin"
+    if [ "${BARE:-0}" != 1 ]; then
+      # What the balancer forwards (see nginx_proxy_config).
+      echo "  option forwardfor"
+      echo "  http-request set-header X-Forwarded-Proto http"
+      echo "  http-request set-header X-Forwarded-Host %[req.hdr(host)]"
+      echo "  http-request add-header Via \"1.1 haproxy\""
+      echo "  http-response add-header Via \"1.1 haproxy\""
+    fi
     for port in "$@"; do
       echo "  server s$weight 127.0.0.1:$port weight $weight"
       weight=$((weight + 1))
