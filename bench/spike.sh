@@ -6,13 +6,19 @@
 #
 #   bash bench/spike.sh             # REQUESTS=1000000 CONCURRENCY=1000
 #
-# For each run it reports requests/s, p50, p99 and p99.9 latency, the
-# tickets sold (10,000 exactly, or the run failed), the purchase scripts the
-# nodes sent to Redis (close to the stock, not the request count; beside
-# them, every script Redis ran, from INFO commandstats, the nodes' expiry
-# sweeps included), and the peak memory of the proxy and of each node. It
-# writes the figures to bench/results/spike.md and a latency-over-time plot
-# to bench/results/spike-latency.png (matplotlib).
+#   ROUNDS=3                        # rounds of one sale through each
+#
+# The sale is started over before each run. The proxies take turns, the
+# balancer first in odd rounds and nginx first in even ones, so that
+# neither always runs on the fresher machine. For each run it reports
+# requests/s, p50, p99 and p99.9 latency, the tickets sold (10,000 exactly,
+# or the run failed), the purchase scripts the nodes sent to Redis (close
+# to the stock, not the request count; beside them, every script Redis ran,
+# from INFO commandstats, the nodes' expiry sweeps included), and the peak
+# memory of the proxy and of each node; then, balancer against nginx, the
+# ratios of each round and their medians. It writes the figures to
+# bench/results/spike.md and the latency over time of the round with the
+# median throughput ratio to bench/results/spike-latency.png (matplotlib).
 #
 # Stat and access logs are off; nginx runs as many workers as the balancer
 # has threads (one per core) with keep-alive to the nodes.
@@ -22,6 +28,7 @@ source bench/lib.sh
 
 REQUESTS=${REQUESTS:-1000000}
 CONCURRENCY=${CONCURRENCY:-1000}
+ROUNDS=${ROUNDS:-3}
 TOTAL=10000
 
 need ab apache2-utils
@@ -83,40 +90,92 @@ peak_rss_kib() {
   echo "$total"
 }
 
-read -r s_rps s_sold s_calls s_cpu s_mem s_nodes <<<"$(run spike "$proxy_port" "$balancer_pid")"
-
-# The same nodes, the sale started over, nginx in the balancer's place.
-target/release/spike reset --config-dir "$work/config" >/dev/null
-for port in "${node_ports[@]}"; do
-  for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:$port/stats" | grep -q '"global_sold_out":false' && break
-    sleep 0.05
+# new_sale: the same nodes, the sale started over.
+new_sale() {
+  local port
+  target/release/spike reset --config-dir "$work/config" >/dev/null
+  for port in "${node_ports[@]}"; do
+    for _ in $(seq 1 100); do
+      curl -fsS "http://127.0.0.1:$port/stats" | grep -q '"global_sold_out":false' && break
+      sleep 0.05
+    done
   done
-done
+}
+
 start_nginx_proxy "$(nproc)" "${node_ports[@]}"
-read -r n_rps n_sold n_calls n_cpu n_mem _ <<<"$(run nginx "$nginx_port" $(with_children "$nginx_pid"))"
+nginx_pids=$(with_children "$nginx_pid")
+
+# One line per run: "round proxy" and what run prints, then p50, p99 and
+# p99.9 from its latency file.
+results=$work/results
+: >"$results"
+for round in $(seq 1 "$ROUNDS"); do
+  order="spike nginx"
+  [ $((round % 2)) -eq 0 ] && order="nginx spike"
+  for proxy in $order; do
+    new_sale
+    if [ "$proxy" = spike ]; then
+      figures=$(run "spike$round" "$proxy_port" "$balancer_pid")
+    else
+      figures=$(run "nginx$round" "$nginx_port" $nginx_pids)
+    fi
+    echo "$round $proxy $figures" >>"$results"
+  done
+  python3 bench/latency.py "$work/round$round.png" \
+    "$REQUESTS purchases from $CONCURRENCY clients, $TOTAL tickets: latency per second of the run" \
+    "spike=$work/spike$round.tsv" "nginx=$work/nginx$round.tsv" >"$work/latency$round"
+done
 
 kill -TERM "$spike_pid"
 wait "$spike_pid" || true
 
-latency=$(python3 bench/latency.py bench/results/spike-latency.png \
-  "$REQUESTS purchases from $CONCURRENCY clients, $TOTAL tickets: latency per second of the run" \
-  "spike=$work/spike.tsv" "nginx=$work/nginx.tsv")
-read -r _ s_p50 s_p99 s_p999 _ <<<"$(echo "$latency" | grep '^spike ')"
-read -r _ n_p50 n_p99 n_p999 _ <<<"$(echo "$latency" | grep '^nginx ')"
+# figures ROUND PROXY: that run's line, its latency percentiles appended.
+figures() {
+  echo "$(awk -v r="$1" -v p="$2" '$1 == r && $2 == p' "$results") $(awk -v p="$2" '$1 == p {print $2, $3, $4}' "$work/latency$1")"
+}
 
 {
   echo "Machine: $(machine)"
-  echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4; $(nginx -v 2>&1 | sed 's/^nginx version: //')"
+  echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4; $(nginx -v 2>&1 | sed 's/^nginx version: //'); $ROUNDS rounds, the proxies taking turns to go first"
   echo
-  echo "| proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-  echo "| spike balancer | $s_rps | $s_p50 | $s_p99 | $s_p999 | $s_sold | $s_calls | $s_cpu | $((s_mem / 1024)) MiB | $(for k in $s_nodes; do printf '%s ' "$((k / 1024))"; done)MiB |"
-  echo "| nginx | $n_rps | $n_p50 | $n_p99 | $n_p999 | $n_sold | $n_calls | $n_cpu | $((n_mem / 1024)) MiB | (the same nodes) |"
+  echo "| round | proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  for round in $(seq 1 "$ROUNDS"); do
+    for proxy in spike nginx; do
+      read -r _ _ rps sold calls cpu mem n1 n2 n3 n4 p50 p99 p999 <<<"$(figures "$round" "$proxy")"
+      nodes="$((n1 / 1024)) $((n2 / 1024)) $((n3 / 1024)) $((n4 / 1024)) MiB"
+      [ "$proxy" = nginx ] && nodes="(the same nodes)"
+      name="spike balancer"
+      [ "$proxy" = nginx ] && name=nginx
+      echo "| $round | $name | $rps | $p50 | $p99 | $p999 | $sold | $calls | $cpu | $((mem / 1024)) MiB | $nodes |"
+    done
+  done
   echo
-  awk -v s="$s_rps" -v n="$n_rps" -v sp="$s_p99" -v np="$n_p99" -v sc="$s_cpu" -v nc="$n_cpu" 'BEGIN {
-    printf "spike / nginx: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", s / n, sp / np, sc / nc
-  }'
+  for round in $(seq 1 "$ROUNDS"); do
+    read -r _ _ s_rps _ _ s_cpu _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
+    read -r _ _ n_rps _ _ n_cpu _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
+    echo "$round $s_rps $n_rps $s_p99 $n_p99 $s_cpu $n_cpu"
+  done | awk '
+    function median(a, n,   i, j, t) {
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    {
+      n++; thr[n] = $2 / $3; p99[n] = $4 / $5; cpu[n] = $6 / $7
+      printf "round %d, spike / nginx: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", $1, thr[n], p99[n], cpu[n]
+    }
+    END {
+      printf "spike / nginx, medians of the rounds: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", median(thr, n), median(p99, n), median(cpu, n)
+    }'
 } | tee bench/results/spike.md
 
-[ "$s_sold" = "$TOTAL" ] && [ "$n_sold" = "$TOTAL" ] || { echo "tickets sold are not exactly $TOTAL" >&2; exit 1; }
+# The plot of the round whose throughput ratio is the median.
+median_round=$(for round in $(seq 1 "$ROUNDS"); do
+  echo "$round $(awk -v r="$round" '$1 == r && $2 == "spike" {s = $3} $1 == r && $2 == "nginx" {n = $3} END {print s / n}' "$results")"
+done | sort -k2 -g | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m {print $1}')
+cp "$work/round$median_round.png" bench/results/spike-latency.png
+
+awk -v total="$TOTAL" '$4 != total {bad = 1} END {exit bad}' "$results" || {
+  echo "tickets sold are not exactly $TOTAL in every run" >&2
+  exit 1
+}
