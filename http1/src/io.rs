@@ -14,7 +14,7 @@ use std::io::{self, IoSlice};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use rustix::net::RecvFlags;
+use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -88,6 +88,11 @@ pub(crate) struct Outgoing {
 /// The most pieces one `writev` takes.
 const MAX_SLICES: usize = 16;
 
+/// The most bytes of a body copied after its head, rather than written
+/// from where they are: a copy this small costs less than the kernel's
+/// walk through a second piece.
+const JOIN_MAX: usize = 1024;
+
 impl Outgoing {
     /// Queues a head that `encode` writes. It goes first if nothing else is
     /// queued, in the reused room; after what is queued otherwise.
@@ -105,8 +110,14 @@ impl Outgoing {
     }
 
     pub fn push(&mut self, bytes: Bytes) {
-        if !bytes.is_empty() {
-            self.queued += bytes.len();
+        if bytes.is_empty() {
+            return;
+        }
+        self.queued += bytes.len();
+        if self.queue.is_empty() && self.head_sent < self.head.len() && bytes.len() <= JOIN_MAX {
+            // A small body joins its head: one buffer, one `send`.
+            self.head.extend_from_slice(&bytes);
+        } else {
             self.queue.push_back(bytes);
         }
     }
@@ -151,8 +162,11 @@ impl Outgoing {
             }
             let mut written = loop {
                 ready!(stream.poll_write_ready(cx))?;
-                match stream.try_io(Interest::WRITABLE, || {
-                    Ok(rustix::io::writev(stream, &slices[..count])?)
+                match stream.try_io(Interest::WRITABLE, || match &slices[..count] {
+                    // One piece goes out with `send`, which skips the file
+                    // layer `writev` goes through.
+                    [one] => Ok(rustix::net::send(stream, one, SendFlags::NOSIGNAL)?),
+                    slices => Ok(rustix::io::writev(stream, slices)?),
                 }) {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     written => break written?,
