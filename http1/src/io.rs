@@ -70,7 +70,8 @@ fn recv(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
 
 /// Data on its way out: a message's head, then its body's pieces (chunk
 /// size lines, data, CRLFs) as they came, written together with one
-/// `writev` where the socket takes them (no copy of a body).
+/// `writev` where the socket takes them (no copy of a body, but of one
+/// small enough to join its head, [`JOIN_MAX`]).
 ///
 /// A head is encoded in place, into room that the next head reuses: it is
 /// never shared, so writing it takes no reference count.
