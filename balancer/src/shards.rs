@@ -32,16 +32,23 @@ impl<T: Default> Shards<T> {
     }
 }
 
+/// This thread's shard of `shards`, and whether it is this thread's
+/// alone. (A worker beyond the count the shards were made for, as a test
+/// may make, shares shard 0.)
+fn my_shard(shards: usize) -> (usize, Alone) {
+    let index = workers::index();
+    if index > 0 && index < shards {
+        (index, Alone(true))
+    } else {
+        (0, Alone(false))
+    }
+}
+
 impl<T> Shards<T> {
-    /// This thread's shard, and whether it is this thread's alone. (A
-    /// worker beyond the count these shards were made for, as a test may
-    /// make, shares shard 0.)
+    /// This thread's shard, and whether it is this thread's alone.
     fn mine(&self) -> (&T, Alone) {
-        let index = workers::index();
-        match self.0.get(index) {
-            Some(shard) if index > 0 => (shard, Alone(true)),
-            _ => (&self.0[0], Alone(false)),
-        }
+        let (index, alone) = my_shard(self.0.len());
+        (&self.0[index], alone)
     }
 
     fn iter(&self) -> impl Iterator<Item = &T> {
@@ -202,12 +209,7 @@ impl ShardedHistogram {
     }
 
     pub fn observe(&self, value: f64) {
-        let index = workers::index();
-        let (shard, alone) = if index > 0 && index < self.shards() {
-            (index, Alone(true))
-        } else {
-            (0, Alone(false))
-        };
+        let (shard, alone) = my_shard(self.shards());
         // From the smallest bound up: most requests end in the first few
         // buckets, and a scan's branches are predicted where a binary
         // search waits on each load.

@@ -14,60 +14,74 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::time::{Instant, Sleep};
 
-/// A timer set no later than the deadline it is asked about.
-#[derive(Debug)]
+/// A timer set no later than the deadline it is asked about; its tokio
+/// timer is made for the first deadline asked about.
+#[derive(Debug, Default)]
 pub(crate) struct Timer {
-    sleep: Pin<Box<Sleep>>,
-    /// When `sleep` fires.
-    armed: Instant,
-    /// The waker `sleep` holds since it was last polled, if it has not
-    /// fired or moved since.
-    waker: Option<Waker>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker `sleep` holds, if it has not fired or moved since.
+    waker: LastWaker,
 }
 
 impl Timer {
-    /// A timer set for `deadline`.
-    pub fn new(deadline: Instant) -> Self {
-        Self {
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            armed: deadline,
-            waker: None,
-        }
-    }
-
     /// Whether `deadline` has passed; if not, the task is woken when it
     /// does, or before (and then asks again).
     pub fn poll_passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        if deadline < self.armed {
-            self.arm(deadline);
-        }
+        let sleep = match &mut self.sleep {
+            Some(sleep) if deadline < sleep.deadline() => {
+                sleep.as_mut().reset(deadline);
+                self.waker.forget();
+                sleep
+            }
+            Some(sleep) => sleep,
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
         loop {
-            let registered = self
-                .waker
-                .as_ref()
-                .is_some_and(|waker| waker.will_wake(cx.waker()));
-            if registered && !self.sleep.is_elapsed() {
+            if self.waker.is(cx) && !sleep.is_elapsed() {
                 return false;
             }
             // Out of tokio's budget, a sleep would answer `Pending` without
             // taking the waker: polled unconstrained, it always takes it.
-            let mut sleep = tokio::task::unconstrained(self.sleep.as_mut());
-            if Pin::new(&mut sleep).poll(cx) == Poll::Pending {
-                self.waker = Some(cx.waker().clone());
+            let mut unconstrained = tokio::task::unconstrained(sleep.as_mut());
+            if Pin::new(&mut unconstrained).poll(cx) == Poll::Pending {
+                self.waker.set(cx);
                 return false;
             }
-            // Fired, at `armed`: tokio's timers never fire early.
-            if self.armed >= deadline {
+            // Fired, at the deadline it was set for: tokio's timers never
+            // fire early.
+            if sleep.deadline() >= deadline {
                 return true;
             }
-            self.arm(deadline);
+            sleep.as_mut().reset(deadline);
+            self.waker.forget();
         }
     }
+}
 
-    fn arm(&mut self, deadline: Instant) {
-        self.sleep.as_mut().reset(deadline);
-        self.armed = deadline;
-        self.waker = None;
+/// The waker a future took when last polled, as far as its owner knows:
+/// a future that keeps it until it is ready need not be polled again by
+/// the same task to wake it.
+#[derive(Debug, Default)]
+pub(crate) struct LastWaker(Option<Waker>);
+
+impl LastWaker {
+    /// Whether it is the waker of the task polling with `cx`.
+    pub fn is(&self, cx: &Context<'_>) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+    }
+
+    /// The future was polled with `cx` and kept its waker.
+    pub fn set(&mut self, cx: &Context<'_>) {
+        self.0 = Some(cx.waker().clone());
+    }
+
+    /// The future let its waker go (it fired, or was moved).
+    pub fn forget(&mut self) {
+        self.0 = None;
     }
 }
 
@@ -97,7 +111,7 @@ mod tests {
         let waker = Waker::from(Arc::clone(&woken));
         let mut cx = Context::from_waker(&waker);
         let start = Instant::now();
-        let mut timer = Timer::new(start + Duration::from_secs(1));
+        let mut timer = Timer::default();
         assert!(!timer.poll_passed(start + Duration::from_secs(1), &mut cx));
         // Moved later: the timer stays where it was and fires early...
         assert!(!timer.poll_passed(start + Duration::from_secs(3), &mut cx));
@@ -123,7 +137,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_task_out_of_its_budget_is_still_woken() {
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut timer = Timer::new(deadline - Duration::from_secs(1));
+        let mut timer = Timer::default();
         // First asked once the task has spent tokio's budget, where tokio's
         // own sleep answers `Pending` without taking the waker.
         std::future::poll_fn(|cx| {
@@ -153,7 +167,7 @@ mod tests {
         let second = Arc::new(Count::default());
         let start = Instant::now();
         let deadline = start + Duration::from_secs(1);
-        let mut timer = Timer::new(deadline);
+        let mut timer = Timer::default();
         let waker = Waker::from(Arc::clone(&first));
         assert!(!timer.poll_passed(deadline, &mut Context::from_waker(&waker)));
         let waker = Waker::from(Arc::clone(&second));

@@ -16,7 +16,7 @@ pub(super) struct Patience {
     limit: Duration,
     /// Kept with the connection from one exchange to the next (see
     /// [`Timer`]).
-    timer: Option<Timer>,
+    timer: Timer,
     /// When the wait under way runs out, if one is.
     deadline: Option<Instant>,
 }
@@ -39,9 +39,7 @@ impl Patience {
         }
         let limit = self.limit;
         let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + limit);
-        self.timer
-            .get_or_insert_with(|| Timer::new(deadline))
-            .poll_passed(deadline, cx)
+        self.timer.poll_passed(deadline, cx)
     }
 
     /// The upstream sent something, or the exchange waits on the client:

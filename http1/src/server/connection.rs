@@ -13,7 +13,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,7 +38,7 @@ use crate::fields::Known;
 use crate::framing;
 use crate::io::{Outgoing, poll_read};
 use crate::message::{Request, Response};
-use crate::timer::Timer;
+use crate::timer::{LastWaker, Timer};
 
 /// How much room a read of a head is given: most heads fit (nginx's
 /// `client_header_buffer_size` is as much), a larger one takes more reads,
@@ -120,7 +120,7 @@ pub(super) async fn serve<H: Handler>(
     let mut stop = Stop {
         stopping: &notice.stopping,
         notified: pin!(notice.stop.notified()),
-        waker: None,
+        waker: LastWaker::default(),
     };
     // A new connection's first request is due within the header timeout;
     // one back from the lot is idle until its first byte.
@@ -134,7 +134,7 @@ pub(super) async fn serve<H: Handler>(
         stream: Arc::new(stream),
         read: BytesMut::new(),
         out: Outgoing::default(),
-        timer: Timer::new(Instant::now()),
+        timer: Timer::default(),
         home: None,
         kept,
     };
@@ -180,22 +180,18 @@ struct Stop<'a, 'b> {
     stopping: &'a AtomicBool,
     notified: Pin<&'b mut Notified<'a>>,
     /// The waker the notice wakes.
-    waker: Option<Waker>,
+    waker: LastWaker,
 }
 
 impl Stop<'_, '_> {
     /// Whether the server is shutting down; if not, the task is woken
     /// when it does.
     fn poll_stopping(&mut self, cx: &mut Context<'_>) -> bool {
-        let registered = self
-            .waker
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()));
-        if !registered {
+        if !self.waker.is(cx) {
             if self.notified.as_mut().poll(cx).is_ready() {
                 return true;
             }
-            self.waker = Some(cx.waker().clone());
+            self.waker.set(cx);
         }
         self.stopping.load(Ordering::Acquire)
     }
