@@ -105,8 +105,8 @@ new_sale() {
 start_nginx_proxy "$(nproc)" "${node_ports[@]}"
 nginx_pids=$(with_children "$nginx_pid")
 
-# One line per run: "round proxy" and what run prints, then p50, p99 and
-# p99.9 from its latency file.
+# One line per run: "round proxy" and what run prints (`figures` adds the
+# latency percentiles from the round's latency file).
 results=$work/results
 : >"$results"
 for round in $(seq 1 "$ROUNDS"); do
@@ -155,13 +155,14 @@ figures() {
     read -r _ _ s_rps _ _ s_cpu _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
     read -r _ _ n_rps _ _ n_cpu _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
     echo "$round $s_rps $n_rps $s_p99 $n_p99 $s_cpu $n_cpu"
-  done | awk '
+  done | awk -v ratios="$work/ratios" '
     function median(a, n,   i, j, t) {
       for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
       return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
     {
       n++; thr[n] = $2 / $3; p99[n] = $4 / $5; cpu[n] = $6 / $7
+      print $1, thr[n] >ratios
       printf "round %d, spike / nginx: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", $1, thr[n], p99[n], cpu[n]
     }
     END {
@@ -170,9 +171,7 @@ figures() {
 } | tee bench/results/spike.md
 
 # The plot of the round whose throughput ratio is the median.
-median_round=$(for round in $(seq 1 "$ROUNDS"); do
-  echo "$round $(awk -v r="$round" '$1 == r && $2 == "spike" {s = $3} $1 == r && $2 == "nginx" {n = $3} END {print s / n}' "$results")"
-done | sort -k2 -g | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m {print $1}')
+median_round=$(sort -k2 -g "$work/ratios" | awk -v m=$(((ROUNDS + 1) / 2)) 'NR == m {print $1}')
 cp "$work/round$median_round.png" bench/results/spike-latency.png
 
 awk -v total="$TOTAL" '$4 != total {bad = 1} END {exit bad}' "$results" || {
