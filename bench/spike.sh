@@ -46,6 +46,8 @@ mkdir -p bench/results
 spike_up_sale "$TOTAL"
 balancer_pid=$(awk '/started the balancer/ {gsub(/[^0-9]/, "", $7); print $7}' "$work/spike.out")
 node_pids=($(awk '/started node-/ {sub(/.*\(pid /, ""); sub(/,.*/, ""); print}' "$work/spike.out"))
+redis_pid=$(awk '/started redis-server/ {sub(/.*\(pid /, ""); sub(/\).*/, ""); print}' "$work/spike.out")
+orders_pid=$(awk '/started the order service/ {sub(/.*\(pid /, ""); sub(/\).*/, ""); print}' "$work/spike.out")
 
 redis() { redis-cli -p "$redis_port" "$@"; }
 script_calls() {
@@ -62,23 +64,52 @@ purchase_scripts() {
 
 # run NAME PORT PROXY_PIDS...: one ab run against the proxy on PORT; prints
 # "requests_per_sec sold purchase_scripts/all_scripts proxy_cpu_us_per_request
-# proxy_peak_kib node_peak_kib..."
+# nodes_cpu redis_cpu orders_cpu ab_cpu proxy_peak_kib node_peak_kib..."
+# (CPU in microseconds per request)
 run() {
   local name=$1 port=$2
   shift 2
   redis config resetstat >/dev/null
   local before after scripts_before
   scripts_before=$(purchase_scripts)
+  local rest=("${node_pids[@]}" "$redis_pid" "$orders_pid")
+  local -a rest_before
   before=$(cpu_ticks "$@")
-  ab -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" -g "$work/$name.tsv" \
-    "http://127.0.0.1:$port/buy/ticket" >"$work/$name.ab"
+  read -r -a rest_before <<<"$(each_cpu_ticks "${rest[@]}")"
+  # ab's own CPU seconds, user and system, from the subshell's `times`.
+  local ab_cpu
+  ab_cpu=$(
+    ab -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" -g "$work/$name.tsv" \
+      "http://127.0.0.1:$port/buy/ticket" >"$work/$name.ab"
+    times >"$work/$name.times" # not piped: a pipe would run it in a child
+    awk 'NR == 2 {gsub(/[ms]/, " "); print $1 * 60 + $2 + $3 * 60 + $4}' "$work/$name.times"
+  )
   after=$(cpu_ticks "$@")
+  local -a rest_after
+  read -r -a rest_after <<<"$(each_cpu_ticks "${rest[@]}")"
   local rps sold calls cpu
   rps=$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")
   sold=$(redis hget 'spike:{ticket}:stock' sold)
   calls="$(($(purchase_scripts) - scripts_before))/$(script_calls)"
-  cpu=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-  echo "$rps $sold ${calls:-0} $cpu $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
+  cpu=$(per_request $((after - before)))
+  # The rest of the machine: the four nodes, Redis, the order service, ab.
+  local nodes=0 i
+  for i in 0 1 2 3; do nodes=$((nodes + rest_after[i] - rest_before[i])); done
+  local others
+  others="$(per_request "$nodes") $(per_request $((rest_after[4] - rest_before[4]))) $(per_request $((rest_after[5] - rest_before[5])))"
+  others="$others $(awk -v s="$ab_cpu" -v n="$REQUESTS" 'BEGIN {printf "%.1f", s * 1e6 / n}')"
+  echo "$rps $sold ${calls:-0} $cpu $others $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
+}
+
+# per_request TICKS: CPU clock ticks as microseconds per request.
+per_request() {
+  awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
+}
+
+# each_cpu_ticks PID...: the CPU clock ticks of each pid, on one line.
+each_cpu_ticks() {
+  local pid
+  for pid in "$@"; do cpu_ticks "$pid"; done | paste -sd' '
 }
 
 # Prints the peak resident memory (VmHWM) of the given pids, in KiB.
@@ -138,22 +169,22 @@ figures() {
   echo "Machine: $(machine)"
   echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4; $(nginx -v 2>&1 | sed 's/^nginx version: //'); $ROUNDS rounds, the proxies taking turns to go first"
   echo
-  echo "| round | proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
-  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  echo "| round | proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req | nodes / Redis / orders / ab CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for round in $(seq 1 "$ROUNDS"); do
     for proxy in spike nginx; do
-      read -r _ _ rps sold calls cpu mem n1 n2 n3 n4 p50 p99 p999 <<<"$(figures "$round" "$proxy")"
+      read -r _ _ rps sold calls cpu c_nodes c_redis c_orders c_ab mem n1 n2 n3 n4 p50 p99 p999 <<<"$(figures "$round" "$proxy")"
       nodes="$((n1 / 1024)) $((n2 / 1024)) $((n3 / 1024)) $((n4 / 1024)) MiB"
       [ "$proxy" = nginx ] && nodes="(the same nodes)"
       name="spike balancer"
       [ "$proxy" = nginx ] && name=nginx
-      echo "| $round | $name | $rps | $p50 | $p99 | $p999 | $sold | $calls | $cpu | $((mem / 1024)) MiB | $nodes |"
+      echo "| $round | $name | $rps | $p50 | $p99 | $p999 | $sold | $calls | $cpu | $c_nodes / $c_redis / $c_orders / $c_ab | $((mem / 1024)) MiB | $nodes |"
     done
   done
   echo
   for round in $(seq 1 "$ROUNDS"); do
-    read -r _ _ s_rps _ _ s_cpu _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
-    read -r _ _ n_rps _ _ n_cpu _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
+    read -r _ _ s_rps _ _ s_cpu _ _ _ _ _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
+    read -r _ _ n_rps _ _ n_cpu _ _ _ _ _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
     echo "$round $s_rps $n_rps $s_p99 $n_p99 $s_cpu $n_cpu"
   done | awk -v ratios="$work/ratios" '
     function median(a, n,   i, j, t) {
