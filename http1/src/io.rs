@@ -1,7 +1,9 @@
 //! Reading and writing a TCP socket through a shared reference, so that a
 //! connection and the request body reading from it can both hold it: the
 //! readiness of tokio's reactor, then the system call, again while the
-//! socket turns out not to be ready after all.
+//! socket turns out not to be ready after all. A write, which nearly always
+//! finds room, makes the call first and asks for readiness only when the
+//! socket is full.
 //!
 //! The system calls go to the kernel directly (rustix), not through the C
 //! library: its `recv` and `writev` are thread cancellation points, and in
@@ -14,6 +16,7 @@ use std::io::{self, IoSlice};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -161,17 +164,26 @@ impl Outgoing {
                 *slice = IoSlice::new(bytes);
                 count += 1;
             }
-            let mut written = loop {
-                ready!(stream.poll_write_ready(cx))?;
-                match stream.try_io(Interest::WRITABLE, || match &slices[..count] {
-                    // One piece goes out with `send`, which skips the file
-                    // layer `writev` goes through.
-                    [one] => Ok(rustix::net::send(stream, one, SendFlags::NOSIGNAL)?),
-                    slices => Ok(rustix::io::writev(stream, slices)?),
-                }) {
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    written => break written?,
-                }
+            let send = || match &slices[..count] {
+                // One piece goes out with `send`, which skips the file layer
+                // `writev` goes through.
+                [one] => rustix::net::send(stream, one, SendFlags::NOSIGNAL),
+                slices => rustix::io::writev(stream, slices),
+            };
+            // A socket nearly always has room: the call is made first, and
+            // tokio's record of the socket's readiness is consulted only
+            // once the socket is found full (then `try_io` calls again and
+            // clears the readiness, so that the task waits for the next
+            // event).
+            let mut written = match send() {
+                Err(Errno::AGAIN | Errno::INTR) => loop {
+                    ready!(stream.poll_write_ready(cx))?;
+                    match stream.try_io(Interest::WRITABLE, || Ok(send()?)) {
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                        written => break written?,
+                    }
+                },
+                written => written?,
             };
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
