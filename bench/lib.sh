@@ -22,9 +22,24 @@ make_workdir() {
   trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 }
 
-# Prints a loopback TCP port that nothing listens on.
+# Prints a loopback TCP port that nothing listens on, and that no earlier
+# call in this script printed: ports handed out before anything binds them
+# (a server's several ports, chosen first) would otherwise repeat.
 free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 - "$work/ports" <<'PY'
+import os, socket, sys
+taken = set(open(sys.argv[1]).read().split()) if os.path.exists(sys.argv[1]) else set()
+while True:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+    s.close()
+    if port not in taken:
+        break
+with open(sys.argv[1], "a") as f:
+    f.write(port + "\n")
+print(port)
+PY
 }
 
 # Waits until something accepts connections on 127.0.0.1:$1.
