@@ -72,10 +72,9 @@ run() {
   redis config resetstat >/dev/null
   local before after scripts_before
   scripts_before=$(purchase_scripts)
-  local rest=("${node_pids[@]}" "$redis_pid" "$orders_pid")
   local -a rest_before
   before=$(cpu_ticks "$@")
-  read -r -a rest_before <<<"$(each_cpu_ticks "${rest[@]}")"
+  read -r -a rest_before <<<"$(rest_ticks)"
   # ab's own CPU seconds, user and system, from the subshell's `times`.
   local ab_cpu
   ab_cpu=$(
@@ -86,18 +85,16 @@ run() {
   )
   after=$(cpu_ticks "$@")
   local -a rest_after
-  read -r -a rest_after <<<"$(each_cpu_ticks "${rest[@]}")"
+  read -r -a rest_after <<<"$(rest_ticks)"
   local rps sold calls cpu
   rps=$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")
   sold=$(redis hget 'spike:{ticket}:stock' sold)
   calls="$(($(purchase_scripts) - scripts_before))/$(script_calls)"
   cpu=$(per_request $((after - before)))
-  # The rest of the machine: the four nodes, Redis, the order service, ab.
-  local nodes=0 i
-  for i in 0 1 2 3; do nodes=$((nodes + rest_after[i] - rest_before[i])); done
-  local others
-  others="$(per_request "$nodes") $(per_request $((rest_after[4] - rest_before[4]))) $(per_request $((rest_after[5] - rest_before[5])))"
-  others="$others $(awk -v s="$ab_cpu" -v n="$REQUESTS" 'BEGIN {printf "%.1f", s * 1e6 / n}')"
+  # The rest of the machine: the nodes, Redis, the order service, ab.
+  local others="" i
+  for i in 0 1 2; do others+="$(per_request $((rest_after[i] - rest_before[i]))) "; done
+  others+=$(awk -v s="$ab_cpu" -v n="$REQUESTS" 'BEGIN {printf "%.1f", s * 1e6 / n}')
   echo "$rps $sold ${calls:-0} $cpu $others $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
 }
 
@@ -106,10 +103,10 @@ per_request() {
   awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
 }
 
-# each_cpu_ticks PID...: the CPU clock ticks of each pid, on one line.
-each_cpu_ticks() {
-  local pid
-  for pid in "$@"; do cpu_ticks "$pid"; done | paste -sd' '
+# rest_ticks: the CPU clock ticks of the nodes (all of them), of Redis and
+# of the order service, on one line.
+rest_ticks() {
+  echo "$(cpu_ticks "${node_pids[@]}") $(cpu_ticks "$redis_pid") $(cpu_ticks "$orders_pid")"
 }
 
 # Prints the peak resident memory (VmHWM) of the given pids, in KiB.
