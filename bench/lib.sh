@@ -302,7 +302,8 @@ machine() {
 
 # spike_up_sale TOTAL: a configuration directory in $work/config for
 # `spike up` on free loopback ports (a sale of TOTAL tickets, four
-# upstreams weighted 1 to 4, the order service), then `spike up` on it,
+# upstreams weighted 1 to 4, the order service; the nodes' `sched_batch`
+# is $SCHED_BATCH, true by default, as shipped), then `spike up` on it,
 # waited for; sets redis_port, proxy_port, admin_port, orders_admin_port,
 # node_ports and spike_pid, and the children's logs go to $work/log.
 spike_up_sale() {
@@ -312,8 +313,8 @@ spike_up_sale() {
   proxy_port=$(free_port)
   admin_port=$(free_port)
   orders_admin_port=$(free_port)
-  printf 'redis_url = "redis://127.0.0.1:%s"\ntotal_stock = %s\nstat_log = ""\n' \
-    "$redis_port" "$total" >"$work/config/node.toml"
+  printf 'redis_url = "redis://127.0.0.1:%s"\ntotal_stock = %s\nstat_log = ""\nsched_batch = %s\n' \
+    "$redis_port" "$total" "${SCHED_BATCH:-true}" >"$work/config/node.toml"
   {
     echo "listen = \"127.0.0.1:$proxy_port\""
     echo "admin = \"127.0.0.1:$admin_port\""

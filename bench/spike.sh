@@ -7,6 +7,7 @@
 #   bash bench/spike.sh             # REQUESTS=1000000 CONCURRENCY=1000
 #
 #   ROUNDS=3                        # rounds of one sale through each
+#   SCHED_BATCH=false               # the nodes under the default policy
 #
 # The sale is started over before each run. The proxies take turns, the
 # balancer first in odd rounds and nginx first in even ones, so that
@@ -164,7 +165,7 @@ figures() {
 
 {
   echo "Machine: $(machine)"
-  echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4; $(nginx -v 2>&1 | sed 's/^nginx version: //'); $ROUNDS rounds, the proxies taking turns to go first"
+  echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4, sched_batch = ${SCHED_BATCH:-true}; $(nginx -v 2>&1 | sed 's/^nginx version: //'); $ROUNDS rounds, the proxies taking turns to go first"
   echo
   echo "| round | proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req | nodes / Redis / orders / ab CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
   echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"

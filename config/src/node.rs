@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub sweep_interval: Duration,
     /// When the sale opens, for a sale this node creates; `None`: at once.
     pub opens_at: Option<SystemTime>,
+    /// Whether the node's threads run under Linux's `SCHED_BATCH` policy.
+    pub sched_batch: bool,
     pub server: ServerSettings,
 }
 
@@ -81,6 +83,7 @@ impl Default for NodeConfig {
             pay_window: DEFAULT_PAY_WINDOW,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             opens_at: None,
+            sched_batch: true,
             server: ServerSettings::default(),
         }
     }
@@ -106,6 +109,7 @@ struct RawNodeConfig {
     pay_window: Option<Spanned<String>>,
     sweep_interval: Option<Spanned<String>>,
     opens_at: Option<Spanned<String>>,
+    sched_batch: Option<Spanned<bool>>,
     server: Option<RawServer>,
 }
 
@@ -162,6 +166,7 @@ impl NodeConfig {
             opens_at: v.field(raw.opens_at, defaults.opens_at, |text| {
                 source::instant(&text).map(Some)
             }),
+            sched_batch: v.field(raw.sched_batch, defaults.sched_batch, Ok),
             server: ServerSettings::validate(raw.server, &mut v),
         };
         v.finish(config)
@@ -231,6 +236,7 @@ mod tests {
             pay_window = "10m"
             sweep_interval = "1s"
             opens_at = "2026-12-12T20:00:00+08:00"
+            sched_batch = false
 
             [server]
             header_timeout = "3s"
@@ -257,6 +263,7 @@ mod tests {
         let since_epoch = opens.duration_since(SystemTime::UNIX_EPOCH).unwrap();
         // 12:00 UTC.
         assert_eq!(since_epoch.as_secs(), 1_797_076_800);
+        assert!(!config.sched_batch);
         assert_eq!(config.server.header_timeout, Duration::from_secs(3));
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(1));
         assert_eq!(config.server.workers, Some(3));

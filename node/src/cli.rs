@@ -185,9 +185,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         config.name =
             Some(spike_config::node::name_like("--name", name).map_err(anyhow::Error::msg)?);
     }
+    // Before the runtime starts its threads, which take the policy of the
+    // thread that starts them.
+    let batch = (cli.command.is_none() && config.sched_batch).then(sched_batch);
     let runtime = runtime(&config.server).context("cannot start the runtime")?;
     match cli.command {
-        None => runtime.block_on(serve(config)),
+        None => runtime.block_on(serve(config, batch)),
         Some(Command::Status) => runtime.block_on(status(&config)),
         Some(Command::Reset { total, opens_at }) => runtime.block_on(reset(
             &config,
@@ -197,12 +200,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+/// Serves the node; `batch` is how putting it under `SCHED_BATCH` went, if
+/// it was asked for.
+async fn serve(config: NodeConfig, batch: Option<std::io::Result<()>>) -> anyhow::Result<()> {
     let stat_log = config.stat_log.clone().map(|path| RequestLog {
         target: "stat",
         path,
     });
     let _log = logging::init("stat", stat_log.as_ref()).context("cannot open the stat log")?;
+    if let Some(Err(err)) = batch {
+        tracing::warn!(%err, "cannot run under SCHED_BATCH: running under the default policy");
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -213,6 +221,26 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     let shutdown = task::shutdown_on_signal().context("cannot handle signals")?;
     crate::run(listener, &config, shutdown).await?;
     Ok(())
+}
+
+/// Puts this thread, and the threads it starts from now on, under Linux's
+/// `SCHED_BATCH` policy (`sched_batch`). The scheduler then no longer lets a
+/// node woken by a request preempt what runs on the core: the node waits
+/// for its turn and answers what arrived meanwhile in one go. Where the
+/// node shares its cores with the balancer, Redis and other nodes (`spike
+/// up`), a request no longer costs a context switch of the node and one of
+/// whatever it preempted.
+fn sched_batch() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the call only reads `param`, which outlives it; pid 0 is the
+    // calling thread.
+    #[allow(unsafe_code)]
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The multi-threaded runtime the `[server]` settings ask for.

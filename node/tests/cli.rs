@@ -1,6 +1,7 @@
 //! The `node` command line: its subcommands against a real `redis-server`,
 //! and how it refuses bad input.
 
+use spike_tests::nodes::{node_config, start_node};
 use spike_tests::process::run;
 use spike_tests::redis::{RedisServer, free_port, sale_in_redis};
 
@@ -148,4 +149,47 @@ fn a_bad_flag_is_refused() {
     let (ok, _, stderr) = node(&["--name", "two words", "--listen", "127.0.0.1:0"]);
     assert!(!ok);
     assert!(stderr.contains("--name `two words`"), "{stderr}");
+}
+
+/// The scheduling policy of each thread of process `pid` (`SCHED_OTHER` is
+/// 0, `SCHED_BATCH` 3), by thread name.
+fn policies(pid: u32) -> Vec<(String, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|task| {
+            let dir = task.unwrap().path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+            // The policy is the line's 41st field, the 39th after the
+            // parenthesised name (which may hold spaces).
+            let (_, fields) = stat.rsplit_once(')').unwrap();
+            let policy = fields.split_whitespace().nth(38).unwrap().parse().unwrap();
+            (name.trim().to_owned(), policy)
+        })
+        .collect()
+}
+
+#[test]
+fn the_node_serves_under_sched_batch_unless_its_file_says_not_to() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, policy) in [
+        ("", libc::SCHED_BATCH),
+        ("sched_batch = false\n", libc::SCHED_OTHER),
+    ] {
+        let config = node_config(dir.path(), &redis, 10, extra);
+        let node = start_node(&config, "node-1", None);
+        let threads = policies(node.pid());
+        assert!(
+            threads.iter().any(|(name, _)| name == "tokio-rt-worker"),
+            "{threads:?}"
+        );
+        // jemalloc's background threads, if any, start before `main` does
+        // and only give memory back to the system.
+        let serving = threads.iter().filter(|(name, _)| name != "jemalloc_bg_thd");
+        assert!(
+            serving.clone().all(|&(_, p)| p == policy),
+            "{extra:?}: {threads:?}"
+        );
+    }
 }
