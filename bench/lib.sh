@@ -334,3 +334,22 @@ spike_up_sale() {
   done
   grep -q '^ready:' "$work/spike.out" || { cat "$work/spike.out" >&2; exit 1; }
 }
+
+# new_sale: the same nodes of spike_up_sale, the sale started over, each
+# node waited for until it has seen so.
+new_sale() {
+  local port
+  target/release/spike reset --config-dir "$work/config" >/dev/null
+  for port in "${node_ports[@]}"; do
+    for _ in $(seq 1 100); do
+      curl -fsS "http://127.0.0.1:$port/stats" | grep -q '"global_sold_out":false' && break
+      sleep 0.05
+    done
+  done
+}
+
+# per_request TICKS: CPU clock ticks as microseconds per request, of
+# $REQUESTS requests.
+per_request() {
+  awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
+}

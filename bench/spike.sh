@@ -6,7 +6,7 @@
 #
 #   bash bench/spike.sh             # REQUESTS=1000000 CONCURRENCY=1000
 #
-#   ROUNDS=3                        # rounds of one sale through each
+#   ROUNDS=5                        # rounds of one sale through each
 #   SCHED_BATCH=false               # the nodes under the default policy
 #
 # The sale is started over before each run. The proxies take turns, the
@@ -29,7 +29,7 @@ source bench/lib.sh
 
 REQUESTS=${REQUESTS:-1000000}
 CONCURRENCY=${CONCURRENCY:-1000}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 TOTAL=10000
 
 need ab apache2-utils
@@ -99,11 +99,6 @@ run() {
   echo "$rps $sold ${calls:-0} $cpu $others $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
 }
 
-# per_request TICKS: CPU clock ticks as microseconds per request.
-per_request() {
-  awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
-}
-
 # rest_ticks: the CPU clock ticks of the nodes (all of them), of Redis and
 # of the order service, on one line.
 rest_ticks() {
@@ -117,18 +112,6 @@ peak_rss_kib() {
     total=$((total + $(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")))
   done
   echo "$total"
-}
-
-# new_sale: the same nodes, the sale started over.
-new_sale() {
-  local port
-  target/release/spike reset --config-dir "$work/config" >/dev/null
-  for port in "${node_ports[@]}"; do
-    for _ in $(seq 1 100); do
-      curl -fsS "http://127.0.0.1:$port/stats" | grep -q '"global_sold_out":false' && break
-      sleep 0.05
-    done
-  done
 }
 
 start_nginx_proxy "$(nproc)" "${node_ports[@]}"

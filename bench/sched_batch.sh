@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# What the nodes' `sched_batch` does to the whole sale: one `spike up`
+# cluster as bench/spike.sh starts it (the balancer, four nodes weighted 1
+# to 4, Redis, the order service, 10,000 tickets), and in each round one
+# sale with the nodes under SCHED_BATCH, as shipped, and one with every
+# thread of theirs switched to the default policy (`chrt -o`), taking turns
+# to go first; `ab -k -l -c 1000` through the balancer.
+#
+#   bash bench/sched_batch.sh       # REQUESTS=500000 CONCURRENCY=1000 ROUNDS=5
+#
+# For each run it prints requests/s, p99 latency, the CPU per request of
+# the balancer, of the nodes (all four) and of `ab`, and the context
+# switches per request of the balancer and of the nodes (voluntary +
+# involuntary); then, batch against default, the ratios of each round and
+# their medians. It writes them to bench/results/sched_batch.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+
+REQUESTS=${REQUESTS:-500000}
+CONCURRENCY=${CONCURRENCY:-1000}
+ROUNDS=${ROUNDS:-5}
+
+need ab apache2-utils
+need redis-server
+need curl
+need chrt util-linux
+cargo build --release --quiet --bin spike
+ulimit -n 20000
+
+make_workdir
+mkdir -p bench/results
+SCHED_BATCH=true spike_up_sale 10000
+balancer_pid=$(awk '/started the balancer/ {gsub(/[^0-9]/, "", $7); print $7}' "$work/spike.out")
+node_pids=($(awk '/started node-/ {sub(/.*\(pid /, ""); sub(/,.*/, ""); print}' "$work/spike.out"))
+
+# The nodes' threads and the policy each started with (`chrt -b` or `-o`,
+# from field 41 of their stat: 3 is SCHED_BATCH), to go back to.
+shipped=()
+for pid in "${node_pids[@]}"; do
+  for task in /proc/"$pid"/task/*; do
+    policy=$(awk '{print ($41 == 3) ? "-b" : "-o"}' "$task/stat")
+    shipped+=("${task##*/}:$policy")
+  done
+done
+
+# nodes_policy batch|default: the nodes' threads as shipped, or all of them
+# under the default policy (a thread gone since is passed over).
+nodes_policy() {
+  local entry tid flag
+  for entry in "${shipped[@]}"; do
+    tid=${entry%%:*} flag=${entry#*:}
+    [ "$1" = default ] && flag=-o
+    chrt "$flag" -p 0 "$tid" 2>/dev/null || [ ! -e "/proc/$tid" ]
+  done
+}
+
+# switches PIDS...: the context switches of every thread of PIDS so far.
+switches() {
+  local pid files=()
+  for pid in "$@"; do files+=(/proc/"$pid"/task/*/status); done
+  # A thread that ended since the listing is left out.
+  awk '/^(non)?voluntary_ctxt_switches:/ {n += $2} END {print n}' "${files[@]}" 2>/dev/null || true
+}
+
+# run NAME: one ab run through the balancer; prints "requests_per_sec
+# p99_ms balancer_cpu nodes_cpu ab_cpu balancer_switches nodes_switches",
+# CPU in microseconds and switches per request.
+run() {
+  local name=$1 before nodes_before sw_before nodes_sw_before ab_cpu
+  before=$(cpu_ticks "$balancer_pid")
+  nodes_before=$(cpu_ticks "${node_pids[@]}")
+  sw_before=$(switches "$balancer_pid")
+  nodes_sw_before=$(switches "${node_pids[@]}")
+  ab_cpu=$(
+    ab -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" "http://127.0.0.1:$proxy_port/buy/ticket" >"$work/$name.ab"
+    times >"$work/$name.times" # not piped: a pipe would run it in a child
+    awk 'NR == 2 {gsub(/[ms]/, " "); print $1 * 60 + $2 + $3 * 60 + $4}' "$work/$name.times"
+  )
+  echo "$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")" \
+    "$(awk '$1 == "99%" {print $2}' "$work/$name.ab")" \
+    "$(per_request $(($(cpu_ticks "$balancer_pid") - before)))" \
+    "$(per_request $(($(cpu_ticks "${node_pids[@]}") - nodes_before)))" \
+    "$(awk -v s="$ab_cpu" -v n="$REQUESTS" 'BEGIN {printf "%.1f", s * 1e6 / n}')" \
+    "$(awk -v d=$(($(switches "$balancer_pid") - sw_before)) -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')" \
+    "$(awk -v d=$(($(switches "${node_pids[@]}") - nodes_sw_before)) -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')"
+}
+
+results=$work/results
+: >"$results"
+for round in $(seq 1 "$ROUNDS"); do
+  order="batch default"
+  [ $((round % 2)) -eq 0 ] && order="default batch"
+  for policy in $order; do
+    nodes_policy "$policy"
+    new_sale
+    echo "$round $policy $(run "$policy$round")" >>"$results"
+    grep -q '^Failed requests: *0' "$work/$policy$round.ab" || { cat "$work/$policy$round.ab" >&2; exit 1; }
+  done
+done
+nodes_policy batch
+
+kill -TERM "$spike_pid"
+wait "$spike_pid" || true
+
+{
+  echo "Machine: $(machine)"
+  echo "ab -k -l -n $REQUESTS -c $CONCURRENCY through the balancer; 10000 tickets; 4 nodes weighted 1-4; $ROUNDS rounds, the policies taking turns to go first"
+  echo
+  echo "| round | nodes' policy | req/s | p99 ms | balancer / nodes / ab CPU us/req | balancer / nodes context switches per request |"
+  echo "|---:|---|---:|---:|---:|---:|"
+  while read -r round policy rps p99 cpu nodes ab sw nodes_sw; do
+    name="SCHED_BATCH (sched_batch = true)"
+    [ "$policy" = default ] && name="default (chrt -o)"
+    echo "| $round | $name | $rps | $p99 | $cpu / $nodes / $ab | $sw / $nodes_sw |"
+  done <"$results"
+  echo
+  awk '
+    function median(a, n,   i, j, t) {
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    { key = $1 SUBSEP $2; rps[key] = $3; cpu[key] = $5; nodes[key] = $6; rounds[$1] = 1 }
+    END {
+      for (r = 1; (r SUBSEP "batch") in rps; r++) {
+        b = r SUBSEP "batch"; d = r SUBSEP "default"
+        thr[r] = rps[b] / rps[d]; bal[r] = cpu[b] / cpu[d]; nod[r] = nodes[b] / nodes[d]
+        printf "round %d, batch / default: throughput %.2fx, balancer CPU per request %.2fx, nodes CPU per request %.2fx\n", r, thr[r], bal[r], nod[r]
+      }
+      n = r - 1
+      printf "batch / default, medians of the rounds: throughput %.2fx, balancer CPU per request %.2fx, nodes CPU per request %.2fx\n", median(thr, n), median(bal, n), median(nod, n)
+    }' "$results"
+} | tee bench/results/sched_batch.md
