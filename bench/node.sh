@@ -4,6 +4,7 @@
 # backend is measured against.
 #
 #   bash bench/node.sh            # DURATION=10 CONNECTIONS=64 RUNS=3 by default
+#   SCHED_BATCH=false             # the nodes under the default policy
 #
 # Prints, per target, the medians over RUNS of requests/s, p50 and p99
 # latency, and the server's CPU microseconds per request (user + system, from
@@ -96,6 +97,7 @@ total_stock = $total
 local_stock = $total
 stat_log = "$work/$event-stat.log"
 replica_acks = $acks
+sched_batch = ${SCHED_BATCH:-true}
 EOF
   RUST_LOG=warn target/release/node --config "$work/$event.toml" --name bench >/dev/null &
   node_pid=$!

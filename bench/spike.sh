@@ -65,16 +65,17 @@ purchase_scripts() {
 
 # run NAME PORT PROXY_PIDS...: one ab run against the proxy on PORT; prints
 # "requests_per_sec sold purchase_scripts/all_scripts proxy_cpu_us_per_request
-# nodes_cpu redis_cpu orders_cpu ab_cpu proxy_peak_kib node_peak_kib..."
+# proxy_user_cpu nodes_cpu redis_cpu orders_cpu ab_cpu proxy_peak_kib node_peak_kib..."
 # (CPU in microseconds per request)
 run() {
   local name=$1 port=$2
   shift 2
   redis config resetstat >/dev/null
-  local before after scripts_before
+  local before after user_before user_after scripts_before
   scripts_before=$(purchase_scripts)
   local -a rest_before
   before=$(cpu_ticks "$@")
+  user_before=$(user_ticks "$@")
   read -r -a rest_before <<<"$(rest_ticks)"
   # ab's own CPU seconds, user and system, from the subshell's `times`.
   local ab_cpu
@@ -85,13 +86,14 @@ run() {
     awk 'NR == 2 {gsub(/[ms]/, " "); print $1 * 60 + $2 + $3 * 60 + $4}' "$work/$name.times"
   )
   after=$(cpu_ticks "$@")
+  user_after=$(user_ticks "$@")
   local -a rest_after
   read -r -a rest_after <<<"$(rest_ticks)"
   local rps sold calls cpu
   rps=$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")
   sold=$(redis hget 'spike:{ticket}:stock' sold)
   calls="$(($(purchase_scripts) - scripts_before))/$(script_calls)"
-  cpu=$(per_request $((after - before)))
+  cpu="$(per_request $((after - before))) $(per_request $((user_after - user_before)))"
   # The rest of the machine: the nodes, Redis, the order service, ab.
   local others="" i
   for i in 0 1 2; do others+="$(per_request $((rest_after[i] - rest_before[i]))) "; done
@@ -150,35 +152,35 @@ figures() {
   echo "Machine: $(machine)"
   echo "ab -k -l -n $REQUESTS -c $CONCURRENCY; $TOTAL tickets; 4 nodes weighted 1-4, sched_batch = ${SCHED_BATCH:-true}; $(nginx -v 2>&1 | sed 's/^nginx version: //'); $ROUNDS rounds, the proxies taking turns to go first"
   echo
-  echo "| round | proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req | nodes / Redis / orders / ab CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
+  echo "| round | proxy | req/s | p50 ms | p99 ms | p99.9 ms | tickets sold | purchase scripts / all in Redis | proxy CPU us/req (user space) | nodes / Redis / orders / ab CPU us/req | proxy peak RSS | node peak RSS (1, 2, 3, 4) |"
   echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
   for round in $(seq 1 "$ROUNDS"); do
     for proxy in spike nginx; do
-      read -r _ _ rps sold calls cpu c_nodes c_redis c_orders c_ab mem n1 n2 n3 n4 p50 p99 p999 <<<"$(figures "$round" "$proxy")"
+      read -r _ _ rps sold calls cpu user c_nodes c_redis c_orders c_ab mem n1 n2 n3 n4 p50 p99 p999 <<<"$(figures "$round" "$proxy")"
       nodes="$((n1 / 1024)) $((n2 / 1024)) $((n3 / 1024)) $((n4 / 1024)) MiB"
       [ "$proxy" = nginx ] && nodes="(the same nodes)"
       name="spike balancer"
       [ "$proxy" = nginx ] && name=nginx
-      echo "| $round | $name | $rps | $p50 | $p99 | $p999 | $sold | $calls | $cpu | $c_nodes / $c_redis / $c_orders / $c_ab | $((mem / 1024)) MiB | $nodes |"
+      echo "| $round | $name | $rps | $p50 | $p99 | $p999 | $sold | $calls | $cpu ($user) | $c_nodes / $c_redis / $c_orders / $c_ab | $((mem / 1024)) MiB | $nodes |"
     done
   done
   echo
   for round in $(seq 1 "$ROUNDS"); do
-    read -r _ _ s_rps _ _ s_cpu _ _ _ _ _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
-    read -r _ _ n_rps _ _ n_cpu _ _ _ _ _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
-    echo "$round $s_rps $n_rps $s_p99 $n_p99 $s_cpu $n_cpu"
+    read -r _ _ s_rps _ _ s_cpu s_user _ _ _ _ _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
+    read -r _ _ n_rps _ _ n_cpu n_user _ _ _ _ _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
+    echo "$round $s_rps $n_rps $s_p99 $n_p99 $s_cpu $n_cpu $s_user $n_user"
   done | awk -v ratios="$work/ratios" '
     function median(a, n,   i, j, t) {
       for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
       return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
     {
-      n++; thr[n] = $2 / $3; p99[n] = $4 / $5; cpu[n] = $6 / $7
+      n++; thr[n] = $2 / $3; p99[n] = $4 / $5; cpu[n] = $6 / $7; user[n] = $8 / $9
       print $1, thr[n] >ratios
-      printf "round %d, spike / nginx: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", $1, thr[n], p99[n], cpu[n]
+      printf "round %d, spike / nginx: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx (user space %.2fx)\n", $1, thr[n], p99[n], cpu[n], user[n]
     }
     END {
-      printf "spike / nginx, medians of the rounds: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx\n", median(thr, n), median(p99, n), median(cpu, n)
+      printf "spike / nginx, medians of the rounds: throughput %.2fx, p99 latency %.2fx, proxy CPU per request %.2fx (user space %.2fx)\n", median(thr, n), median(p99, n), median(cpu, n), median(user, n)
     }'
 } | tee bench/results/spike.md
 
