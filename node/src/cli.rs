@@ -209,7 +209,7 @@ async fn serve(config: NodeConfig, batch: Option<std::io::Result<()>>) -> anyhow
     });
     let _log = logging::init("stat", stat_log.as_ref()).context("cannot open the stat log")?;
     if let Some(Err(err)) = batch {
-        tracing::warn!(%err, "cannot run under SCHED_BATCH: running under the default policy");
+        tracing::warn!(%err, "cannot run under SCHED_BATCH: keeping the policy the node started with");
     }
     let listener = TcpListener::bind(config.listen)
         .await
@@ -232,8 +232,9 @@ async fn serve(config: NodeConfig, batch: Option<std::io::Result<()>>) -> anyhow
 /// whatever it preempted.
 fn sched_batch() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: the call only reads `param`, which outlives it; pid 0 is the
-    // calling thread.
+    // Pid 0: the calling thread.
+    // SAFETY: `&param` points to an initialized `sched_param`, which the
+    // kernel only copies during the call.
     #[allow(unsafe_code)]
     let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
     if result == 0 {

@@ -1,9 +1,12 @@
 //! The `node` command line: its subcommands against a real `redis-server`,
-//! and how it refuses bad input.
+//! how it refuses bad input, and the scheduling policy it serves under.
 
-use spike_tests::nodes::{node_config, start_node};
-use spike_tests::process::run;
+use std::time::Duration;
+
+use spike_tests::nodes::node_config;
+use spike_tests::process::{Process, run};
 use spike_tests::redis::{RedisServer, free_port, sale_in_redis};
+use spike_tests::wait_until;
 
 fn node(args: &[&str]) -> (bool, String, String) {
     let (status, stdout, stderr) = run("node", args);
@@ -151,45 +154,65 @@ fn a_bad_flag_is_refused() {
     assert!(stderr.contains("--name `two words`"), "{stderr}");
 }
 
-/// The scheduling policy of each thread of process `pid` (`SCHED_OTHER` is
-/// 0, `SCHED_BATCH` 3), by thread name.
-fn policies(pid: u32) -> Vec<(String, i32)> {
+/// The name and scheduling policy (`SCHED_OTHER` is 0, `SCHED_BATCH` 3) of
+/// each thread of process `pid` (`self`: this one); a thread that ends
+/// while they are read is left out.
+fn policies(pid: &str) -> Vec<(String, i32)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
-        .map(|task| {
-            let dir = task.unwrap().path();
-            let name = std::fs::read_to_string(dir.join("comm")).unwrap();
-            let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        .filter_map(|task| {
+            let dir = task.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
             // The policy is the line's 41st field, the 39th after the
             // parenthesised name (which may hold spaces).
-            let (_, fields) = stat.rsplit_once(')').unwrap();
-            let policy = fields.split_whitespace().nth(38).unwrap().parse().unwrap();
-            (name.trim().to_owned(), policy)
+            let (_, fields) = stat.rsplit_once(')')?;
+            let policy = fields.split_whitespace().nth(38)?.parse().ok()?;
+            Some((name.trim().to_owned(), policy))
         })
         .collect()
 }
 
 #[test]
 fn the_node_serves_under_sched_batch_unless_its_file_says_not_to() {
+    // A node takes the policy of the process that starts it until it sets
+    // its own.
+    let ours = policies("self");
+    assert!(
+        ours.iter().all(|&(_, policy)| policy == libc::SCHED_OTHER),
+        "the tests must run under SCHED_OTHER: {ours:?}"
+    );
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
-    for (extra, policy) in [
-        ("", libc::SCHED_BATCH),
-        ("sched_batch = false\n", libc::SCHED_OTHER),
-    ] {
-        let config = node_config(dir.path(), &redis, 10, extra);
-        let node = start_node(&config, "node-1", None);
-        let threads = policies(node.pid());
-        assert!(
-            threads.iter().any(|(name, _)| name == "tokio-rt-worker"),
-            "{threads:?}"
-        );
-        // jemalloc's background threads, if any, start before `main` does
-        // and only give memory back to the system.
-        let serving = threads.iter().filter(|(name, _)| name != "jemalloc_bg_thd");
-        assert!(
-            serving.clone().all(|&(_, p)| p == policy),
-            "{extra:?}: {threads:?}"
-        );
+    // `node`, and `spike node` as `spike up` starts it (with jemalloc).
+    for command in [&["node"][..], &["spike", "node"]] {
+        for (extra, policy) in [
+            ("", libc::SCHED_BATCH),
+            ("sched_batch = false\n", libc::SCHED_OTHER),
+        ] {
+            let config = node_config(dir.path(), &redis, 10, extra);
+            let mut args = command[1..].to_vec();
+            args.extend(["--config", config.to_str().unwrap()]);
+            args.extend(["--listen", "127.0.0.1:0", "--name", "node-1"]);
+            let node = Process::start(command[0], &args, 1);
+            let pid = node.pid().to_string();
+            // A worker takes its name once it first runs.
+            wait_until("the node's workers", Duration::from_secs(10), || {
+                policies(&pid)
+                    .iter()
+                    .any(|(name, _)| name == "tokio-rt-worker")
+            });
+            let threads = policies(&pid);
+            // jemalloc's background threads, the first one started by an
+            // allocation before the node set its policy, only give memory
+            // back to the system.
+            assert!(
+                threads
+                    .iter()
+                    .filter(|(name, _)| name != "jemalloc_bg_thd")
+                    .all(|&(_, p)| p == policy),
+                "{command:?} {extra:?}: {threads:?}"
+            );
+        }
     }
 }
