@@ -4,7 +4,7 @@
 # backend is measured against.
 #
 #   bash bench/node.sh            # DURATION=10 CONNECTIONS=64 RUNS=3 by default
-#   SCHED_BATCH=false             # the nodes under the default policy
+#   SCHED_BATCH=false             # the node under the default policy
 #
 # Prints, per target, the medians over RUNS of requests/s, p50 and p99
 # latency, and the server's CPU microseconds per request (user + system, from

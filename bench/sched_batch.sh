@@ -25,6 +25,7 @@ need ab apache2-utils
 need redis-server
 need curl
 need chrt util-linux
+need python3
 cargo build --release --quiet --bin spike
 ulimit -n 20000
 
@@ -42,6 +43,11 @@ for pid in "${node_pids[@]}"; do
     policy=$(awk '{print ($41 == 3) ? "-b" : "-o"}' "$task/stat")
     shipped+=("${task##*/}:$policy")
   done
+  # The runs as shipped are runs under SCHED_BATCH only if the node got it.
+  if ! awk '{print $41}' /proc/"$pid"/task/*/stat | grep -qx 3; then
+    echo "node $pid does not run under SCHED_BATCH; see $work/log" >&2
+    exit 1
+  fi
 done
 
 # nodes_policy batch|default: the nodes' threads as shipped, or all of them
@@ -51,7 +57,10 @@ nodes_policy() {
   for entry in "${shipped[@]}"; do
     tid=${entry%%:*} flag=${entry#*:}
     [ "$1" = default ] && flag=-o
-    chrt "$flag" -p 0 "$tid" 2>/dev/null || [ ! -e "/proc/$tid" ]
+    if ! chrt "$flag" -p 0 "$tid" 2>"$work/chrt.err" && [ -e "/proc/$tid" ]; then
+      cat "$work/chrt.err" >&2
+      exit 1
+    fi
   done
 }
 
@@ -60,7 +69,8 @@ switches() {
   local pid files=()
   for pid in "$@"; do files+=(/proc/"$pid"/task/*/status); done
   # A thread that ended since the listing is left out.
-  awk '/^(non)?voluntary_ctxt_switches:/ {n += $2} END {print n}' "${files[@]}" 2>/dev/null || true
+  { cat "${files[@]}" 2>/dev/null || true; } |
+    awk '/^(non)?voluntary_ctxt_switches:/ {n += $2} END {print n + 0}'
 }
 
 # run NAME: one ab run through the balancer; prints "requests_per_sec
@@ -98,7 +108,6 @@ for round in $(seq 1 "$ROUNDS"); do
     grep -q '^Failed requests: *0' "$work/$policy$round.ab" || { cat "$work/$policy$round.ab" >&2; exit 1; }
   done
 done
-nodes_policy batch
 
 kill -TERM "$spike_pid"
 wait "$spike_pid" || true
