@@ -305,7 +305,8 @@ machine() {
 # upstreams weighted 1 to 4, the order service; the nodes' `sched_batch`
 # is $SCHED_BATCH, true by default, as shipped), then `spike up` on it,
 # waited for; sets redis_port, proxy_port, admin_port, orders_admin_port,
-# node_ports and spike_pid, and the children's logs go to $work/log.
+# node_ports and spike_pid, and the pids spike up started: balancer_pid,
+# node_pids, redis_pid and orders_pid; the children's logs go to $work/log.
 spike_up_sale() {
   local total=$1 weight
   mkdir -p "$work/config"
@@ -333,6 +334,10 @@ spike_up_sale() {
     sleep 0.1
   done
   grep -q '^ready:' "$work/spike.out" || { cat "$work/spike.out" >&2; exit 1; }
+  balancer_pid=$(awk '/started the balancer/ {gsub(/[^0-9]/, "", $7); print $7}' "$work/spike.out")
+  node_pids=($(awk '/started node-/ {sub(/.*\(pid /, ""); sub(/,.*/, ""); print}' "$work/spike.out"))
+  redis_pid=$(awk '/started redis-server/ {sub(/.*\(pid /, ""); sub(/\).*/, ""); print}' "$work/spike.out")
+  orders_pid=$(awk '/started the order service/ {sub(/.*\(pid /, ""); sub(/\).*/, ""); print}' "$work/spike.out")
 }
 
 # new_sale: the same nodes of spike_up_sale, the sale started over, each
@@ -353,3 +358,23 @@ new_sale() {
 per_request() {
   awk -v t="$1" -v hz="$(getconf CLK_TCK)" -v n="$REQUESTS" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
 }
+
+# ab_run OUT ARGS...: runs `ab ARGS...`, its report to OUT; prints ab's own
+# CPU (user and system) in microseconds per request, of $REQUESTS requests.
+ab_run() {
+  local out=$1
+  shift
+  (
+    ab "$@" >"$out"
+    times >"$out.times" # not piped: a pipe would run it in a child
+  )
+  awk -v n="$REQUESTS" 'NR == 2 {gsub(/[ms]/, " "); printf "%.1f", ($1 * 60 + $2 + $3 * 60 + $4) * 1e6 / n}' "$out.times"
+}
+
+# An awk function: the median of a[1..n] (sorts a).
+MEDIAN_AWK='
+  function median(a, n,   i, j, t) {
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+  }'
+

@@ -32,19 +32,19 @@ ulimit -n 20000
 make_workdir
 mkdir -p bench/results
 SCHED_BATCH=true spike_up_sale 10000
-balancer_pid=$(awk '/started the balancer/ {gsub(/[^0-9]/, "", $7); print $7}' "$work/spike.out")
-node_pids=($(awk '/started node-/ {sub(/.*\(pid /, ""); sub(/,.*/, ""); print}' "$work/spike.out"))
 
 # The nodes' threads and the policy each started with (`chrt -b` or `-o`,
 # from field 41 of their stat: 3 is SCHED_BATCH), to go back to.
 shipped=()
 for pid in "${node_pids[@]}"; do
+  batched=false
   for task in /proc/"$pid"/task/*; do
     policy=$(awk '{print ($41 == 3) ? "-b" : "-o"}' "$task/stat")
     shipped+=("${task##*/}:$policy")
+    [ "$policy" = -b ] && batched=true
   done
   # The runs as shipped are runs under SCHED_BATCH only if the node got it.
-  if ! awk '{print $41}' /proc/"$pid"/task/*/stat | grep -qx 3; then
+  if [ "$batched" = false ]; then
     echo "node $pid does not run under SCHED_BATCH; see $work/log" >&2
     exit 1
   fi
@@ -82,16 +82,13 @@ run() {
   nodes_before=$(cpu_ticks "${node_pids[@]}")
   sw_before=$(switches "$balancer_pid")
   nodes_sw_before=$(switches "${node_pids[@]}")
-  ab_cpu=$(
-    ab -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" "http://127.0.0.1:$proxy_port/buy/ticket" >"$work/$name.ab"
-    times >"$work/$name.times" # not piped: a pipe would run it in a child
-    awk 'NR == 2 {gsub(/[ms]/, " "); print $1 * 60 + $2 + $3 * 60 + $4}' "$work/$name.times"
-  )
+  ab_cpu=$(ab_run "$work/$name.ab" -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" \
+    "http://127.0.0.1:$proxy_port/buy/ticket")
   echo "$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")" \
     "$(awk '$1 == "99%" {print $2}' "$work/$name.ab")" \
     "$(per_request $(($(cpu_ticks "$balancer_pid") - before)))" \
     "$(per_request $(($(cpu_ticks "${node_pids[@]}") - nodes_before)))" \
-    "$(awk -v s="$ab_cpu" -v n="$REQUESTS" 'BEGIN {printf "%.1f", s * 1e6 / n}')" \
+    "$ab_cpu" \
     "$(awk -v d=$(($(switches "$balancer_pid") - sw_before)) -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')" \
     "$(awk -v d=$(($(switches "${node_pids[@]}") - nodes_sw_before)) -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')"
 }
@@ -124,12 +121,8 @@ wait "$spike_pid" || true
     echo "| $round | $name | $rps | $p99 | $cpu / $nodes / $ab | $sw / $nodes_sw |"
   done <"$results"
   echo
-  awk '
-    function median(a, n,   i, j, t) {
-      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
-    { key = $1 SUBSEP $2; rps[key] = $3; cpu[key] = $5; nodes[key] = $6; rounds[$1] = 1 }
+  awk "$MEDIAN_AWK"'
+    { key = $1 SUBSEP $2; rps[key] = $3; cpu[key] = $5; nodes[key] = $6 }
     END {
       for (r = 1; (r SUBSEP "batch") in rps; r++) {
         b = r SUBSEP "batch"; d = r SUBSEP "default"

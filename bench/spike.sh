@@ -45,10 +45,6 @@ ulimit -n 20000
 make_workdir
 mkdir -p bench/results
 spike_up_sale "$TOTAL"
-balancer_pid=$(awk '/started the balancer/ {gsub(/[^0-9]/, "", $7); print $7}' "$work/spike.out")
-node_pids=($(awk '/started node-/ {sub(/.*\(pid /, ""); sub(/,.*/, ""); print}' "$work/spike.out"))
-redis_pid=$(awk '/started redis-server/ {sub(/.*\(pid /, ""); sub(/\).*/, ""); print}' "$work/spike.out")
-orders_pid=$(awk '/started the order service/ {sub(/.*\(pid /, ""); sub(/\).*/, ""); print}' "$work/spike.out")
 
 redis() { redis-cli -p "$redis_port" "$@"; }
 script_calls() {
@@ -77,14 +73,9 @@ run() {
   before=$(cpu_ticks "$@")
   user_before=$(user_ticks "$@")
   read -r -a rest_before <<<"$(rest_ticks)"
-  # ab's own CPU seconds, user and system, from the subshell's `times`.
   local ab_cpu
-  ab_cpu=$(
-    ab -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" -g "$work/$name.tsv" \
-      "http://127.0.0.1:$port/buy/ticket" >"$work/$name.ab"
-    times >"$work/$name.times" # not piped: a pipe would run it in a child
-    awk 'NR == 2 {gsub(/[ms]/, " "); print $1 * 60 + $2 + $3 * 60 + $4}' "$work/$name.times"
-  )
+  ab_cpu=$(ab_run "$work/$name.ab" -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" -g "$work/$name.tsv" \
+    "http://127.0.0.1:$port/buy/ticket")
   after=$(cpu_ticks "$@")
   user_after=$(user_ticks "$@")
   local -a rest_after
@@ -97,7 +88,7 @@ run() {
   # The rest of the machine: the nodes, Redis, the order service, ab.
   local others="" i
   for i in 0 1 2; do others+="$(per_request $((rest_after[i] - rest_before[i]))) "; done
-  others+=$(awk -v s="$ab_cpu" -v n="$REQUESTS" 'BEGIN {printf "%.1f", s * 1e6 / n}')
+  others+=$ab_cpu
   echo "$rps $sold ${calls:-0} $cpu $others $(peak_rss_kib "$@") $(for pid in "${node_pids[@]}"; do peak_rss_kib "$pid"; done | paste -sd' ')"
 }
 
@@ -169,11 +160,7 @@ figures() {
     read -r _ _ s_rps _ _ s_cpu s_user _ _ _ _ _ _ _ _ _ _ s_p99 _ <<<"$(figures "$round" spike)"
     read -r _ _ n_rps _ _ n_cpu n_user _ _ _ _ _ _ _ _ _ _ n_p99 _ <<<"$(figures "$round" nginx)"
     echo "$round $s_rps $n_rps $s_p99 $n_p99 $s_cpu $n_cpu $s_user $n_user"
-  done | awk -v ratios="$work/ratios" '
-    function median(a, n,   i, j, t) {
-      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
+  done | awk -v ratios="$work/ratios" "$MEDIAN_AWK"'
     {
       n++; thr[n] = $2 / $3; p99[n] = $4 / $5; cpu[n] = $6 / $7; user[n] = $8 / $9
       print $1, thr[n] >ratios
