@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use spike_tests::nodes::node_config;
-use spike_tests::process::{Process, run};
+use spike_tests::nodes::{node_config, start_node_as};
+use spike_tests::process::run;
 use spike_tests::redis::{RedisServer, free_port, sale_in_redis};
 use spike_tests::wait_until;
 
@@ -191,10 +191,7 @@ fn the_node_serves_under_sched_batch_unless_its_file_says_not_to() {
             ("sched_batch = false\n", libc::SCHED_OTHER),
         ] {
             let config = node_config(dir.path(), &redis, 10, extra);
-            let mut args = command[1..].to_vec();
-            args.extend(["--config", config.to_str().unwrap()]);
-            args.extend(["--listen", "127.0.0.1:0", "--name", "node-1"]);
-            let node = Process::start(command[0], &args, 1);
+            let node = start_node_as(command, &config, "node-1", None);
             let pid = node.pid().to_string();
             // A worker takes its name once it first runs.
             wait_until("the node's workers", Duration::from_secs(10), || {

@@ -32,19 +32,31 @@ pub fn node_config_for(dir: &Path, redis: &str, total: u64, extra: &str) -> Path
 /// Starts a node of `config` named `name`, selling at most `local_stock`
 /// (the file's if `None`); it may not have reached Redis yet.
 pub fn start_node(config: &Path, name: &str, local_stock: Option<u64>) -> Process {
+    start_node_as(&["node"], config, name, local_stock)
+}
+
+/// [`start_node`], the node run as `command`: `["spike", "node"]` runs it
+/// as `spike up` does.
+pub fn start_node_as(
+    command: &[&str],
+    config: &Path,
+    name: &str,
+    local_stock: Option<u64>,
+) -> Process {
     let local = local_stock.map(|local| local.to_string());
-    let mut args = vec![
+    let mut args = command[1..].to_vec();
+    args.extend([
         "--config",
         config.to_str().expect("a UTF-8 path"),
         "--listen",
         "127.0.0.1:0",
         "--name",
         name,
-    ];
+    ]);
     if let Some(local) = &local {
         args.extend(["--local-stock", local]);
     }
-    Process::start("node", &args, 1)
+    Process::start(command[0], &args, 1)
 }
 
 /// Starts one node of `config` per local stock, named `node-1`, `node-2`...,
