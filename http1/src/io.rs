@@ -98,14 +98,18 @@ const MAX_SLICES: usize = 16;
 const JOIN_MAX: usize = 1024;
 
 impl Outgoing {
-    /// Queues a head that `encode` writes. It goes first if nothing else is
-    /// queued, in the reused room; after what is queued otherwise.
+    /// Queues a head that `encode` writes, in the reused room after what
+    /// is there still to go (pipelined messages: one buffer, one `send`),
+    /// or, behind a body's pieces, in room of its own.
     pub fn push_head(&mut self, encode: impl FnOnce(&mut BytesMut)) {
         if self.queued == 0 {
             self.head.clear();
             self.head_sent = 0;
+        }
+        if self.queue.is_empty() {
+            let before = self.head.len();
             encode(&mut self.head);
-            self.queued = self.head.len();
+            self.queued += self.head.len() - before;
         } else {
             let mut head = BytesMut::new();
             encode(&mut head);

@@ -31,4 +31,6 @@ pub mod message;
 pub mod reply;
 pub mod server;
 pub mod task;
+#[cfg(test)]
+mod testing;
 mod timer;

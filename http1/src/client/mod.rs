@@ -22,6 +22,7 @@
 //! answers its probes also answers requests.
 
 mod patience;
+mod pipeline;
 mod response;
 mod sender;
 
@@ -35,6 +36,7 @@ use http::{Method, StatusCode};
 use http_body::Body;
 use tokio::net::TcpStream;
 
+pub use pipeline::Pipeline;
 pub use response::UpstreamBody;
 
 use crate::decode::{self, DecodeError, Decoder, HeadError};
@@ -212,7 +214,7 @@ impl Connection {
                     Poll::Pending => {}
                 }
             }
-            if let Poll::Ready(head) = self.poll_read_head(cx) {
+            if let Poll::Ready(head) = self.link.poll_read_head(cx) {
                 return Poll::Ready(head);
             }
             let on_client = sending
@@ -229,44 +231,50 @@ impl Connection {
             Ok(head) => head,
             Err(error) => return Err(SendError::Failed(write_error.unwrap_or(error))),
         };
-        let status = head.status();
-        let (decoder, reusable) = if head_only
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
+        let (decoder, reusable) = body_decoder(&mut head, head_only).map_err(SendError::Failed)?;
+        let reusable = reusable && write_error.is_none();
+        let body = UpstreamBody::new(self, sending, decoder, reusable);
+        Ok(head.map(|()| body))
+    }
+}
+
+/// How the body of the response `head` is decoded, and whether the
+/// connection may carry another exchange after it (as far as the head
+/// says). `head_only`: the request was HEAD.
+fn body_decoder(
+    head: &mut Response<()>,
+    head_only: bool,
+) -> Result<(Decoder, bool), ExchangeError> {
+    let status = head.status();
+    let (decoder, reusable) =
+        if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             (Decoder::Done, true)
         } else {
-            let framing = framing::body_framing(Role::Response, head.version(), head.headers_mut())
-                .map_err(|error| SendError::Failed(error.into()))?;
+            let framing =
+                framing::body_framing(Role::Response, head.version(), head.headers_mut())?;
             let decoder = Decoder::new(framing.length);
             let reusable = decoder.is_delimited() && !framing.ambiguous;
             (decoder, reusable)
         };
-        let reusable = reusable
-            && write_error.is_none()
-            && framing::keeps_alive(head.version(), head.headers());
-        let body = UpstreamBody::new(self, sending, decoder, reusable);
-        Ok(head.map(|()| body))
-    }
+    Ok((
+        decoder,
+        reusable && framing::keeps_alive(head.version(), head.headers()),
+    ))
+}
 
+impl Link {
     /// Reads a final response head.
     fn poll_read_head(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Result<Response<()>, ExchangeError>> {
         loop {
-            if !self.link.read.is_empty()
-                && let Some(head) = decode::parse_response(&mut self.link.read)?
+            if !self.read.is_empty()
+                && let Some(head) = decode::parse_response(&mut self.read)?
             {
                 return Poll::Ready(Ok(head));
             }
-            if std::task::ready!(poll_read(
-                &self.link.stream,
-                &mut self.link.read,
-                READ_SIZE,
-                cx
-            ))? == 0
-            {
+            if std::task::ready!(poll_read(&self.stream, &mut self.read, READ_SIZE, cx))? == 0 {
                 return Poll::Ready(Err(ExchangeError::Closed));
             }
         }

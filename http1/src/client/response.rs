@@ -6,8 +6,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::pipeline::Turn;
 use super::sender::BodySender;
-use super::{Connection, ExchangeError};
+use super::{Connection, ExchangeError, Link};
 use crate::decode::Decoder;
 use crate::io::poll_read;
 
@@ -16,7 +17,7 @@ use crate::io::poll_read;
 #[derive(Debug)]
 pub struct UpstreamBody<B> {
     /// The connection it arrives on; `None` once handed back or broken.
-    connection: Option<Connection>,
+    carrier: Option<Carrier>,
     /// The rest of the request body, if the upstream answered before it had
     /// all gone out. Boxed: most requests have no body, and a response is
     /// moved several times on its way to the client.
@@ -27,6 +28,24 @@ pub struct UpstreamBody<B> {
     reusable: bool,
 }
 
+/// What a response body arrives on.
+#[derive(Debug)]
+enum Carrier {
+    /// A connection of its own.
+    Own(Connection),
+    /// Its turn on a pipeline.
+    Turn(Turn),
+}
+
+impl Carrier {
+    fn with_link<R>(&mut self, f: impl FnOnce(&mut Link) -> R) -> R {
+        match self {
+            Carrier::Own(connection) => f(&mut connection.link),
+            Carrier::Turn(turn) => f(&mut turn.link()),
+        }
+    }
+}
+
 impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
     pub(super) fn new(
         connection: Connection,
@@ -35,26 +54,44 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         reusable: bool,
     ) -> Self {
         Self {
-            connection: Some(connection),
+            carrier: Some(Carrier::Own(connection)),
             sending,
             decoder,
             reusable,
         }
     }
 
+    /// A body read in its `turn` on a pipeline.
+    pub(super) fn in_turn(turn: Turn, decoder: Decoder, reusable: bool) -> Self {
+        Self {
+            carrier: Some(Carrier::Turn(turn)),
+            sending: None,
+            decoder,
+            reusable,
+        }
+    }
+
     /// The connection, once the body has ended, if it may carry another
-    /// exchange.
+    /// exchange. On a pipeline, the body's end gives the next exchange its
+    /// turn, and the connection stays where it is: `None`.
     pub fn into_reusable(&mut self) -> Option<Connection> {
-        if !self.decoder.is_done() || !self.reusable || self.sending.is_some() {
+        if !self.decoder.is_done() || self.sending.is_some() {
             return None;
         }
-        let connection = self.connection.take()?;
-        // Anything sent beyond the response is a broken upstream.
-        connection.link.read.is_empty().then_some(connection)
+        match self.carrier.take()? {
+            Carrier::Turn(turn) => {
+                turn.end(self.reusable);
+                None
+            }
+            // Anything sent beyond the response is a broken upstream.
+            Carrier::Own(connection) => {
+                (self.reusable && connection.link.read.is_empty()).then_some(connection)
+            }
+        }
     }
 
     fn fail(&mut self, error: ExchangeError) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
-        self.connection = None;
+        self.carrier = None;
         self.sending = None;
         self.decoder = Decoder::Done;
         self.reusable = false;
@@ -66,7 +103,8 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
     /// not reused; if the client's body fails, so does the exchange (the
     /// upstream would wait for the rest of it).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
-        let (Some(sender), Some(connection)) = (self.sending.as_mut(), self.connection.as_ref())
+        let (Some(sender), Some(Carrier::Own(connection))) =
+            (self.sending.as_mut(), self.carrier.as_ref())
         else {
             return Ok(());
         };
@@ -99,39 +137,50 @@ impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
             if this.decoder.is_done() {
                 return Poll::Ready(None);
             }
-            let Some(connection) = this.connection.as_mut() else {
+            let Some(carrier) = this.carrier.as_mut() else {
                 return this.fail(ExchangeError::Closed);
             };
-            match this.decoder.decode(&mut connection.link.read) {
-                Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
-                Ok(None) if this.decoder.is_done() => return Poll::Ready(None),
-                Ok(None) => {}
-                Err(error) => return this.fail(error.into()),
-            }
-            let Poll::Ready(filled) = poll_read(
-                &connection.link.stream,
-                &mut connection.link.read,
-                super::READ_SIZE,
-                cx,
-            ) else {
-                let on_client =
-                    (this.sending.as_ref()).is_some_and(|sender| sender.waits_on_client());
-                if connection.link.patience.poll_expired(on_client, cx) {
-                    return this.fail(ExchangeError::TimedOut);
+            let on_client = (this.sending.as_ref()).is_some_and(|sender| sender.waits_on_client());
+            let decoder = &mut this.decoder;
+            let step = carrier.with_link(|link| {
+                match decoder.decode(&mut link.read) {
+                    Ok(Some(frame)) => return Step::Frame(frame),
+                    Ok(None) if decoder.is_done() => return Step::Done,
+                    Ok(None) => {}
+                    Err(error) => return Step::Failed(error.into()),
                 }
-                return Poll::Pending;
-            };
-            connection.link.patience.reset();
-            match filled {
-                Ok(0) => match this.decoder.closed() {
-                    Ok(()) => {
-                        this.connection = None;
-                        return Poll::Ready(None);
+                let Poll::Ready(filled) =
+                    poll_read(&link.stream, &mut link.read, super::READ_SIZE, cx)
+                else {
+                    if link.patience.poll_expired(on_client, cx) {
+                        return Step::Failed(ExchangeError::TimedOut);
                     }
-                    Err(_) => return this.fail(ExchangeError::Closed),
-                },
-                Ok(_) => {}
-                Err(error) => return this.fail(error.into()),
+                    return Step::Pending;
+                };
+                link.patience.reset();
+                match filled {
+                    Ok(0) => match decoder.closed() {
+                        Ok(()) => Step::Closed,
+                        Err(_) => Step::Failed(ExchangeError::Closed),
+                    },
+                    Ok(_) => Step::Read,
+                    Err(error) => Step::Failed(error.into()),
+                }
+            });
+            match step {
+                Step::Frame(frame) => return Poll::Ready(Some(Ok(frame))),
+                Step::Done => return Poll::Ready(None),
+                Step::Read => {}
+                Step::Pending => return Poll::Pending,
+                Step::Closed => {
+                    // The body ended with the connection, which carries
+                    // nothing more.
+                    if let Some(Carrier::Turn(turn)) = this.carrier.take() {
+                        turn.end(false);
+                    }
+                    return Poll::Ready(None);
+                }
+                Step::Failed(error) => return this.fail(error),
             }
         }
     }
@@ -143,4 +192,42 @@ impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
     fn size_hint(&self) -> SizeHint {
         self.decoder.size_hint()
     }
+}
+
+impl<B> Drop for UpstreamBody<B> {
+    fn drop(&mut self) {
+        // A body on a pipeline let go before its end (its client went
+        // away): if the rest of it is here already, it is passed over and
+        // the next exchange reads its own response; if not, the turn,
+        // dropped, breaks the connection.
+        let Some(Carrier::Turn(turn)) = self.carrier.take() else {
+            return;
+        };
+        let ended = {
+            let mut link = turn.link();
+            loop {
+                match self.decoder.decode(&mut link.read) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break self.decoder.is_done(),
+                    Err(_) => break false,
+                }
+            }
+        };
+        if ended && self.sending.is_none() {
+            turn.end(self.reusable);
+        }
+    }
+}
+
+/// What one pass of reading a response body came to.
+enum Step {
+    Frame(Frame<Bytes>),
+    /// The body has ended.
+    Done,
+    /// More was read: decode again.
+    Read,
+    Pending,
+    /// The upstream closed the connection where the body ends.
+    Closed,
+    Failed(ExchangeError),
 }

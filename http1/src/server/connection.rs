@@ -48,6 +48,10 @@ const HEAD_READ_SIZE: usize = 1024;
 /// How much of a reply may be queued, taken from its body, before it is
 /// written out.
 const MAX_QUEUED: usize = 64 * 1024;
+
+/// The most bytes of replies held for the next write (see
+/// `Connection::write`).
+const HOLD_MAX: usize = 16 * 1024;
 /// How long a closed connection's input is read and discarded: see
 /// [`Connection::close_lingering`].
 const LINGER: Duration = Duration::from_secs(5);
@@ -145,13 +149,18 @@ pub(super) async fn serve<H: Handler>(
         let parking = lot.is_some();
         let req = match conn.read_head(phase, &mut since, parking, &mut stop).await {
             Ok(req) => req,
-            Err(NoRequest::Close) => return,
+            Err(NoRequest::Close) => {
+                conn.flush().await;
+                return;
+            }
             Err(NoRequest::Refuse(refused)) => {
                 conn.refuse(refused, Version::HTTP_11).await;
                 return;
             }
             Err(NoRequest::Park) => {
-                if let Some(lot) = lot {
+                if let Some(lot) = lot
+                    && conn.flush().await
+                {
                     conn.park(&lot, since.unwrap_or_else(Instant::now));
                 }
                 return;
@@ -163,7 +172,7 @@ pub(super) async fn serve<H: Handler>(
                 since = None;
             }
             Next::Close { linger } => {
-                if linger {
+                if conn.flush().await && linger {
                     conn.close_lingering().await;
                 }
                 return;
@@ -235,6 +244,13 @@ impl Connection {
                     Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(NoRequest::Close)),
                     Poll::Ready(Ok(_)) => continue,
                     Poll::Pending => {}
+                }
+                // Replies held for a next request (see `Connection::exchange`)
+                // go out before the connection waits for more of it.
+                if !self.out.is_empty()
+                    && let Poll::Ready(Err(_)) = self.out.poll_write(&self.stream, cx)
+                {
+                    return Poll::Ready(Err(NoRequest::Close));
                 }
                 if self.read.is_empty() && stop.poll_stopping(cx) {
                     return Poll::Ready(Err(NoRequest::Close));
@@ -308,11 +324,22 @@ impl Connection {
         if checked.expects_continue {
             self.out
                 .push(Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\n"));
-            if self.write(None::<(Empty<Bytes>, _)>).await.is_err() {
+            if self.write(None::<(Empty<Bytes>, _)>, false).await.is_err() {
                 return Next::Close { linger: false };
             }
         }
-        let reply = handler.call(req.map(|()| body)).await;
+        let mut call = pin!(handler.call(req.map(|()| body)));
+        let reply = std::future::poll_fn(|cx| {
+            let reply = call.as_mut().poll(cx);
+            if reply.is_pending() && !self.out.is_empty() {
+                // Replies held for this one go out while it waits: only an
+                // answer at once joins them. A failure shows at the next
+                // write.
+                let _ = self.out.poll_write(&self.stream, cx);
+            }
+            reply
+        })
+        .await;
         // The body gives the buffer back when it ends, or when it is
         // dropped; the next request is where the body ended, and without
         // that end it cannot be found. A body the handler let go, or one
@@ -328,8 +355,13 @@ impl Connection {
             && failure.get().is_none()
             && returned.as_ref().is_none_or(|returned| returned.complete)
             && !reply.headers().connection().close;
+        // A client that pipelines (the balancer, to a node) gets the
+        // replies to the requests it sent together in one write: a reply
+        // is held while the next request's head is already here, and goes
+        // out with the next reply, or before the connection waits for more.
+        let hold = !lent && next_head_here(&self.read);
         let written = self
-            .write_reply(reply, head_request, version, &mut keep_alive)
+            .write_reply(reply, head_request, version, &mut keep_alive, hold)
             .await;
         if lent {
             returned = returned.or_else(|| self.home.as_ref().and_then(|home| home.take()));
@@ -357,6 +389,7 @@ impl Connection {
         head_request: bool,
         version: Version,
         keep_alive: &mut bool,
+        hold: bool,
     ) -> Result<(), Aborted> {
         let status = reply.status();
         let bodiless = head_request
@@ -396,11 +429,17 @@ impl Connection {
             );
         });
         let body = reply.into_body();
+        // Held only whole, on a connection that goes on, and while little
+        // is queued.
+        let hold = hold && *keep_alive;
         match framing {
-            Some(framing) => self.write(Some((body, BodyEncoder::new(framing)))).await,
+            Some(framing) => {
+                self.write(Some((body, BodyEncoder::new(framing))), hold)
+                    .await
+            }
             None => {
                 drop(body);
-                self.write(None::<(B, _)>).await
+                self.write(None::<(B, _)>, hold).await
             }
         }
     }
@@ -409,9 +448,14 @@ impl Connection {
     /// it comes and writing it as the socket takes it: the head and the
     /// first data go out together when the body has them at once. A write
     /// that waits for the client longer than `send_timeout` aborts.
+    ///
+    /// With `hold`, a body that comes whole at once is only queued, behind
+    /// what is queued already, as long as that stays under [`HOLD_MAX`]:
+    /// it goes out with the next write.
     async fn write<B: ServedBody>(
         &mut self,
         body: Option<(B, BodyEncoder)>,
+        hold: bool,
     ) -> Result<(), Aborted> {
         let send_timeout = self.shared.settings.send_timeout;
         let peer = self.peer();
@@ -456,6 +500,9 @@ impl Connection {
                         Some(_) => Poll::Pending,
                     };
                 }
+                if hold && body.is_none() && self.out.queued() < HOLD_MAX {
+                    return Poll::Ready(Ok(()));
+                }
                 match self.out.poll_write(&self.stream, cx) {
                     Poll::Ready(Ok(())) => stall.cleared(),
                     Poll::Ready(Err(_)) => return Poll::Ready(Err(Aborted)),
@@ -473,6 +520,12 @@ impl Connection {
         .await
     }
 
+    /// Writes the replies held for a next request that is not coming:
+    /// whether they all went out.
+    async fn flush(&mut self) -> bool {
+        self.out.is_empty() || self.write(None::<(Empty<Bytes>, _)>, false).await.is_ok()
+    }
+
     /// Counts a refusal and answers it; the connection is then closed,
     /// gracefully.
     async fn refuse(&mut self, refused: Refused, version: Version) {
@@ -481,7 +534,7 @@ impl Connection {
             .reject(refused.reason, self.peer(), &refused.detail);
         let mut keep_alive = false;
         let written = self
-            .write_reply(refused.reply(), false, version, &mut keep_alive)
+            .write_reply(refused.reply(), false, version, &mut keep_alive, false)
             .await;
         if written.is_ok() {
             self.close_lingering().await;
@@ -536,6 +589,13 @@ impl Connection {
         })
         .await;
     }
+}
+
+/// Whether `read` holds the whole head of a next request (a pipelining
+/// client's), as far as its end can be seen; a large buffer is not
+/// searched.
+fn next_head_here(read: &[u8]) -> bool {
+    read.len() <= HOLD_MAX && read.windows(4).any(|window| window == b"\r\n\r\n")
 }
 
 /// The refusal of a head that could not be read.

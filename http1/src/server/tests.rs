@@ -15,9 +15,16 @@ use tokio::time::Instant;
 use super::*;
 use crate::message::{Request, Response};
 
-/// Answers "ok" to everything but `/echo` (its body back, read whole) and
-/// `/stream` (two chunks, no length).
+/// What `/wait` waits for.
+static GO_ON: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Answers "ok" to everything but `/echo` (its body back, read whole),
+/// `/stream` (two chunks, no length) and `/wait` ("ok" once [`GO_ON`] is
+/// notified).
 async fn handle(req: Request<RequestBody>) -> Response<Either<Full<Bytes>, Chunks>> {
+    if req.uri().path() == "/wait" {
+        GO_ON.notified().await;
+    }
     match req.uri().path() {
         // A body that failed is answered as a handler would; the server
         // closes the connection after it.
@@ -184,6 +191,83 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(reply(&mut client).await.1, "first");
     assert_eq!(reply(&mut client).await.1, "second");
     assert_eq!(reply(&mut client).await.1, "ok");
+}
+
+#[tokio::test]
+async fn replies_to_requests_sent_together_go_out_together() {
+    let (_, _, mut client) = serve(ServerSettings::default()).await;
+    client
+        .write_all(
+            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /stream HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /3 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut client).await.1, "ok");
+    assert_eq!(
+        reply(&mut client).await.1,
+        "6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+    );
+    assert_eq!(reply(&mut client).await.1, "ok");
+    assert_eq!(
+        crate::testing::data_segments_in(&client),
+        1,
+        "the three replies went out in one write"
+    );
+}
+
+#[tokio::test]
+async fn a_reply_held_for_the_next_goes_out_once_the_next_has_to_wait() {
+    let (_, _, mut client) = serve(ServerSettings::default()).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), reply(&mut client)).await;
+    assert_eq!(first.expect("the first reply waits for the second").1, "ok");
+    GO_ON.notify_one();
+    assert_eq!(reply(&mut client).await.1, "ok");
+}
+
+#[tokio::test]
+async fn a_reply_held_for_a_next_request_that_is_not_whole_goes_out_all_the_same() {
+    let (_, _, mut client) = serve(ServerSettings::default()).await;
+    // What follows the request looks like the end of a head, and is not
+    // one: blank lines before a request are passed over.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n")
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), reply(&mut client)).await;
+    assert_eq!(first.expect("the reply waits for a request").1, "ok");
+    // And the client's end of input does not lose it either.
+    let (_, _, mut client) = serve(ServerSettings::default()).await;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\nGET /")
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    let mut rest = String::new();
+    client.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200 OK\r\n"), "{rest}");
+}
+
+#[tokio::test]
+async fn nothing_pipelined_behind_a_reply_that_closes_is_processed() {
+    let (_, _, mut client) = serve(ServerSettings::default()).await;
+    client
+        .write_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n\
+              POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nsent",
+        )
+        .await
+        .unwrap();
+    let (head, body) = reply(&mut client).await;
+    assert!(head.contains("connection: close\r\n"), "{head}");
+    assert_eq!(body, "ok");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
 
 #[tokio::test]
