@@ -410,6 +410,43 @@ async fn an_upstream_closing_its_idle_connections_costs_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_together_share_pipelined_connections_and_get_their_own_replies() {
+    // Each answer waits, so that every request is in flight at once.
+    let backend = Backend::start(|req| {
+        Answer::ok(req.uri.path().to_owned()).delayed(Duration::from_millis(100))
+    })
+    .await;
+    let balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        "[server]\nworkers = 2\n[proxy]\npipeline_depth = 8\n[health]\nenabled = false\n",
+    );
+    let client = Client::new();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let (client, url) = (client.clone(), balancer.url(&format!("/{i}")));
+        requests.spawn(async move { (i, client.get(&url).await) });
+    }
+    while let Some(done) = requests.join_next().await {
+        let (i, reply) = done.unwrap();
+        assert_eq!(
+            (reply.status.as_u16(), reply.text()),
+            (200, format!("/{i}"))
+        );
+    }
+    assert_eq!(backend.hits(), 32);
+    // Each worker's share of the 32 in as few connections of 8 as carry
+    // it: at most 5 in all (4 and 1 more for a share not a multiple of 8),
+    // where one request per connection would take 32.
+    let connections = backend.open_connections();
+    assert!((4..=5).contains(&connections), "{connections} connections");
+    let stats = upstream_stats(&balancer).await;
+    assert_eq!(
+        (stats["requests"].as_u64(), stats["failures"].as_u64()),
+        (Some(32), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_may_answer_while_the_request_body_still_streams() {
     // An echo that answers at once and sends back what it reads as it
     // reads it, until the request body's last chunk.

@@ -22,12 +22,13 @@
 //! routing table in force, passed in with each call.
 
 use std::net::SocketAddr;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 use spike_config::balancer::ProxySettings;
-use spike_http1::client::{ConnectError, Connection};
+use spike_http1::client::{ConnectError, Connection, Pipeline};
 
 use crate::workers;
 
@@ -38,6 +39,8 @@ pub struct PoolSettings {
     /// Idle connections older than this are closed, not reused.
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// The most requests a pipeline carries at once; 1: no pipelines.
+    pub pipeline_depth: u32,
 }
 
 impl From<&ProxySettings> for PoolSettings {
@@ -46,6 +49,7 @@ impl From<&ProxySettings> for PoolSettings {
             connect_timeout: proxy.connect_timeout,
             idle_timeout: proxy.idle_timeout,
             max_idle: proxy.max_idle_per_upstream,
+            pipeline_depth: proxy.pipeline_depth,
         }
     }
 }
@@ -59,6 +63,71 @@ pub struct ConnectionPool {
     /// request). Each is held only to push or pop; never across an
     /// `.await`.
     idle: Box<[CachePadded<Mutex<Vec<Idle>>>]>,
+    /// One list per worker of the pipelines it opened, in the order they
+    /// were opened.
+    pipelines: Box<[CachePadded<Mutex<Pipelines>>]>,
+}
+
+#[derive(Debug, Default)]
+struct Pipelines {
+    pipelines: Vec<Piped>,
+    /// The one that took the last request.
+    last: usize,
+    /// Pipelines being opened.
+    connecting: usize,
+    /// Requests waiting for them, to go on them once open.
+    waiters: Vec<Waker>,
+    /// How many times the waiters were woken, so that one is listed once
+    /// each time.
+    round: u64,
+}
+
+impl Pipelines {
+    /// The one that took the last request if it has room, else the first
+    /// that has.
+    fn with_room(&mut self, depth: u64, now: Instant) -> Option<Pipeline> {
+        let mut at = self.last;
+        for _ in 0..=self.pipelines.len() {
+            let Some(piped) = self.pipelines.get_mut(at) else {
+                at = 0;
+                continue;
+            };
+            match piped.pipeline.room(depth) {
+                Some(true) => {
+                    piped.since = now;
+                    self.last = at;
+                    return Some(piped.pipeline.clone());
+                }
+                Some(false) => at += 1,
+                None => {
+                    self.pipelines.remove(at);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A pipeline being opened: once it is (or failed, or was given up),
+/// the requests waiting for it look again.
+struct Opening<'a> {
+    list: &'a Mutex<Pipelines>,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut list = self.list.lock();
+        list.connecting -= 1;
+        list.round += 1;
+        list.waiters.drain(..).for_each(Waker::wake);
+    }
+}
+
+#[derive(Debug)]
+struct Piped {
+    pipeline: Pipeline,
+    /// When it last took a request.
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -74,7 +143,59 @@ impl ConnectionPool {
             idle: (0..workers::count())
                 .map(|_| CachePadded::new(Mutex::new(Vec::new())))
                 .collect(),
+            pipelines: (0..workers::count())
+                .map(|_| CachePadded::new(Mutex::new(Pipelines::default())))
+                .collect(),
         }
+    }
+
+    /// A pipeline of this worker with room for a request at `now`: the one
+    /// that took the last request if it has room, else the first that
+    /// has (so that the requests of one round of the worker go out
+    /// together, on as few connections as can carry them); else one being
+    /// opened, once it is, while it has room to spare; else a new one.
+    /// Pipelines broken or closed are dropped on the way.
+    pub async fn pipeline(
+        &self,
+        settings: &PoolSettings,
+        now: Instant,
+    ) -> Result<Pipeline, ConnectError> {
+        let depth = u64::from(settings.pipeline_depth);
+        let list = &self.pipelines[self.home()];
+        let mut waiting = None;
+        let found = std::future::poll_fn(|cx| {
+            let mut list = list.lock();
+            if let Some(pipeline) = list.with_room(depth, now) {
+                return Poll::Ready(Some(pipeline));
+            }
+            let spare = list.connecting * (depth as usize - 1);
+            if waiting == Some(list.round) {
+                return Poll::Pending;
+            }
+            if list.waiters.len() < spare {
+                list.waiters.push(cx.waker().clone());
+                waiting = Some(list.round);
+                return Poll::Pending;
+            }
+            list.connecting += 1;
+            Poll::Ready(None)
+        })
+        .await;
+        if let Some(pipeline) = found {
+            return Ok(pipeline);
+        }
+        // Those waiting for it look again once it is open, or failed.
+        let opening = Opening { list };
+        let pipeline = Box::pin(Pipeline::connect(self.addr, settings.connect_timeout)).await?;
+        let mut pipelines = opening.list.lock();
+        pipelines.last = pipelines.pipelines.len();
+        pipelines.pipelines.push(Piped {
+            pipeline: pipeline.clone(),
+            since: now,
+        });
+        drop(pipelines);
+        drop(opening);
+        Ok(pipeline)
     }
 
     /// A connection ready to send a request at `now`: the most recently
@@ -118,11 +239,26 @@ impl ConnectionPool {
                 idle.since.elapsed() <= idle_timeout && idle.connection.is_open()
             });
         }
+        for list in &self.pipelines {
+            list.lock().pipelines.retain(|piped| {
+                piped.pipeline.room(1).is_some()
+                    && (piped.pipeline.in_flight() > 0 || piped.since.elapsed() <= idle_timeout)
+            });
+        }
     }
 
-    /// Idle connections, for `/stats`.
+    /// Idle connections (pipelines carrying nothing included), for
+    /// `/stats`.
     pub fn idle_count(&self) -> usize {
-        self.idle.iter().map(|stack| stack.lock().len()).sum()
+        let idle: usize = self.idle.iter().map(|stack| stack.lock().len()).sum();
+        let piped = self.pipelines.iter().map(|list| {
+            let list = list.lock();
+            list.pipelines
+                .iter()
+                .filter(|piped| piped.pipeline.in_flight() == 0)
+                .count()
+        });
+        idle + piped.sum::<usize>()
     }
 
     /// This worker's stack.

@@ -23,7 +23,7 @@ use http::uri::PathAndQuery;
 use http::{Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
-use spike_http1::client::{ExchangeError, SendError, UpstreamBody};
+use spike_http1::client::{ConnectError, ExchangeError, Pipeline, SendError, UpstreamBody};
 use spike_http1::fields::Known;
 use spike_http1::message::{Request, Response};
 use spike_http1::reply::ReplyBody;
@@ -224,28 +224,23 @@ impl Exchange<'_> {
         let peer = self.in_flight.peer();
         let upstream = &peer.upstream;
         let addr = upstream.addr();
-        let checkout = upstream.pool.checkout(self.pool, self.in_flight.started());
-        let connection = match checkout.await {
-            Ok(connection) => connection,
-            Err(source) => {
-                // Nothing was sent: connecting failed.
-                let reason = FailoverReason::of_connect(&source);
-                let error = ProxyError::Connect {
-                    upstream: addr,
-                    source,
-                };
-                self.count(&error);
-                return Err(Attempt::NotSent {
-                    request: req,
-                    upstream: Arc::clone(upstream),
-                    reason,
-                    error,
-                });
+        let now = self.in_flight.started();
+        let pipelined = self.pool.pipeline_depth > 1 && Pipeline::takes(&req);
+        let sent = if pipelined {
+            match upstream.pool.pipeline(self.pool, now).await {
+                // Boxed: the exchange's state is most of a request's
+                // future, which is moved, whole, each time a caller's
+                // future is built around it.
+                Ok(pipeline) => Box::pin(pipeline.send(req, self.response_timeout)).await,
+                Err(source) => return Err(self.not_connected(req, source)),
+            }
+        } else {
+            match upstream.pool.checkout(self.pool, now).await {
+                Ok(connection) => Box::pin(connection.send(req, self.response_timeout)).await,
+                Err(source) => return Err(self.not_connected(req, source)),
             }
         };
-        // Boxed: the exchange's state is most of a request's future, which is
-        // moved, whole, each time a caller's future is built around it.
-        let mut response = match Box::pin(connection.send(req, self.response_timeout)).await {
+        let mut response = match sent {
             Ok(response) => response,
             Err(SendError::NotSent(request, source)) => {
                 // The connection was found closed before the request went
@@ -294,6 +289,23 @@ impl Exchange<'_> {
             response
                 .map(|body| Either::Left(Box::new(ProxiedBody::new(body, in_flight, max_idle)))),
         )
+    }
+
+    /// No connection could be had: nothing was sent.
+    fn not_connected(&self, req: Box<Request<RequestBody>>, source: ConnectError) -> Attempt {
+        let upstream = &self.in_flight.peer().upstream;
+        let reason = FailoverReason::of_connect(&source);
+        let error = ProxyError::Connect {
+            upstream: upstream.addr(),
+            source,
+        };
+        self.count(&error);
+        Attempt::NotSent {
+            request: req,
+            upstream: Arc::clone(upstream),
+            reason,
+            error,
+        }
     }
 
     /// Counts a failed exchange against the upstream, as its checks say.

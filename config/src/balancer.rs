@@ -46,6 +46,10 @@ const _: () = assert!(
 );
 /// The most idle keep-alive connections kept per upstream.
 pub const DEFAULT_MAX_IDLE_PER_UPSTREAM: usize = 1024;
+/// The deepest pipeline `[proxy] pipeline_depth` allows: past a few
+/// requests, a batch saves little more, and each request waits behind all
+/// the others.
+pub const MAX_PIPELINE_DEPTH: u64 = 64;
 /// The clients whose `X-Forwarded-For` is kept (appended to) rather than
 /// replaced: the loopback, where only this machine's own processes (a
 /// TLS terminator, say) connect from.
@@ -96,6 +100,11 @@ pub struct ProxySettings {
     /// Requests in flight on one upstream beyond which it is skipped; 0 (the
     /// default) sets no limit.
     pub max_requests_per_upstream: u32,
+    /// The most requests without a body (GET, HEAD) one upstream connection
+    /// carries at once, written ahead of the responses (HTTP/1.1
+    /// pipelining); 1 (the default) sends the next only once the last was
+    /// answered.
+    pub pipeline_depth: u32,
     /// Clients whose `X-Forwarded-For`, `X-Forwarded-Proto` and
     /// `X-Forwarded-Host` are kept; from any other they are replaced.
     pub trusted_proxies: Vec<IpNet>,
@@ -121,6 +130,7 @@ impl Default for ProxySettings {
             max_idle_per_upstream: DEFAULT_MAX_IDLE_PER_UPSTREAM,
             retries: None,
             max_requests_per_upstream: 0,
+            pipeline_depth: 1,
             trusted_proxies: DEFAULT_TRUSTED_PROXIES
                 .iter()
                 .map(|net| net.parse().expect("a valid network"))
@@ -214,6 +224,7 @@ struct RawProxy {
     max_idle_per_upstream: Option<Spanned<u64>>,
     retries: Option<Spanned<u64>>,
     max_requests_per_upstream: Option<Spanned<u64>>,
+    pipeline_depth: Option<Spanned<u64>>,
     trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
@@ -347,6 +358,13 @@ fn validate_proxy(raw: RawProxy, v: &mut Validator<'_>) -> ProxySettings {
             defaults.max_requests_per_upstream,
             small,
         ),
+        pipeline_depth: v.field(raw.pipeline_depth, defaults.pipeline_depth, |n| {
+            source::at_least(1)(n)?;
+            if n > MAX_PIPELINE_DEPTH {
+                return Err(format!("{n} is more than {MAX_PIPELINE_DEPTH}"));
+            }
+            small(n)
+        }),
         trusted_proxies: match raw.trusted_proxies {
             None => defaults.trusted_proxies,
             Some(list) => list
@@ -450,8 +468,15 @@ addr = "127.0.0.1:3002"
             .map(|u| (u.addr.port(), u.weight))
             .collect();
         assert_eq!(weights, [(3001, 1), (3002, 2), (3003, 3), (3004, 4)]);
-        // Its comments say the values it shows are the defaults.
-        assert_eq!(config.proxy, ProxySettings::default());
+        // Its comments say the values it shows are the defaults, but for
+        // the pipelining it turns on for the nodes.
+        assert_eq!(
+            config.proxy,
+            ProxySettings {
+                pipeline_depth: 8,
+                ..ProxySettings::default()
+            }
+        );
         assert_eq!(config.health, HealthSettings::default());
         assert_eq!(config.rate_limit, RateLimitSettings::default());
         assert_eq!(config.server, ServerSettings::default());
@@ -613,6 +638,22 @@ backup = true
             problems[0].contains("is not an address or a network"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn pipelining_is_off_unless_asked_for_and_its_depth_bounded() {
+        assert_eq!(parse(MINIMAL).unwrap().proxy.pipeline_depth, 1);
+        let config = parse(&format!("{MINIMAL}\n[proxy]\npipeline_depth = 8\n")).unwrap();
+        assert_eq!(config.proxy.pipeline_depth, 8);
+        for (depth, problem) in [(0, "must be at least 1"), (65, "65 is more than 64")] {
+            let problems = messages(&format!("{MINIMAL}\n[proxy]\npipeline_depth = {depth}\n"));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(problem), "{problems:?}");
+            assert!(
+                problems[0].contains(":13:18:"),
+                "line and column: {problems:?}"
+            );
+        }
     }
 
     #[test]
