@@ -138,10 +138,7 @@ impl Connection {
     /// the socket was reported readable (what it read is of no use: the
     /// connection is then closed).
     pub fn is_open(&mut self) -> bool {
-        matches!(
-            self.link.stream.try_read(&mut [0; 1]),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock
-        )
+        self.link.is_open()
     }
 
     /// Sends `req` (in origin form, its hop-by-hop headers gone) and reads
@@ -263,6 +260,15 @@ fn body_decoder(
 }
 
 impl Link {
+    /// Whether the upstream has neither closed the connection nor sent
+    /// anything unasked, as far as can be told without waiting.
+    fn is_open(&self) -> bool {
+        matches!(
+            self.stream.try_read(&mut [0; 1]),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
     /// Reads a final response head.
     fn poll_read_head(
         &mut self,

@@ -21,7 +21,6 @@
 //!   back. The exchanges before it go on to their responses.
 
 use std::collections::VecDeque;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -94,8 +93,9 @@ impl Pipeline {
         }
     }
 
-    /// Whether `req` may go out on a pipeline: a request without a body,
-    /// by a method that is safe to repeat (GET or HEAD).
+    /// Whether `req` may go out on a pipeline: a request without a body, by
+    /// a safe method (GET or HEAD; RFC 9112, section 9.3.2, advises against
+    /// pipelining behind any other).
     pub fn takes<B: Body>(req: &Request<B>) -> bool {
         (req.method() == Method::GET || req.method() == Method::HEAD)
             && RequestFraming::of(req) == RequestFraming::None
@@ -120,13 +120,8 @@ impl Pipeline {
         if in_flight > 0 {
             return Some(in_flight < depth);
         }
-        // Carrying nothing, it may only have been closed by the upstream:
-        // told from tokio's readiness, with a system call only if the
-        // socket was reported readable.
-        let open = matches!(
-            shared.link.stream.try_read(&mut [0; 1]),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock
-        );
+        // Carrying nothing, it may only have been closed by the upstream.
+        let open = shared.link.is_open();
         if !open {
             shared.state = State::Broken(shared.head);
         }

@@ -357,9 +357,10 @@ impl Connection {
             && !reply.headers().connection().close;
         // A client that pipelines (the balancer, to a node) gets the
         // replies to the requests it sent together in one write: a reply
-        // is held while the next request's head is already here, and goes
-        // out with the next reply, or before the connection waits for more.
-        let hold = !lent && next_head_here(&self.read);
+        // is held while more of the client's input is already here, and
+        // goes out with the next reply, or before the connection waits for
+        // more input.
+        let hold = !lent && !self.read.is_empty();
         let written = self
             .write_reply(reply, head_request, version, &mut keep_alive, hold)
             .await;
@@ -589,13 +590,6 @@ impl Connection {
         })
         .await;
     }
-}
-
-/// Whether `read` holds the whole head of a next request (a pipelining
-/// client's), as far as its end can be seen; a large buffer is not
-/// searched.
-fn next_head_here(read: &[u8]) -> bool {
-    read.len() <= HOLD_MAX && read.windows(4).any(|window| window == b"\r\n\r\n")
 }
 
 /// The refusal of a head that could not be read.
