@@ -303,7 +303,8 @@ machine() {
 # spike_up_sale TOTAL: a configuration directory in $work/config for
 # `spike up` on free loopback ports (a sale of TOTAL tickets, four
 # upstreams weighted 1 to 4, the order service; the nodes' `sched_batch`
-# is $SCHED_BATCH, true by default, as shipped), then `spike up` on it,
+# is $SCHED_BATCH, true by default, and the balancer's `pipeline_depth`
+# $PIPELINE_DEPTH, 16 by default, as shipped), then `spike up` on it,
 # waited for; sets redis_port, proxy_port, admin_port, orders_admin_port,
 # node_ports and spike_pid, and the pids spike up started: balancer_pid,
 # node_pids, redis_pid and orders_pid; the children's logs go to $work/log.
@@ -322,6 +323,7 @@ spike_up_sale() {
     for weight in 1 2 3 4; do
       printf '\n[[upstream]]\naddr = "127.0.0.1:%s"\nweight = %s\n' "$(free_port)" "$weight"
     done
+    printf '\n[proxy]\npipeline_depth = %s\n' "${PIPELINE_DEPTH:-16}"
   } >"$work/config/balancer.toml"
   echo "admin = \"127.0.0.1:$orders_admin_port\"" >"$work/config/orders.toml"
   node_ports=($(awk -F'[:"]' '/^addr/ {print $3}' "$work/config/balancer.toml"))

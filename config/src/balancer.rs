@@ -473,7 +473,7 @@ addr = "127.0.0.1:3002"
         assert_eq!(
             config.proxy,
             ProxySettings {
-                pipeline_depth: 8,
+                pipeline_depth: 16,
                 ..ProxySettings::default()
             }
         );
