@@ -409,20 +409,17 @@ async fn an_upstream_closing_its_idle_connections_costs_no_request() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_in_flight_together_share_pipelined_connections_and_get_their_own_replies() {
-    // Each answer waits, so that every request is in flight at once.
-    let backend = Backend::start(|req| {
-        Answer::ok(req.uri.path().to_owned()).delayed(Duration::from_millis(100))
-    })
-    .await;
-    let balancer = Balancer::start(
-        &[(backend.addr(), 1)],
-        "[server]\nworkers = 2\n[proxy]\npipeline_depth = 8\n[health]\nenabled = false\n",
-    );
+/// A backend that answers each request with its path, after `delay`.
+async fn echoing_paths(delay: Duration) -> Backend {
+    Backend::start(move |req| Answer::ok(req.uri.path().to_owned()).delayed(delay)).await
+}
+
+/// `GET /0` to `GET /{n - 1}` through `balancer`, all at once; each must
+/// get 200 and its own path back.
+async fn each_gets_its_path(balancer: &Balancer, n: usize) {
     let client = Client::new();
     let mut requests = tokio::task::JoinSet::new();
-    for i in 0..32 {
+    for i in 0..n {
         let (client, url) = (client.clone(), balancer.url(&format!("/{i}")));
         requests.spawn(async move { (i, client.get(&url).await) });
     }
@@ -433,6 +430,17 @@ async fn requests_in_flight_together_share_pipelined_connections_and_get_their_o
             (200, format!("/{i}"))
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_together_share_pipelined_connections_and_get_their_own_replies() {
+    // Each answer waits, so that every request is in flight at once.
+    let backend = echoing_paths(Duration::from_millis(100)).await;
+    let balancer = Balancer::start(
+        &[(backend.addr(), 1)],
+        "[server]\nworkers = 2\n[proxy]\npipeline_depth = 8\n[health]\nenabled = false\n",
+    );
+    each_gets_its_path(&balancer, 32).await;
     assert_eq!(backend.hits(), 32);
     // Each worker's share of the 32 in as few connections of 8 as carry
     // it: at most 5 in all (4 and 1 more for a share not a multiple of 8),
@@ -443,6 +451,66 @@ async fn requests_in_flight_together_share_pipelined_connections_and_get_their_o
     assert_eq!(
         (stats["requests"].as_u64(), stats["failures"].as_u64()),
         (Some(32), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_behind_a_response_that_closes_go_elsewhere_and_only_they() {
+    // Every connection to this upstream answers its first request, saying
+    // it closes, and processes nothing more of it (the rest read and
+    // dropped until the balancer closes its side), as a server shutting
+    // down does.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing = listener.local_addr().unwrap();
+    let (answered, mut answers) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                read_until(&mut stream, &mut read, "\r\n\r\n").await;
+                let text = String::from_utf8_lossy(&read).into_owned();
+                let path = text.split(' ').nth(1).unwrap().to_owned();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{path}",
+                    path.len()
+                );
+                stream.write_all(reply.as_bytes()).await.unwrap();
+                answered.send(path).unwrap();
+                stream.shutdown().await.unwrap();
+                let _ = stream.read_to_end(&mut read).await;
+            });
+        }
+    });
+    let backend = echoing_paths(Duration::from_millis(50)).await;
+    let balancer = Balancer::start(
+        &[(closing, 1), (backend.addr(), 1)],
+        "[server]\nworkers = 1\n[proxy]\npipeline_depth = 16\n[health]\nenabled = false\n",
+    );
+    each_gets_its_path(&balancer, 20).await;
+    drop(balancer);
+    let mut by_closing = std::collections::HashSet::new();
+    while let Ok(path) = answers.try_recv() {
+        by_closing.insert(path);
+    }
+    let by_backend: std::collections::HashSet<String> = backend
+        .requests()
+        .iter()
+        .map(|req| req.uri.path().to_owned())
+        .collect();
+    assert_eq!(
+        by_closing.len() + by_backend.len(),
+        20,
+        "each request answered once"
+    );
+    assert!(
+        by_closing.is_disjoint(&by_backend),
+        "a request the closing upstream processed went elsewhere too"
+    );
+    assert!(
+        by_backend.len() > 10,
+        "the requests behind a close went to the other upstream: {by_backend:?}"
     );
 }
 

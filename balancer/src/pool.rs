@@ -84,15 +84,20 @@ struct Pipelines {
 
 impl Pipelines {
     /// The one that took the last request if it has room, else the first
-    /// that has.
-    fn with_room(&mut self, depth: u64, now: Instant) -> Option<Pipeline> {
+    /// that has. One that has been idle longer than `idle_timeout` is
+    /// dropped, as an idle connection is: its upstream may be closing it.
+    fn with_room(&mut self, depth: u64, idle_timeout: Duration, now: Instant) -> Option<Pipeline> {
         let mut at = self.last;
         for _ in 0..=self.pipelines.len() {
             let Some(piped) = self.pipelines.get_mut(at) else {
                 at = 0;
                 continue;
             };
+            let stale = now.saturating_duration_since(piped.since) > idle_timeout;
             match piped.pipeline.room(depth) {
+                Some(true) if stale && piped.pipeline.in_flight() == 0 => {
+                    self.pipelines.remove(at);
+                }
                 Some(true) => {
                     piped.since = now;
                     self.last = at;
@@ -165,7 +170,7 @@ impl ConnectionPool {
         let mut waiting = None;
         let found = std::future::poll_fn(|cx| {
             let mut list = list.lock();
-            if let Some(pipeline) = list.with_room(depth, now) {
+            if let Some(pipeline) = list.with_room(depth, settings.idle_timeout, now) {
                 return Poll::Ready(Some(pipeline));
             }
             let spare = list.connecting * (depth as usize - 1);

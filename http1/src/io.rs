@@ -148,6 +148,32 @@ impl Outgoing {
         self.queued == 0
     }
 
+    /// Drops what is queued beyond its first `n` bytes: messages that must
+    /// not go out after all (a pipeline's requests behind a break).
+    pub fn keep(&mut self, n: usize) {
+        if n >= self.queued {
+            return;
+        }
+        let in_head = self.head.len() - self.head_sent;
+        if n <= in_head {
+            self.head.truncate(self.head_sent + n);
+            self.queue.clear();
+        } else {
+            let mut left = n - in_head;
+            let mut pieces = 0;
+            for piece in &mut self.queue {
+                if left == 0 {
+                    break;
+                }
+                piece.truncate(left);
+                left -= piece.len();
+                pieces += 1;
+            }
+            self.queue.truncate(pieces);
+        }
+        self.queued = n;
+    }
+
     /// The bytes queued.
     pub fn queued(&self) -> usize {
         self.queued
@@ -206,5 +232,58 @@ impl Outgoing {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `out` would send, piece by piece.
+    fn pieces(out: &mut Outgoing) -> Vec<String> {
+        std::iter::from_fn(|| out.pop())
+            .map(|bytes| String::from_utf8(bytes.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn heads_queued_together_go_out_as_one_piece() {
+        let mut out = Outgoing::default();
+        out.push_head(|head| head.extend_from_slice(b"GET /1\r\n\r\n"));
+        out.push(Bytes::from_static(b"body"));
+        out.push_head(|head| head.extend_from_slice(b"GET /2\r\n\r\n"));
+        assert_eq!(out.queued(), 24);
+        assert_eq!(pieces(&mut out), ["GET /1\r\n\r\nbodyGET /2\r\n\r\n"]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn what_is_kept_is_the_start_of_what_was_queued() {
+        let large = "x".repeat(JOIN_MAX + 1);
+        let queue = |out: &mut Outgoing| {
+            out.push_head(|head| head.extend_from_slice(b"HEAD"));
+            out.push(Bytes::from(large.clone()));
+            out.push(Bytes::from_static(b"tail"));
+        };
+        for (n, expected) in [
+            (0, vec![]),
+            (2, vec!["HE".to_owned()]),
+            (4, vec!["HEAD".to_owned()]),
+            (6, vec!["HEAD".to_owned(), "xx".to_owned()]),
+            (
+                4 + large.len() + 2,
+                vec!["HEAD".to_owned(), large.clone(), "ta".to_owned()],
+            ),
+            (
+                100_000,
+                vec!["HEAD".to_owned(), large.clone(), "tail".to_owned()],
+            ),
+        ] {
+            let mut out = Outgoing::default();
+            queue(&mut out);
+            out.keep(n);
+            assert_eq!(out.queued(), n.min(8 + large.len()), "keeping {n}");
+            assert_eq!(pieces(&mut out), expected, "keeping {n}");
+        }
     }
 }

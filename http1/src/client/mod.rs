@@ -228,11 +228,28 @@ impl Connection {
             Ok(head) => head,
             Err(error) => return Err(SendError::Failed(write_error.unwrap_or(error))),
         };
-        let (decoder, reusable) = body_decoder(&mut head, head_only).map_err(SendError::Failed)?;
-        let reusable = reusable && write_error.is_none();
-        let body = UpstreamBody::new(self, sending, decoder, reusable);
+        let (decoder, reuse) = body_decoder(&mut head, head_only).map_err(SendError::Failed)?;
+        let reuse = if write_error.is_some() {
+            Reuse::No
+        } else {
+            reuse
+        };
+        let body = UpstreamBody::new(self, sending, decoder, reuse);
         Ok(head.map(|()| body))
     }
+}
+
+/// Whether a connection may carry another exchange after a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reuse {
+    Yes,
+    /// The upstream closes it after this response (it said `close`, or
+    /// the body ends with the connection): it processes nothing sent
+    /// after the request (RFC 9112, section 9.6).
+    Closes,
+    /// It is not to be trusted further: a response framed two ways, a
+    /// request not all sent.
+    No,
 }
 
 /// How the body of the response `head` is decoded, and whether the
@@ -241,22 +258,25 @@ impl Connection {
 fn body_decoder(
     head: &mut Response<()>,
     head_only: bool,
-) -> Result<(Decoder, bool), ExchangeError> {
+) -> Result<(Decoder, Reuse), ExchangeError> {
     let status = head.status();
-    let (decoder, reusable) =
+    let (decoder, ambiguous) =
         if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            (Decoder::Done, true)
+            (Decoder::Done, false)
         } else {
             let framing =
                 framing::body_framing(Role::Response, head.version(), head.headers_mut())?;
-            let decoder = Decoder::new(framing.length);
-            let reusable = decoder.is_delimited() && !framing.ambiguous;
-            (decoder, reusable)
+            (Decoder::new(framing.length), framing.ambiguous)
         };
-    Ok((
-        decoder,
-        reusable && framing::keeps_alive(head.version(), head.headers()),
-    ))
+    let reuse = if !framing::keeps_alive(head.version(), head.headers()) || !decoder.is_delimited()
+    {
+        Reuse::Closes
+    } else if ambiguous {
+        Reuse::No
+    } else {
+        Reuse::Yes
+    };
+    Ok((decoder, reuse))
 }
 
 impl Link {

@@ -10,20 +10,24 @@
 //! many, at both ends.
 //!
 //! How the exchanges of a connection end together:
-//! - a response that closes the connection (`Connection: close`, or a body
-//!   read to the close) ends it cleanly: the upstream processed none of the
-//!   requests after it (RFC 9112, section 9.6), which are handed back
-//!   ([`SendError::NotSent`]) to go elsewhere, as are any never written;
-//! - any other failure (an error, a timeout, a response cut short or left
-//!   unread, an exchange given up before its response was read) breaks it
-//!   from that exchange on: the requests after it that were written may
-//!   have reached the upstream, and fail; those never written are handed
-//!   back. The exchanges before it go on to their responses.
+//! - a response after which the upstream closes the connection (it said
+//!   `close`, or its body ends with the connection) ends it cleanly: the
+//!   upstream processes none of the requests after it (RFC 9112, section
+//!   9.6), which are handed back ([`SendError::NotSent`]) to go elsewhere;
+//! - any other failure (an error, a timeout, a response framed two ways,
+//!   an exchange given up before its response was read) breaks it from
+//!   that exchange on: the requests after it that were written may have
+//!   reached the upstream, and fail; those not written are handed back,
+//!   and never written. The exchanges before it go on to their responses.
+//!
+//! A response body let go before its end (its client went away) does not
+//! break the connection: the next exchange passes over the rest of it, up
+//! to [`SKIP_MAX`] bytes, before reading its own response.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,9 +36,17 @@ use http_body::Body;
 use parking_lot::Mutex;
 
 use super::response::UpstreamBody;
-use super::{ConnectError, Connection, ExchangeError, Link, RequestFraming, SendError};
+use super::{
+    ConnectError, Connection, ExchangeError, Link, READ_SIZE, RequestFraming, Reuse, SendError,
+};
+use crate::decode::Decoder;
 use crate::encode;
+use crate::io::poll_read;
 use crate::message::{Request, Response};
+
+/// The most bytes of a body let go before its end that the next exchange
+/// passes over; past them, the connection breaks.
+pub const SKIP_MAX: u64 = 1024 * 1024;
 
 /// A connection to an upstream that carries up to a given number of
 /// exchanges at once; clones share it.
@@ -50,22 +62,32 @@ pub(super) struct Shared {
     head: u64,
     /// The number the next request gets.
     next: u64,
-    /// The wakers of the exchanges after the head, waiting for their turn
-    /// (front: `head + 1`).
-    turns: VecDeque<Option<Waker>>,
+    /// The exchanges under way, from `head` on: where each one's request
+    /// begins among the bytes queued, and its waker while it waits for
+    /// its turn.
+    waiting: VecDeque<Waiting>,
     /// Exchanges waiting for what is queued to go out, while the socket
     /// is full.
     flushes: Vec<Waker>,
     /// Bytes of requests queued since the connection opened.
     queued: u64,
+    /// The rest of a body let go before its end, to pass over before the
+    /// next response, and how much more of it may be.
+    skip: Option<(Decoder, u64)>,
     state: State,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    start: u64,
+    waker: Option<Waker>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
-    /// A response closed the connection: the upstream processed nothing
-    /// after the exchange with this number.
+    /// The upstream closes the connection after the response to the
+    /// exchange with this number, and processes nothing after it.
     Closed(u64),
     /// Broken from the exchange with this number on: its response, and
     /// those after it, cannot be read.
@@ -85,9 +107,10 @@ impl Pipeline {
                 link: *connection.link,
                 head: 0,
                 next: 0,
-                turns: VecDeque::new(),
+                waiting: VecDeque::new(),
                 flushes: Vec::new(),
                 queued: 0,
+                skip: None,
                 state: State::Open,
             })),
         }
@@ -121,17 +144,19 @@ impl Pipeline {
             return Some(in_flight < depth);
         }
         // Carrying nothing, it may only have been closed by the upstream.
-        let open = shared.link.is_open();
-        if !open {
-            shared.state = State::Broken(shared.head);
+        if !shared.link.is_open() {
+            let head = shared.head;
+            shared.break_from(head);
+            return None;
         }
-        open.then_some(true)
+        Some(true)
     }
 
     /// Sends `req` (which [`Pipeline::takes`]) behind the requests already
     /// on the connection, and reads its response head once theirs have
-    /// come. The upstream may keep the exchange waiting `timeout` for the
-    /// head once it is next, then between two reads of the body.
+    /// come. The upstream may keep the exchange waiting `timeout` once it
+    /// is next (to write its request, then for its head), then between two
+    /// reads of the body.
     pub async fn send<B>(
         self,
         req: Box<Request<B>>,
@@ -147,17 +172,15 @@ impl Pipeline {
                 drop(shared);
                 return Err(SendError::NotSent(req, ExchangeError::Closed));
             }
-            let before = shared.link.out.queued();
+            let (start, unsent) = (shared.queued, shared.link.out.queued());
             shared
                 .link
                 .out
                 .push_head(|head| encode::request_head(head, &req, false));
-            shared.queued += (shared.link.out.queued() - before) as u64;
+            shared.queued += (shared.link.out.queued() - unsent) as u64;
             let seq = shared.next;
             shared.next += 1;
-            if seq != shared.head {
-                shared.turns.push_back(None);
-            }
+            shared.waiting.push_back(Waiting { start, waker: None });
             (seq, shared.queued)
         };
         // From here on, however the exchange ends (the task cancelled
@@ -171,11 +194,11 @@ impl Pipeline {
         // write: whichever of them comes back first writes them all.
         tokio::task::yield_now().await;
         let mut req = Some(req);
-        let mut waiting = false;
+        let mut next = false;
         let head = std::future::poll_fn(|cx| {
             let mut shared = self.shared.lock();
             let shared = &mut *shared;
-            let written = shared.queued - shared.link.out.queued() as u64;
+            let written = shared.written();
             match shared.state {
                 State::Closed(last) if seq > last => return Poll::Ready(Err(None)),
                 State::Broken(from) if seq >= from && written < end => {
@@ -186,14 +209,17 @@ impl Pipeline {
                 }
                 _ => {}
             }
+            let is_next = seq == shared.head;
+            if is_next && !next {
+                next = true;
+                shared.link.patience.start(timeout);
+            }
             if written < end {
                 match shared.link.out.poll_write(&shared.link.stream, cx) {
-                    Poll::Ready(Ok(())) => {
-                        shared.flushes.drain(..).for_each(Waker::wake);
-                    }
+                    Poll::Ready(Ok(())) => shared.flushes.drain(..).for_each(Waker::wake),
                     Poll::Ready(Err(error)) => {
                         // Nothing more can be read either.
-                        let written = shared.queued - shared.link.out.queued() as u64;
+                        let written = shared.written();
                         let head = shared.head;
                         shared.break_from(head);
                         return Poll::Ready(Err((written >= end).then_some(error.into())));
@@ -202,20 +228,24 @@ impl Pipeline {
                         if !shared.flushes.iter().any(|w| w.will_wake(cx.waker())) {
                             shared.flushes.push(cx.waker().clone());
                         }
+                        if is_next && shared.link.patience.poll_expired(false, cx) {
+                            return Poll::Ready(Err(Some(ExchangeError::TimedOut)));
+                        }
                         return Poll::Pending;
                     }
                 }
             }
-            if seq != shared.head {
-                let turn = (seq - shared.head - 1) as usize;
-                shared.turns[turn] = Some(cx.waker().clone());
+            if !is_next {
+                let at = (seq - shared.head) as usize;
+                shared.waiting[at].waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            if !waiting {
-                waiting = true;
-                shared.link.patience.start(timeout);
-            }
-            match shared.link.poll_read_head(cx) {
+            let read = match shared.poll_skip(cx) {
+                Poll::Ready(Ok(())) => shared.link.poll_read_head(cx),
+                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+                Poll::Pending => Poll::Pending,
+            };
+            match read {
                 Poll::Ready(head) => Poll::Ready(head.map_err(Some)),
                 Poll::Pending if shared.link.patience.poll_expired(false, cx) => {
                     Poll::Ready(Err(Some(ExchangeError::TimedOut)))
@@ -237,15 +267,56 @@ impl Pipeline {
         };
         self.shared.lock().link.patience.reset();
         let head_only = req.take().is_some_and(|req| req.method() == Method::HEAD);
-        let (decoder, reusable) =
+        let (decoder, reuse) =
             super::body_decoder(&mut head, head_only).map_err(SendError::Failed)?;
-        Ok(head.map(|()| UpstreamBody::in_turn(turn, decoder, reusable)))
+        Ok(head.map(|()| UpstreamBody::in_turn(turn, decoder, reuse)))
     }
 }
 
 impl Shared {
-    /// Breaks the connection from the exchange `from` on: every exchange
-    /// waiting is woken, those from `from` on to fail.
+    /// The bytes of requests written so far.
+    fn written(&self) -> u64 {
+        self.queued - self.link.out.queued() as u64
+    }
+
+    /// Of the bytes queued from `start` on, those not written yet.
+    fn unsent(&self, start: u64) -> usize {
+        (start - self.written()) as usize
+    }
+
+    /// Passes over the rest of a body let go before its end, if there is
+    /// one, before the next response is read.
+    fn poll_skip(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
+        while let Some((decoder, left)) = self.skip.as_mut() {
+            match decoder.decode(&mut self.link.read)? {
+                Some(frame) => {
+                    let n = frame.data_ref().map_or(0, |data| data.len() as u64);
+                    *left = left.checked_sub(n).ok_or(ExchangeError::Closed)?;
+                    continue;
+                }
+                None if decoder.is_done() => {
+                    self.skip = None;
+                    continue;
+                }
+                None => {}
+            }
+            if ready!(poll_read(
+                &self.link.stream,
+                &mut self.link.read,
+                READ_SIZE,
+                cx
+            ))? == 0
+            {
+                return Poll::Ready(Err(ExchangeError::Closed));
+            }
+            self.link.patience.reset();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Breaks the connection from the exchange `from` on: what of their
+    /// requests is not written never will be, and every exchange waiting
+    /// is woken, those from `from` on to fail.
     fn break_from(&mut self, from: u64) {
         self.state = match self.state {
             State::Open => State::Broken(from),
@@ -253,22 +324,60 @@ impl Shared {
             State::Broken(before) => State::Broken(before.min(from)),
             closed => closed,
         };
+        self.drop_unsent_from(from);
         self.wake_all();
     }
 
+    /// The upstream closes the connection after the response to `last`:
+    /// the exchanges after it are handed back, and their requests not
+    /// written never will be.
+    fn closed_after(&mut self, last: u64) {
+        self.state = match self.state {
+            State::Open => State::Closed(last),
+            State::Broken(from) if from > last => State::Closed(last),
+            state => state,
+        };
+        self.drop_unsent_from(last + 1);
+        self.wake_all();
+    }
+
+    /// Drops the bytes not written yet of the requests of the exchanges
+    /// from `from` on.
+    fn drop_unsent_from(&mut self, from: u64) {
+        let Some(waiting) = from
+            .checked_sub(self.head)
+            .and_then(|at| self.waiting.get(at as usize))
+        else {
+            return;
+        };
+        let start = waiting.start.max(self.written());
+        let keep = self.unsent(start);
+        self.link.out.keep(keep);
+        self.queued = start;
+    }
+
     fn wake_all(&mut self) {
-        self.turns
+        self.waiting
             .iter_mut()
-            .filter_map(Option::take)
+            .filter_map(|waiting| waiting.waker.take())
             .for_each(Waker::wake);
         self.flushes.drain(..).for_each(Waker::wake);
+    }
+
+    /// The exchange at the head has ended: the next one's turn.
+    fn advance(&mut self) {
+        self.head += 1;
+        self.waiting.pop_front();
+        if let Some(next) = self.waiting.front_mut().and_then(|w| w.waker.take()) {
+            next.wake();
+        }
     }
 }
 
 /// An exchange's turn to read its response from a [`Pipeline`]: it holds
 /// the connection's reading side until it ends, and gives it to the next
-/// exchange then (or, if it ends without its response read to the end,
-/// breaks the connection).
+/// exchange then (or, if it ends without its response read, breaks the
+/// connection).
 #[derive(Debug)]
 pub(super) struct Turn {
     shared: Arc<Mutex<Shared>>,
@@ -283,21 +392,31 @@ impl Turn {
         parking_lot::MutexGuard::map(self.shared.lock(), |shared| &mut shared.link)
     }
 
-    /// The response was read to its end: the next exchange reads its own.
-    /// If the response closed the connection (`reusable` false), the
-    /// upstream processes none of the requests after this one.
-    pub(super) fn end(mut self, reusable: bool) {
+    /// The response was read to its end: the next exchange reads its own,
+    /// if the connection goes on (`reuse`).
+    pub(super) fn end(mut self, reuse: Reuse) {
         self.ended = true;
         let mut shared = self.shared.lock();
-        if !reusable && shared.state == State::Open {
-            shared.state = State::Closed(self.seq);
+        shared.advance();
+        match reuse {
+            // Bytes beyond a response after which the upstream closes
+            // are an upstream not to be trusted.
+            Reuse::Closes if shared.link.read.is_empty() => shared.closed_after(self.seq),
+            Reuse::Yes => {}
+            Reuse::Closes | Reuse::No => shared.break_from(self.seq + 1),
         }
-        shared.head += 1;
-        if let Some(next) = shared.turns.pop_front().flatten() {
-            next.wake();
-        }
-        if shared.state != State::Open {
-            shared.wake_all();
+    }
+
+    /// The body was let go before its end, `rest` of it unread: on a
+    /// connection that goes on, the next exchange passes over it first.
+    pub(super) fn abandon(mut self, rest: Decoder, reuse: Reuse) {
+        self.ended = true;
+        let mut shared = self.shared.lock();
+        shared.advance();
+        match reuse {
+            Reuse::Yes => shared.skip = Some((rest, SKIP_MAX)),
+            Reuse::Closes => shared.closed_after(self.seq),
+            Reuse::No => shared.break_from(self.seq + 1),
         }
     }
 }
@@ -307,10 +426,9 @@ impl Drop for Turn {
         if self.ended {
             return;
         }
-        // Ended with its response not read to the end (or not read at
-        // all): what comes next on the connection cannot be told from it.
-        let mut shared = self.shared.lock();
-        shared.break_from(self.seq);
+        // Ended with its response not read (or not all of it): what comes
+        // next on the connection cannot be told from it.
+        self.shared.lock().break_from(self.seq);
     }
 }
 

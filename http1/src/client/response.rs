@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::pipeline::Turn;
 use super::sender::BodySender;
-use super::{Connection, ExchangeError, Link};
+use super::{Connection, ExchangeError, Link, Reuse};
 use crate::decode::Decoder;
 use crate::io::poll_read;
 
@@ -25,7 +25,7 @@ pub struct UpstreamBody<B> {
     decoder: Decoder,
     /// Whether the connection may carry another exchange once this body
     /// has ended and the request body has all gone out.
-    reusable: bool,
+    reuse: Reuse,
 }
 
 /// What a response body arrives on.
@@ -51,23 +51,23 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         connection: Connection,
         sending: Option<Box<BodySender<B>>>,
         decoder: Decoder,
-        reusable: bool,
+        reuse: Reuse,
     ) -> Self {
         Self {
             carrier: Some(Carrier::Own(connection)),
             sending,
             decoder,
-            reusable,
+            reuse,
         }
     }
 
     /// A body read in its `turn` on a pipeline.
-    pub(super) fn in_turn(turn: Turn, decoder: Decoder, reusable: bool) -> Self {
+    pub(super) fn in_turn(turn: Turn, decoder: Decoder, reuse: Reuse) -> Self {
         Self {
             carrier: Some(Carrier::Turn(turn)),
             sending: None,
             decoder,
-            reusable,
+            reuse,
         }
     }
 
@@ -80,12 +80,12 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         }
         match self.carrier.take()? {
             Carrier::Turn(turn) => {
-                turn.end(self.reusable);
+                turn.end(self.reuse);
                 None
             }
             // Anything sent beyond the response is a broken upstream.
             Carrier::Own(connection) => {
-                (self.reusable && connection.link.read.is_empty()).then_some(connection)
+                (self.reuse == Reuse::Yes && connection.link.read.is_empty()).then_some(connection)
             }
         }
     }
@@ -94,7 +94,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
         self.carrier = None;
         self.sending = None;
         self.decoder = Decoder::Done;
-        self.reusable = false;
+        self.reuse = Reuse::No;
         Poll::Ready(Some(Err(error)))
     }
 
@@ -113,7 +113,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
             Poll::Ready(Err(ExchangeError::RequestBody)) => return Err(ExchangeError::RequestBody),
             Poll::Ready(Err(_)) => {
                 self.sending = None;
-                self.reusable = false;
+                self.reuse = Reuse::No;
             }
             Poll::Pending => {}
         }
@@ -176,7 +176,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
                     // The body ended with the connection, which carries
                     // nothing more.
                     if let Some(Carrier::Turn(turn)) = this.carrier.take() {
-                        turn.end(false);
+                        turn.end(Reuse::Closes);
                     }
                     return Poll::Ready(None);
                 }
@@ -197,9 +197,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
 impl<B> Drop for UpstreamBody<B> {
     fn drop(&mut self) {
         // A body on a pipeline let go before its end (its client went
-        // away): if the rest of it is here already, it is passed over and
-        // the next exchange reads its own response; if not, the turn,
-        // dropped, breaks the connection.
+        // away): what of it is here already is passed over, and the next
+        // exchange passes over the rest before reading its own response.
         let Some(Carrier::Turn(turn)) = self.carrier.take() else {
             return;
         };
@@ -208,13 +207,19 @@ impl<B> Drop for UpstreamBody<B> {
             loop {
                 match self.decoder.decode(&mut link.read) {
                     Ok(Some(_)) => {}
-                    Ok(None) => break self.decoder.is_done(),
-                    Err(_) => break false,
+                    Ok(None) => break Ok(self.decoder.is_done()),
+                    Err(error) => break Err(error),
                 }
             }
         };
-        if ended && self.sending.is_none() {
-            turn.end(self.reusable);
+        match ended {
+            Ok(true) => turn.end(self.reuse),
+            Ok(false) => {
+                let rest = std::mem::replace(&mut self.decoder, Decoder::Done);
+                turn.abandon(rest, self.reuse);
+            }
+            // Dropped, the turn breaks the connection.
+            Err(_) => {}
         }
     }
 }

@@ -171,8 +171,10 @@ pub(super) async fn serve<H: Handler>(
                 phase = Phase::Idle;
                 since = None;
             }
+            // A reply that did not go out (or a refusal, which went out
+            // with everything before it) leaves nothing to write.
             Next::Close { linger } => {
-                if conn.flush().await && linger {
+                if linger && conn.flush().await {
                     conn.close_lingering().await;
                 }
                 return;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use http_body_util::{BodyExt, Empty};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::*;
@@ -182,29 +183,91 @@ async fn requests_written_to_an_upstream_that_went_away_fail() {
     assert_eq!(pipeline.room(8), None);
 }
 
+/// An upstream that takes one connection, reads until `requests` request
+/// heads have come, answers `first`, and `rest` once told to (or once the
+/// sender is dropped); then it reads until the client closes. Yields all
+/// it received.
+async fn staged(
+    requests: usize,
+    first: String,
+    rest: String,
+) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_on, told) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut received = read_heads(&mut stream, requests).await;
+        stream.write_all(first.as_bytes()).await.unwrap();
+        let _ = told.await;
+        stream.write_all(rest.as_bytes()).await.unwrap();
+        stream.read_to_string(&mut received).await.unwrap();
+        received
+    });
+    (addr, go_on, task)
+}
+
 #[tokio::test]
-async fn a_body_let_go_whole_passes_the_turn_on_and_one_cut_short_breaks_the_rest() {
+async fn a_body_let_go_before_its_end_is_passed_over_by_the_next_exchange() {
+    // All of it there: passed over at once.
     let (_pipeline, [first, second], _upstream) = exchanges(
         "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst\
          HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond",
         false,
     )
     .await;
-    // Its client went away: the body was never read, but all of it is
-    // there.
     drop(outcome(first).await.unwrap());
     assert_eq!(body(second).await, "second");
 
-    // The rest of the first body has not come: the second response cannot
-    // be found.
-    let (_pipeline, [first, second], _upstream) =
-        exchanges("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst", false).await;
+    // Its rest still to come: the next exchange reads it first.
+    let (addr, go_on, _upstream) = staged(
+        2,
+        "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst".to_owned(),
+        "-restHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond".to_owned(),
+    )
+    .await;
+    let pipeline = Pipeline::connect(addr, PATIENT).await.unwrap();
+    let [first, second] = [send(&pipeline, "/1"), send(&pipeline, "/2")];
     drop(outcome(first).await.unwrap());
+    go_on.send(()).unwrap();
+    assert_eq!(body(second).await, "second");
+    assert_eq!(pipeline.room(2), Some(true), "the connection goes on");
+
+    // More of it than is worth reading: the connection breaks.
+    let large = usize::try_from(SKIP_MAX).unwrap() + 1;
+    let (addr, go_on, _upstream) = staged(
+        2,
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {large}\r\n\r\n"),
+        format!(
+            "{}HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "x".repeat(large)
+        ),
+    )
+    .await;
+    let pipeline = Pipeline::connect(addr, PATIENT).await.unwrap();
+    let [first, second] = [send(&pipeline, "/1"), send(&pipeline, "/2")];
+    drop(outcome(first).await.unwrap());
+    go_on.send(()).unwrap();
     assert_failed(second).await;
+    assert_eq!(pipeline.room(2), None);
 }
 
 #[tokio::test]
-async fn an_exchange_given_up_before_its_turn_fails_those_after_it_only() {
+async fn requests_behind_a_response_framed_two_ways_fail_and_are_not_handed_back() {
+    // The upstream did not say it would close: it may have processed them.
+    let (pipeline, [first, second], _upstream) = exchanges(
+        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n\
+         2\r\nok\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    assert_eq!(body(first).await, "ok");
+    assert_failed(second).await;
+    assert_eq!(pipeline.room(2), None);
+}
+
+#[tokio::test]
+async fn an_exchange_given_up_before_its_turn_fails_those_written_after_it() {
     let (pipeline, [first, second, third], _upstream) = exchanges(
         "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none\
          HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntwo\
@@ -212,11 +275,74 @@ async fn an_exchange_given_up_before_its_turn_fails_those_after_it_only() {
         false,
     )
     .await;
-    tokio::task::yield_now().await;
+    // Given up once all three requests went out.
+    while pipeline.in_flight() < 3 || !pipeline.shared.lock().link.out.is_empty() {
+        tokio::task::yield_now().await;
+    }
     second.abort();
     assert_eq!(body(first).await, "one");
     assert_failed(third).await;
     assert_eq!(pipeline.room(8), None);
+}
+
+#[tokio::test]
+async fn requests_behind_one_given_up_before_they_went_out_are_handed_back_unsent() {
+    // An upstream that reads nothing until told to: the first request, too
+    // large for the sockets' buffers, holds the others back.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_on, told) = oneshot::channel::<()>();
+    let upstream = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let _ = told.await;
+        let mut received = Vec::new();
+        let mut chunk = vec![0; 1 << 16];
+        while !received.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the first request cut short");
+            received.extend_from_slice(&chunk[..n]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none")
+            .await
+            .unwrap();
+        stream.read_to_end(&mut received).await.unwrap();
+        received
+    });
+    let pipeline = Pipeline::connect(addr, PATIENT).await.unwrap();
+    let mut large = get("/1");
+    large.headers_mut().insert(
+        http::HeaderName::from_static("x-pad"),
+        http::HeaderValue::from_str(&"a".repeat(8 << 20)).unwrap(),
+    );
+    let first = tokio::spawn(pipeline.clone().send(large, PATIENT));
+    let second = send(&pipeline, "/2");
+    let third = send(&pipeline, "/3");
+    while pipeline.in_flight() < 3 {
+        tokio::task::yield_now().await;
+    }
+    tokio::task::yield_now().await;
+    assert!(
+        !pipeline.shared.lock().link.out.is_empty(),
+        "the socket is full"
+    );
+    second.abort();
+    match outcome(third).await {
+        Err(SendError::NotSent(req, _)) => assert_eq!(req.uri().path(), "/3"),
+        other => panic!("{other:?}"),
+    }
+    go_on.send(()).unwrap();
+    assert_eq!(body(first).await, "one");
+    drop(pipeline);
+    let received = upstream.await.unwrap();
+    assert!(received.starts_with(b"GET /1 "));
+    assert!(
+        received.ends_with(b"\r\n\r\n")
+            && received
+                .windows(7)
+                .all(|w| w != b"GET /2 " && w != b"GET /3 "),
+        "a request handed back went out all the same"
+    );
 }
 
 #[tokio::test]
