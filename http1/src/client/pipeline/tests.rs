@@ -143,6 +143,32 @@ async fn requests_go_out_together_before_any_response_and_each_gets_its_own() {
 }
 
 #[tokio::test]
+async fn the_answer_to_a_head_request_has_no_body_and_the_next_one_is_found() {
+    let (addr, upstream) = pipelining(
+        2,
+        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n\
+         HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nafter",
+        false,
+    )
+    .await;
+    let pipeline = Pipeline::connect(addr, PATIENT).await.unwrap();
+    let head: Box<Request<Empty<Bytes>>> = Box::new(
+        http::Request::head("/1")
+            .header("host", "backend")
+            .body(Empty::new())
+            .unwrap()
+            .into(),
+    );
+    let first = tokio::spawn(pipeline.clone().send(head, PATIENT));
+    let second = send(&pipeline, "/2");
+    assert_eq!(body(first).await, "", "a HEAD response has no body");
+    assert_eq!(body(second).await, "after");
+    drop(pipeline);
+    let (_, lines) = upstream.await.unwrap();
+    assert_eq!(lines, ["HEAD /1 HTTP/1.1", "GET /2 HTTP/1.1"]);
+}
+
+#[tokio::test]
 async fn a_pipeline_counts_what_it_carries_against_its_depth() {
     let (addr, _upstream) = pipelining(2, "", false).await;
     let pipeline = Pipeline::connect(addr, PATIENT).await.unwrap();
