@@ -373,6 +373,33 @@ ab_run() {
   awk -v n="$REQUESTS" 'NR == 2 {gsub(/[ms]/, " "); printf "%.1f", ($1 * 60 + $2 + $3 * 60 + $4) * 1e6 / n}' "$out.times"
 }
 
+# sale_run NAME [COUNTER...]: one run of `ab -k -l` ($REQUESTS purchases
+# from $CONCURRENCY clients) through the balancer of spike_up_sale, its
+# report in $work/NAME.ab; prints "requests_per_sec p99_ms balancer_cpu
+# nodes_cpu ab_cpu" (CPU in microseconds per request), then how much each
+# COUNTER (a command printing a number, run before and after) grew per
+# request.
+sale_run() {
+  local name=$1 balancer_before nodes_before ab_cpu counter grown i=0 counted=() line
+  shift
+  balancer_before=$(cpu_ticks "$balancer_pid")
+  nodes_before=$(cpu_ticks "${node_pids[@]}")
+  for counter in "$@"; do counted+=("$(eval "$counter")"); done
+  ab_cpu=$(ab_run "$work/$name.ab" -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" \
+    "http://127.0.0.1:$proxy_port/buy/ticket")
+  line="$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")"
+  line+=" $(awk '$1 == "99%" {print $2}' "$work/$name.ab")"
+  line+=" $(per_request $(($(cpu_ticks "$balancer_pid") - balancer_before)))"
+  line+=" $(per_request $(($(cpu_ticks "${node_pids[@]}") - nodes_before)))"
+  line+=" $ab_cpu"
+  for counter in "$@"; do
+    grown=$(($(eval "$counter") - counted[i]))
+    i=$((i + 1))
+    line+=" $(awk -v d="$grown" -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')"
+  done
+  echo "$line"
+}
+
 # An awk function: the median of a[1..n] (sorts a).
 MEDIAN_AWK='
   function median(a, n,   i, j, t) {

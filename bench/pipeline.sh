@@ -60,22 +60,10 @@ segments() {
   awk '/^Tcp:/ { if (!names) { for (i = 1; i <= NF; i++) if ($i == "InSegs") col = i; names = 1 } else print $col }' /proc/net/snmp
 }
 
-# run NAME: one ab run through the balancer; prints "requests_per_sec
-# p99_ms balancer_cpu nodes_cpu ab_cpu segments", CPU in microseconds and
-# segments per request.
+# run NAME: one sale through the balancer (sale_run), and the TCP segments
+# received per request.
 run() {
-  local name=$1 before nodes_before segments_before ab_cpu
-  before=$(cpu_ticks "$balancer_pid")
-  nodes_before=$(cpu_ticks "${node_pids[@]}")
-  segments_before=$(segments)
-  ab_cpu=$(ab_run "$work/$name.ab" -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" \
-    "http://127.0.0.1:$proxy_port/buy/ticket")
-  echo "$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")" \
-    "$(awk '$1 == "99%" {print $2}' "$work/$name.ab")" \
-    "$(per_request $(($(cpu_ticks "$balancer_pid") - before)))" \
-    "$(per_request $(($(cpu_ticks "${node_pids[@]}") - nodes_before)))" \
-    "$ab_cpu" \
-    "$(awk -v d=$(($(segments) - segments_before)) -v n="$REQUESTS" 'BEGIN {printf "%.2f", d / n}')"
+  sale_run "$1" segments
 }
 
 results=$work/results

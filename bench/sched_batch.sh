@@ -73,24 +73,10 @@ switches() {
     awk '/^(non)?voluntary_ctxt_switches:/ {n += $2} END {print n + 0}'
 }
 
-# run NAME: one ab run through the balancer; prints "requests_per_sec
-# p99_ms balancer_cpu nodes_cpu ab_cpu balancer_switches nodes_switches",
-# CPU in microseconds and switches per request.
+# run NAME: one sale through the balancer (sale_run), and the context
+# switches per request of the balancer and of the nodes.
 run() {
-  local name=$1 before nodes_before sw_before nodes_sw_before ab_cpu
-  before=$(cpu_ticks "$balancer_pid")
-  nodes_before=$(cpu_ticks "${node_pids[@]}")
-  sw_before=$(switches "$balancer_pid")
-  nodes_sw_before=$(switches "${node_pids[@]}")
-  ab_cpu=$(ab_run "$work/$name.ab" -q -k -l -r -n "$REQUESTS" -c "$CONCURRENCY" \
-    "http://127.0.0.1:$proxy_port/buy/ticket")
-  echo "$(awk '/^Requests per second:/ {print $4}' "$work/$name.ab")" \
-    "$(awk '$1 == "99%" {print $2}' "$work/$name.ab")" \
-    "$(per_request $(($(cpu_ticks "$balancer_pid") - before)))" \
-    "$(per_request $(($(cpu_ticks "${node_pids[@]}") - nodes_before)))" \
-    "$ab_cpu" \
-    "$(awk -v d=$(($(switches "$balancer_pid") - sw_before)) -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')" \
-    "$(awk -v d=$(($(switches "${node_pids[@]}") - nodes_sw_before)) -v n="$REQUESTS" 'BEGIN {printf "%.3f", d / n}')"
+  sale_run "$1" 'switches "$balancer_pid"' 'switches "${node_pids[@]}"'
 }
 
 results=$work/results
