@@ -64,10 +64,15 @@ start_static_backends() {
   for _ in $(seq 1 "$1"); do backend_ports+=("$(free_port)"); done
   {
     echo "worker_processes 1; daemon off; pid $work/backends.pid; error_log $work/backends-error.log;"
-    echo "events { worker_connections 4096; }"
+    # Room for all the connections that the proxies of a script open to
+    # them (as many as a proxy has clients, each), accepted as fast as they
+    # come: out of connections, or with its accept queue full, a backend
+    # would leave a proxy's connects to time out and its upstreams rested.
+    echo "worker_rlimit_nofile $(ulimit -Hn | sed 's/unlimited/20000/');"
+    echo "events { worker_connections $(($(ulimit -Hn | sed 's/unlimited/20000/') - 64)); }"
     echo "http { access_log off; keepalive_requests 100000000;"
     for port in "${backend_ports[@]}"; do
-      echo "  server { listen 127.0.0.1:$port; location / { return 200 'ok'; } }"
+      echo "  server { listen 127.0.0.1:$port backlog=4096; location / { return 200 'ok'; } }"
     done
     echo "}"
   } >"$work/backends.conf"
