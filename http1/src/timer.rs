@@ -7,10 +7,19 @@
 //! it is when the deadline moves later, and set again only if it fires
 //! before the deadline of the moment; and it is polled only when it has
 //! no waker of this task yet or when it has fired.
+//!
+//! A timer that fires before its deadline wakes its task for nothing, once
+//! per length of the deadline while the connection stays busy: with a
+//! short deadline (the moment to park an idle connection, 100 ms) and a
+//! thousand clients each sending a request every 15 ms, a wake every
+//! eight requests. A deadline that may pass late says by how much (its
+//! slack), and a timer that fired early is set again that much past it:
+//! a busy connection is then woken once per slack.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -27,8 +36,21 @@ impl Timer {
     /// Whether `deadline` has passed; if not, the task is woken when it
     /// does, or before (and then asks again).
     pub fn poll_passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        self.poll_passed_within(deadline, Duration::ZERO, cx)
+    }
+
+    /// Whether `deadline` has passed, as a timer that may find it up to
+    /// `slack` late sees it; if not, the task is woken when it is found to
+    /// have passed, or before (and then asks again).
+    pub fn poll_passed_within(
+        &mut self,
+        deadline: Instant,
+        slack: Duration,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let latest = deadline + slack;
         let sleep = match &mut self.sleep {
-            Some(sleep) if deadline < sleep.deadline() => {
+            Some(sleep) if latest < sleep.deadline() => {
                 sleep.as_mut().reset(deadline);
                 self.waker.forget();
                 sleep
@@ -54,7 +76,7 @@ impl Timer {
             if sleep.deadline() >= deadline {
                 return true;
             }
-            sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(latest);
             self.waker.forget();
         }
     }
@@ -91,7 +113,6 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::Wake;
-    use std::time::Duration;
 
     use super::*;
 
@@ -159,6 +180,57 @@ mod tests {
             .await
             .expect("the timer never woke the task");
         assert_eq!(Instant::now(), deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_deadline_with_slack_wakes_its_task_once_per_slack() {
+        const LENGTH: Duration = Duration::from_millis(100);
+        const SLACK: Duration = Duration::from_millis(900);
+        const STEP: Duration = Duration::from_millis(10);
+        // wakes(slack): how often a deadline LENGTH away, moved later every
+        // STEP for three seconds (a busy connection's moment to park), wakes
+        // its task.
+        async fn wakes(slack: Duration) -> usize {
+            let woken = Arc::new(Count::default());
+            let waker = Waker::from(Arc::clone(&woken));
+            let mut cx = Context::from_waker(&waker);
+            let mut timer = Timer::default();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                let deadline = Instant::now() + LENGTH;
+                assert!(!timer.poll_passed_within(deadline, slack, &mut cx));
+                tokio::time::advance(STEP).await;
+            }
+            woken.0.load(Ordering::SeqCst)
+        }
+        assert_eq!(wakes(Duration::ZERO).await, 30);
+        assert_eq!(wakes(SLACK).await, 3);
+
+        // Once it stops moving, a deadline with slack is found passed no
+        // later than its slack after it; one never moved, at once.
+        let woken = Arc::new(Count::default());
+        let waker = Waker::from(Arc::clone(&woken));
+        let mut cx = Context::from_waker(&waker);
+        let mut timer = Timer::default();
+        let first = Instant::now() + LENGTH;
+        assert!(!timer.poll_passed_within(first, SLACK, &mut cx));
+        tokio::time::advance(STEP).await;
+        let last = Instant::now() + LENGTH;
+        assert!(!timer.poll_passed_within(last, SLACK, &mut cx));
+        tokio::time::advance(LENGTH - STEP).await;
+        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "woken at the first");
+        assert!(!timer.poll_passed_within(last, SLACK, &mut cx));
+        tokio::time::advance(STEP + SLACK).await;
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2);
+        assert!(timer.poll_passed_within(last, SLACK, &mut cx));
+        assert_eq!(Instant::now(), last + SLACK);
+
+        let mut timer = Timer::default();
+        let deadline = Instant::now() + LENGTH;
+        assert!(!timer.poll_passed_within(deadline, SLACK, &mut cx));
+        tokio::time::advance(LENGTH).await;
+        assert_eq!(woken.0.load(Ordering::SeqCst), 3);
+        assert!(timer.poll_passed_within(deadline, SLACK, &mut cx));
     }
 
     #[tokio::test(start_paused = true)]

@@ -260,7 +260,7 @@ impl Connection {
                 let settings = &self.shared.settings;
                 let begun = *since.get_or_insert_with(Instant::now);
                 let (deadline, expiry) = phase::deadline(phase, begun, settings, parking);
-                if !self.timer.poll_passed(deadline, cx) {
+                if !self.timer.poll_passed_within(deadline, expiry.slack(), cx) {
                     return Poll::Pending;
                 }
                 return Poll::Ready(Err(match expiry {

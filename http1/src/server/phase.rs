@@ -23,6 +23,14 @@ use tokio::time::Instant;
 /// it.
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
+/// How much later than [`PARK_AFTER`] an idle connection may be parked.
+/// A busy connection's moment to park moves later at every request, and its
+/// timer, left behind (see [`crate::timer`]), would wake its task for
+/// nothing every `PARK_AFTER`; with this slack, about once a second. So a
+/// connection idle after a single request is parked after 100 ms, and one
+/// idle after being busy within at most a second.
+pub const PARK_SLACK: Duration = Duration::from_millis(900);
+
 /// Where a connection waits for its client's next bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -41,6 +49,16 @@ pub(super) enum Expiry {
     Park,
     /// Idle for `idle_timeout`: closed.
     IdleTimeout,
+}
+
+impl Expiry {
+    /// How late the deadline may be found to have passed.
+    pub fn slack(self) -> Duration {
+        match self {
+            Expiry::Park => PARK_SLACK,
+            Expiry::HeaderTimeout | Expiry::IdleTimeout => Duration::ZERO,
+        }
+    }
 }
 
 /// The deadline of `phase`, begun at `since`, and what its passing means;
