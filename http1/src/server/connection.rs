@@ -330,18 +330,23 @@ impl Connection {
                 return Next::Close { linger: false };
             }
         }
-        let mut call = pin!(handler.call(req.map(|()| body)));
-        let reply = std::future::poll_fn(|cx| {
-            let reply = call.as_mut().poll(cx);
-            if reply.is_pending() && !self.out.is_empty() {
-                // Replies held for this one go out while it waits: only an
-                // answer at once joins them. A failure shows at the next
-                // write.
-                let _ = self.out.poll_write(&self.stream, cx);
-            }
-            reply
-        })
-        .await;
+        // The handler's future ends here, before the reply is written: the
+        // writing's state then takes the same memory, and a request touches
+        // fewer cache lines of its connection's task.
+        let reply = {
+            let mut call = pin!(handler.call(req.map(|()| body)));
+            std::future::poll_fn(|cx| {
+                let reply = call.as_mut().poll(cx);
+                if reply.is_pending() && !self.out.is_empty() {
+                    // Replies held for this one go out while it waits: only
+                    // an answer at once joins them. A failure shows at the
+                    // next write.
+                    let _ = self.out.poll_write(&self.stream, cx);
+                }
+                reply
+            })
+            .await
+        };
         // The body gives the buffer back when it ends, or when it is
         // dropped; the next request is where the body ended, and without
         // that end it cannot be found. A body the handler let go, or one
