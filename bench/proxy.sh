@@ -3,6 +3,7 @@
 # one run on one machine, over the same four static backends.
 #
 #   bash bench/proxy.sh           # DURATION=10 CONNECTIONS=64 RUNS=3 WORKERS=2 THREADS=1
+#   BASELINE=/tmp/balancer bash bench/proxy.sh   # and another build beside it
 #
 # THREADS is wrk's (-t): one wrk thread is itself most of a core at 64
 # connections here, so THREADS=2 shows the proxies with the client spread
@@ -15,7 +16,9 @@
 # - nginx: `upstream` with weight=1..4, WORKERS worker processes, keepalive
 #   to the backends;
 # - haproxy: `balance roundrobin`, weight 1..4, WORKERS threads, connection
-#   reuse to the backends.
+#   reuse to the backends;
+# - baseline, if BASELINE names a balancer binary (another commit's build):
+#   it, as "spike" is run, in the same rounds, to measure a change.
 # No proxy writes an access log. Prints the medians over RUNS of requests/s,
 # p50 and p99 latency and the proxy's CPU microseconds per request (user +
 # system, all its processes, from /proc, and the user-space part of it),
@@ -46,7 +49,7 @@ start_static_backends 4
 start_spike() {
   spike_port=$(free_port)
   write_balancer_config "$work/$1.toml" "$spike_port" "$(printf '[server]\nworkers = %s\n%s' "$WORKERS" "$2")"
-  RUST_LOG=warn target/release/balancer --config "$work/$1.toml" >/dev/null &
+  RUST_LOG=warn "${3:-target/release/balancer}" --config "$work/$1.toml" >/dev/null &
   spike_pid=$!
   pids+=("$spike_pid")
   wait_port "$spike_port"
@@ -54,6 +57,11 @@ start_spike() {
 start_spike unchecked "$CHECKS_OFF"
 unchecked_port=$spike_port unchecked_pid=$spike_pid
 start_spike spike ""
+targets=()
+if [ -n "${BASELINE:-}" ]; then
+  start_spike baseline "" "$BASELINE"
+  targets+=("baseline|http://127.0.0.1:$spike_port/|$spike_pid")
+fi
 
 # nginx as a proxy.
 start_nginx_proxy "$WORKERS" "${backend_ports[@]}"
@@ -71,8 +79,8 @@ compare "direct|http://127.0.0.1:${backend_ports[0]}/|$backends_pid" \
   "spike|http://127.0.0.1:$spike_port/|$spike_pid" \
   "spike, checks off|http://127.0.0.1:$unchecked_port/|$unchecked_pid" \
   "nginx|http://127.0.0.1:$nginx_port/|$(with_children "$nginx_pid")" \
-  "haproxy|http://127.0.0.1:$haproxy_port/|$haproxy_pid"
-for name in direct spike "spike, checks off" nginx haproxy; do
+  "haproxy|http://127.0.0.1:$haproxy_port/|$haproxy_pid" "${targets[@]}"
+for name in direct spike "spike, checks off" nginx haproxy ${BASELINE:+baseline}; do
   read -r rps p50 p99 cpu user <<<"${MEDIANS[$name]}"
   [ "$name" = direct ] && cpu=- user=-
   printf '| %-17s | %10.0f | %8.2f | %8.2f | %14s | %10s |\n' "$name" "$rps" "$p50" "$p99" "$cpu" "$user"
@@ -83,7 +91,7 @@ read -r _ _ _ u_cpu _ <<<"${MEDIANS[spike, checks off]}"
 awk -v on="$s_cpu" -v off="$u_cpu" 'BEGIN {
   printf "health checks on / off: CPU per request %+.1f%% (wall clock, noisy; bench/health_cost.sh counts instructions)\n", (on / off - 1) * 100
 }'
-for name in nginx haproxy; do
+for name in nginx haproxy ${BASELINE:+baseline}; do
   read -r rps _ p99 cpu user <<<"${MEDIANS[$name]}"
   awk -v name="$name" -v sc="$s_cpu" -v oc="$cpu" -v su="$s_user" -v ou="$user" -v sr="$s_rps" -v or="$rps" -v sp="$s_p99" -v op="$p99" 'BEGIN {
     printf "spike / %-7s: CPU per request %.2fx (user space %.2fx, kernel %.2fx), throughput %.2fx, p99 %.2fx\n", name, sc / oc, su / ou, (sc - su) / (oc - ou), sr / or, sp / op
