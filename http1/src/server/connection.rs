@@ -259,8 +259,8 @@ impl Connection {
                 }
                 let settings = &self.shared.settings;
                 let begun = *since.get_or_insert_with(Instant::now);
-                let (deadline, expiry) = phase::deadline(phase, begun, settings, parking);
-                if !self.timer.poll_passed_within(deadline, expiry.slack(), cx) {
+                let (deadline, slack, expiry) = phase::deadline(phase, begun, settings, parking);
+                if !self.timer.poll_passed_within(deadline, slack, cx) {
                     return Poll::Pending;
                 }
                 return Poll::Ready(Err(match expiry {

@@ -23,12 +23,13 @@ use tokio::time::Instant;
 /// it.
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
-/// How much later than [`PARK_AFTER`] an idle connection may be parked.
-/// A busy connection's moment to park moves later at every request, and its
-/// timer, left behind (see [`crate::timer`]), would wake its task for
-/// nothing every `PARK_AFTER`; with this slack, about once a second. So a
-/// connection idle after a single request is parked after 100 ms, and one
-/// idle after being busy within at most a second.
+/// How much later than [`PARK_AFTER`] an idle connection may be parked
+/// (never past its idle timeout). A busy connection's moment to park moves
+/// later at every request, and its timer, left behind (see
+/// [`crate::timer`]), would wake its task for nothing every `PARK_AFTER`;
+/// with this slack, about once a second. So a connection idle after a
+/// single request is parked after 100 ms, and one idle after being busy
+/// within at most a second.
 pub const PARK_SLACK: Duration = Duration::from_millis(900);
 
 /// Where a connection waits for its client's next bytes.
@@ -51,30 +52,31 @@ pub(super) enum Expiry {
     IdleTimeout,
 }
 
-impl Expiry {
-    /// How late the deadline may be found to have passed.
-    pub fn slack(self) -> Duration {
-        match self {
-            Expiry::Park => PARK_SLACK,
-            Expiry::HeaderTimeout | Expiry::IdleTimeout => Duration::ZERO,
-        }
-    }
-}
-
-/// The deadline of `phase`, begun at `since`, and what its passing means;
-/// `parking` says whether an idle connection may still be parked.
+/// The deadline of `phase`, begun at `since`, how late it may be found to
+/// have passed, and what its passing means; `parking` says whether an idle
+/// connection may still be parked.
 pub(super) fn deadline(
     phase: Phase,
     since: Instant,
     settings: &ServerSettings,
     parking: bool,
-) -> (Instant, Expiry) {
+) -> (Instant, Duration, Expiry) {
     match phase {
-        Phase::Head => (since + settings.header_timeout, Expiry::HeaderTimeout),
-        Phase::Idle if parking && PARK_AFTER < settings.idle_timeout => {
-            (since + PARK_AFTER, Expiry::Park)
-        }
-        Phase::Idle => (since + settings.idle_timeout, Expiry::IdleTimeout),
+        Phase::Head => (
+            since + settings.header_timeout,
+            Duration::ZERO,
+            Expiry::HeaderTimeout,
+        ),
+        Phase::Idle if parking && PARK_AFTER < settings.idle_timeout => (
+            since + PARK_AFTER,
+            PARK_SLACK.min(settings.idle_timeout - PARK_AFTER),
+            Expiry::Park,
+        ),
+        Phase::Idle => (
+            since + settings.idle_timeout,
+            Duration::ZERO,
+            Expiry::IdleTimeout,
+        ),
     }
 }
 
@@ -109,17 +111,18 @@ mod tests {
             ..ServerSettings::default()
         };
         let since = Instant::now();
+        let none = Duration::ZERO;
         assert_eq!(
             deadline(Phase::Head, since, &settings, true),
-            (since + Duration::from_secs(2), Expiry::HeaderTimeout)
+            (since + Duration::from_secs(2), none, Expiry::HeaderTimeout)
         );
         assert_eq!(
             deadline(Phase::Idle, since, &settings, true),
-            (since + PARK_AFTER, Expiry::Park)
+            (since + PARK_AFTER, PARK_SLACK, Expiry::Park)
         );
         assert_eq!(
             deadline(Phase::Idle, since, &settings, false),
-            (since + Duration::from_secs(5), Expiry::IdleTimeout)
+            (since + Duration::from_secs(5), none, Expiry::IdleTimeout)
         );
         // An idle timeout shorter than the moment to park: closed, not
         // parked.
@@ -129,7 +132,17 @@ mod tests {
         };
         assert_eq!(
             deadline(Phase::Idle, since, &brief, true),
-            (since + Duration::from_millis(50), Expiry::IdleTimeout)
+            (since + Duration::from_millis(50), none, Expiry::IdleTimeout)
+        );
+        // One shorter than the moment to park and its slack: parked no
+        // later than it.
+        let short = ServerSettings {
+            idle_timeout: Duration::from_millis(300),
+            ..settings
+        };
+        assert_eq!(
+            deadline(Phase::Idle, since, &short, true),
+            (since + PARK_AFTER, Duration::from_millis(200), Expiry::Park)
         );
     }
 
