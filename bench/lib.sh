@@ -68,8 +68,11 @@ start_static_backends() {
     # them (as many as a proxy has clients, each), accepted as fast as they
     # come: out of connections, or with its accept queue full, a backend
     # would leave a proxy's connects to time out and its upstreams rested.
-    echo "worker_rlimit_nofile $(ulimit -Hn | sed 's/unlimited/20000/');"
-    echo "events { worker_connections $(($(ulimit -Hn | sed 's/unlimited/20000/') - 64)); }"
+    local files
+    files=$(ulimit -Hn | sed 's/unlimited/16448/')
+    files=$((files < 16448 ? files : 16448))
+    echo "worker_rlimit_nofile $files;"
+    echo "events { worker_connections $((files - 64)); }"
     echo "http { access_log off; keepalive_requests 100000000;"
     for port in "${backend_ports[@]}"; do
       echo "  server { listen 127.0.0.1:$port backlog=4096; location / { return 200 'ok'; } }"

@@ -25,6 +25,7 @@
 # then this balancer's ratios to nginx and HAProxy, and the lowest CPU ratio
 # to nginx that any proxy doing nginx's kernel work could reach here.
 set -euo pipefail
+BASELINE=${BASELINE:+$(realpath "$BASELINE")}
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 
@@ -56,12 +57,12 @@ start_spike() {
 }
 start_spike unchecked "$CHECKS_OFF"
 unchecked_port=$spike_port unchecked_pid=$spike_pid
-start_spike spike ""
 targets=()
 if [ -n "${BASELINE:-}" ]; then
   start_spike baseline "" "$BASELINE"
   targets+=("baseline|http://127.0.0.1:$spike_port/|$spike_pid")
 fi
+start_spike spike ""
 
 # nginx as a proxy.
 start_nginx_proxy "$WORKERS" "${backend_ports[@]}"
