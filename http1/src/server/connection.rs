@@ -51,7 +51,7 @@ const MAX_QUEUED: usize = 64 * 1024;
 
 /// The most bytes of replies held for the next write (see
 /// `Connection::write`).
-const HOLD_MAX: usize = 16 * 1024;
+pub(super) const HOLD_MAX: usize = 16 * 1024;
 /// How long a closed connection's input is read and discarded: see
 /// [`Connection::close_lingering`].
 const LINGER: Duration = Duration::from_secs(5);

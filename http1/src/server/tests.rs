@@ -18,9 +18,15 @@ use crate::message::{Request, Response};
 /// What `/wait` waits for.
 static GO_ON: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
+/// The length of `/big`'s reply body: two of them, queued, pass
+/// [`connection::HOLD_MAX`]; one does not; three written at once go in
+/// one loopback segment (the kernel cuts a write into segments of about
+/// 32 KiB).
+const BIG: usize = connection::HOLD_MAX * 9 / 16;
+
 /// Answers "ok" to everything but `/echo` (its body back, read whole),
-/// `/stream` (two chunks, no length) and `/wait` ("ok" once [`GO_ON`] is
-/// notified).
+/// `/stream` (two chunks, no length), `/big` ([`BIG`] bytes) and `/wait`
+/// ("ok" once [`GO_ON`] is notified).
 async fn handle(req: Request<RequestBody>) -> Response<Either<Full<Bytes>, Chunks>> {
     if req.uri().path() == "/wait" {
         GO_ON.notified().await;
@@ -34,6 +40,10 @@ async fn handle(req: Request<RequestBody>) -> Response<Either<Full<Bytes>, Chunk
                 .reply()
                 .map(Either::Left),
         },
+        "/big" => Response::new(
+            StatusCode::OK,
+            Either::Left(Full::new(Bytes::from(vec![b'b'; BIG]))),
+        ),
         "/stream" => Response::new(
             StatusCode::OK,
             Either::Right(Chunks(vec!["hello ", "world"])),
@@ -227,6 +237,23 @@ async fn a_reply_held_for_the_next_goes_out_once_the_next_has_to_wait() {
     assert_eq!(first.expect("the first reply waits for the second").1, "ok");
     GO_ON.notify_one();
     assert_eq!(reply(&mut client).await.1, "ok");
+}
+
+#[tokio::test]
+async fn replies_held_for_the_next_go_out_once_they_pass_the_hold_limit() {
+    let (_, _, mut client) = serve(ServerSettings::default()).await;
+    client
+        .write_all(&b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(reply(&mut client).await.1, "b".repeat(BIG));
+    }
+    assert_eq!(
+        crate::testing::data_segments_in(&client),
+        2,
+        "the first two replies went out once they passed the limit, the third after them"
+    );
 }
 
 #[tokio::test]
