@@ -68,9 +68,10 @@ start_static_backends() {
     # them (as many as a proxy has clients, each), accepted as fast as they
     # come: out of connections, or with its accept queue full, a backend
     # would leave a proxy's connects to time out and its upstreams rested.
-    local files
-    files=$(ulimit -Hn | sed 's/unlimited/16448/')
-    files=$((files < 16448 ? files : 16448))
+    # At most 16,384 connections, and 64 files for the rest.
+    local files most=$((16384 + 64))
+    files=$(ulimit -Hn | sed "s/unlimited/$most/")
+    files=$((files < most ? files : most))
     echo "worker_rlimit_nofile $files;"
     echo "events { worker_connections $((files - 64)); }"
     echo "http { access_log off; keepalive_requests 100000000;"
